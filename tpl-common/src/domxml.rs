@@ -1,0 +1,211 @@
+//! Reading and editing libvirt domain XML (disks, NVRAM, name) as a tree.
+
+use std::path::{Path, PathBuf};
+
+use xmltree::{Element, EmitterConfig, XMLNode};
+
+use crate::error::{Error, Result};
+use crate::record::Disk;
+
+/// A parsed domain definition. Edits go through the tree and are written back whole.
+#[derive(Debug, Clone)]
+pub struct DomainXml {
+    pub root: Element,
+}
+
+impl DomainXml {
+    pub fn parse(xml: &str) -> Result<Self> {
+        let root = Element::parse(xml.as_bytes()).map_err(|e| {
+            Error::failed(
+                "cannot parse the domain XML libvirt returned",
+                e.to_string(),
+            )
+        })?;
+        Ok(DomainXml { root })
+    }
+
+    pub fn to_xml(&self) -> String {
+        let mut out = Vec::new();
+        let cfg = EmitterConfig::new()
+            .perform_indent(true)
+            .write_document_declaration(false);
+        self.root
+            .write_with_config(&mut out, cfg)
+            .expect("writing XML to memory cannot fail");
+        String::from_utf8(out).expect("xmltree writes UTF-8")
+    }
+
+    pub fn name(&self) -> Option<String> {
+        self.root
+            .get_child("name")
+            .and_then(|e| e.get_text())
+            .map(|t| t.trim().to_string())
+    }
+
+    /// The `<disk>` elements under `<devices>`.
+    pub fn disk_elements(&self) -> impl Iterator<Item = &Element> {
+        self.root
+            .get_child("devices")
+            .into_iter()
+            .flat_map(|d| children_named(d, "disk"))
+    }
+
+    pub fn disk_elements_mut(&mut self) -> impl Iterator<Item = &mut Element> {
+        self.root
+            .get_mut_child("devices")
+            .into_iter()
+            .flat_map(|d| children_named_mut(d, "disk"))
+    }
+
+    /// The disks as the record shows them, without backing chains (see `image`).
+    pub fn disks(&self) -> Vec<Disk> {
+        self.disk_elements().map(disk_of).collect()
+    }
+
+    /// Point the disk with this target at a new file.
+    pub fn set_disk_path(&mut self, target: &str, path: &Path) -> Result<()> {
+        let disk = self
+            .disk_elements_mut()
+            .find(|d| disk_target(d).as_deref() == Some(target))
+            .ok_or_else(|| {
+                Error::failed(
+                    format!("no disk '{target}' in the definition"),
+                    "it changed meanwhile?",
+                )
+            })?;
+        let source = disk.get_mut_child("source").ok_or_else(|| {
+            Error::failed(
+                format!("disk '{target}' has no <source>"),
+                "nothing to point elsewhere",
+            )
+        })?;
+        source
+            .attributes
+            .insert("file".into(), path.display().to_string());
+        Ok(())
+    }
+
+    /// The NVRAM file (`<os><nvram>PATH</nvram>`), when the domain has one.
+    pub fn nvram(&self) -> Option<PathBuf> {
+        let nv = self.root.get_child("os")?.get_child("nvram")?;
+        let text = nv.get_text()?;
+        let text = text.trim();
+        (!text.is_empty()).then(|| PathBuf::from(text))
+    }
+
+    pub fn set_nvram(&mut self, path: &Path) -> Result<()> {
+        let nv = self
+            .root
+            .get_mut_child("os")
+            .and_then(|os| os.get_mut_child("nvram"))
+            .ok_or_else(|| {
+                Error::failed("the definition has no <nvram>", "it changed meanwhile?")
+            })?;
+        nv.children = vec![XMLNode::Text(path.display().to_string())];
+        Ok(())
+    }
+}
+
+pub fn children_named<'a>(e: &'a Element, name: &'a str) -> impl Iterator<Item = &'a Element> {
+    e.children
+        .iter()
+        .filter_map(move |c| c.as_element().filter(|c| c.name == name))
+}
+
+pub fn children_named_mut<'a>(
+    e: &'a mut Element,
+    name: &'a str,
+) -> impl Iterator<Item = &'a mut Element> {
+    e.children.iter_mut().filter_map(move |c| match c {
+        XMLNode::Element(c) if c.name == name => Some(c),
+        _ => None,
+    })
+}
+
+pub fn disk_target(disk: &Element) -> Option<String> {
+    disk.get_child("target")?.attributes.get("dev").cloned()
+}
+
+fn disk_of(d: &Element) -> Disk {
+    let attr = |e: Option<&Element>, a: &str| e.and_then(|e| e.attributes.get(a).cloned());
+    let kind = d
+        .attributes
+        .get("type")
+        .cloned()
+        .unwrap_or_else(|| "file".into());
+    let source = d.get_child("source");
+    let path = match kind.as_str() {
+        "file" => attr(source, "file"),
+        "block" => attr(source, "dev"),
+        "dir" => attr(source, "dir"),
+        _ => None,
+    };
+    Disk {
+        target: disk_target(d).unwrap_or_default(),
+        device: d
+            .attributes
+            .get("device")
+            .cloned()
+            .unwrap_or_else(|| "disk".into()),
+        kind,
+        path: path.map(PathBuf::from),
+        format: attr(d.get_child("driver"), "type"),
+        readonly: d.get_child("readonly").is_some(),
+        shareable: d.get_child("shareable").is_some(),
+        backing: Vec::new(),
+    }
+}
+
+impl Disk {
+    /// A disk the domain writes to: what lock makes read-only and clone copies.
+    pub fn is_writable(&self) -> bool {
+        self.device != "cdrom" && !self.readonly && !self.shareable
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const XML: &str = r#"<domain type='qemu'>
+  <name>VM</name>
+  <os><type>hvm</type><nvram>/var/lib/libvirt/qemu/nvram/VM_VARS.fd</nvram></os>
+  <devices>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/img/VM.qcow2'/><target dev='vda' bus='virtio'/></disk>
+    <disk type='file' device='cdrom'><source file='/iso/x.iso'/><target dev='sda'/><readonly/></disk>
+    <disk type='block' device='disk'><source dev='/dev/sdz'/><target dev='vdb'/><shareable/></disk>
+  </devices>
+</domain>"#;
+
+    #[test]
+    fn reads_disks_and_nvram() {
+        let x = DomainXml::parse(XML).unwrap();
+        assert_eq!(x.name().as_deref(), Some("VM"));
+        let d = x.disks();
+        assert_eq!(d.len(), 3);
+        assert_eq!(d[0].path.as_deref(), Some(Path::new("/img/VM.qcow2")));
+        assert_eq!(d[0].format.as_deref(), Some("qcow2"));
+        assert!(d[0].is_writable());
+        assert!(!d[1].is_writable() && d[1].readonly);
+        assert_eq!(d[2].kind, "block");
+        assert!(d[2].shareable && !d[2].is_writable());
+        assert_eq!(
+            x.nvram().unwrap(),
+            Path::new("/var/lib/libvirt/qemu/nvram/VM_VARS.fd")
+        );
+    }
+
+    #[test]
+    fn edits_round_trip() {
+        let mut x = DomainXml::parse(XML).unwrap();
+        x.set_disk_path("vda", Path::new("/img/New.qcow2")).unwrap();
+        x.set_nvram(Path::new("/nv/New_VARS.fd")).unwrap();
+        let y = DomainXml::parse(&x.to_xml()).unwrap();
+        assert_eq!(
+            y.disks()[0].path.as_deref(),
+            Some(Path::new("/img/New.qcow2"))
+        );
+        assert_eq!(y.nvram().unwrap(), Path::new("/nv/New_VARS.fd"));
+        assert!(x.set_disk_path("vdz", Path::new("/x")).is_err());
+    }
+}

@@ -1,0 +1,315 @@
+//! Disk images: the backing file named in a qcow2 header, backing chains, and the images that depend on a template's.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{IoContext, Result};
+use crate::record::BackingImage;
+
+const QCOW2_MAGIC: u32 = 0x5146_49fb;
+const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+const EXT_END: u32 = 0;
+/// qemu refuses backing file names longer than this; so do we.
+const MAX_BACKING_NAME: usize = 1023;
+/// Header extensions sit in the first cluster; 64 KiB is qcow2's default cluster and plenty.
+const MAX_EXT_AREA: u64 = 64 * 1024;
+/// Longer chains than this are refused by qemu too (and catch loops).
+const MAX_CHAIN: usize = 64;
+
+/// What a qcow2 header says about the image below it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Qcow2Backing {
+    /// The backing file name exactly as stored (may be relative to the image's directory).
+    pub name: String,
+    /// The backing format from the header extension; `None` means qemu would probe it.
+    pub format: Option<String>,
+}
+
+/// Whether the file starts with the qcow2 magic.
+pub fn is_qcow2(path: &Path) -> Result<bool> {
+    let mut f = File::open(path).ctx("cannot open image", path)?;
+    let mut magic = [0u8; 4];
+    match f.read_exact(&mut magic) {
+        Ok(()) => Ok(u32::from_be_bytes(magic) == QCOW2_MAGIC),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e).ctx("cannot read image", path),
+    }
+}
+
+/// Read the backing file of a qcow2 image from its header; `Ok(None)` for a qcow2 without
+/// one and for any file that is not qcow2.
+pub fn qcow2_backing(path: &Path) -> Result<Option<Qcow2Backing>> {
+    let f = File::open(path).ctx("cannot open image", path)?;
+    read_backing(&f).ctx("cannot read the qcow2 header of", path)
+}
+
+fn read_backing(f: &File) -> io::Result<Option<Qcow2Backing>> {
+    let mut hdr = [0u8; 104];
+    let n = read_up_to(f, &mut hdr, 0)?;
+    if n < 72 || be32(&hdr, 0) != QCOW2_MAGIC {
+        return Ok(None);
+    }
+    let version = be32(&hdr, 4);
+    let backing_offset = be64(&hdr, 8);
+    let backing_size = be32(&hdr, 16) as usize;
+    if backing_offset == 0 || backing_size == 0 {
+        return Ok(None);
+    }
+    if backing_size > MAX_BACKING_NAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "backing file name too long",
+        ));
+    }
+    let mut name = vec![0u8; backing_size];
+    f.read_exact_at(&mut name, backing_offset)?;
+    let name = String::from_utf8(name).map_err(|_| {
+        io::Error::new(io::ErrorKind::InvalidData, "backing file name is not UTF-8")
+    })?;
+
+    // Header extensions follow the header: 72 bytes in v2, header_length in v3.
+    let mut off = if version >= 3 && n >= 104 {
+        u64::from(be32(&hdr, 100))
+    } else {
+        72
+    };
+    let end = backing_offset.min(MAX_EXT_AREA);
+    let mut format = None;
+    while off + 8 <= end {
+        let mut eh = [0u8; 8];
+        f.read_exact_at(&mut eh, off)?;
+        let (ty, len) = (be32(&eh, 0), u64::from(be32(&eh, 4)));
+        if ty == EXT_END {
+            break;
+        }
+        if ty == EXT_BACKING_FORMAT && len <= 64 {
+            let mut v = vec![0u8; len as usize];
+            f.read_exact_at(&mut v, off + 8)?;
+            format = Some(String::from_utf8_lossy(&v).into_owned());
+        }
+        off += 8 + len.div_ceil(8) * 8;
+    }
+    Ok(Some(Qcow2Backing { name, format }))
+}
+
+fn read_up_to(f: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], off + n as u64)? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// Where a backing file name stored in `image` points: relative names are relative to
+/// the image's directory, as qemu resolves them.
+pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        image.parent().unwrap_or(Path::new(".")).join(p)
+    }
+}
+
+/// The images below `path`, nearest first. Stops at a non-qcow2 image.
+pub fn backing_chain(path: &Path) -> Result<Vec<BackingImage>> {
+    let mut chain = Vec::new();
+    let mut cur = path.to_path_buf();
+    while let Some(b) = qcow2_backing(&cur)? {
+        let next = resolve_backing(&cur, &b.name);
+        chain.push(BackingImage {
+            path: next.clone(),
+            format: b.format,
+        });
+        if chain.len() > MAX_CHAIN {
+            return Err(crate::Error::failed(
+                format!("backing chain of '{}' is too long", path.display()),
+                "more than 64 images, or a loop",
+            ));
+        }
+        cur = next;
+    }
+    Ok(chain)
+}
+
+/// The canonical form of a path for comparisons: symlinks and `..` resolved where the file exists.
+pub fn canonical(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Something that would break if one of a template's images changed or moved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dependent {
+    /// A defined domain whose disk is, or backs onto, the image.
+    Domain {
+        name: String,
+        target: String,
+        path: PathBuf,
+    },
+    /// A qcow2 file on disk whose backing file is the image, whether or not a domain uses it.
+    Overlay { path: PathBuf, backing: PathBuf },
+}
+
+impl fmt::Display for Dependent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dependent::Domain { name, target, path } => {
+                write!(f, "domain '{name}' (disk {target}: {})", path.display())
+            }
+            Dependent::Overlay { path, backing } => {
+                write!(
+                    f,
+                    "overlay '{}' (backing file {})",
+                    path.display(),
+                    backing.display()
+                )
+            }
+        }
+    }
+}
+
+/// The qcow2 files under `dirs` (not following symlinks) whose backing file resolves to one
+/// of `images`. Unreadable files and directories are skipped: they cannot be ours to break.
+pub fn overlays_in(dirs: &[PathBuf], images: &[PathBuf]) -> Vec<Dependent> {
+    let images: Vec<PathBuf> = images.iter().map(|p| canonical(p)).collect();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for dir in dirs {
+        let walk = walkdir::WalkDir::new(dir)
+            .follow_links(false)
+            .max_depth(4)
+            .same_file_system(true);
+        for entry in walk.into_iter().filter_map(|e| e.ok()) {
+            if !entry.file_type().is_file() || !seen.insert(entry.path().to_path_buf()) {
+                continue;
+            }
+            let path = entry.path();
+            if let Ok(Some(b)) = qcow2_backing(path) {
+                let backing = canonical(&resolve_backing(path, &b.name));
+                if images.contains(&backing) {
+                    out.push(Dependent::Overlay {
+                        path: path.to_path_buf(),
+                        backing,
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn qemu_img(args: &[&str]) {
+        let st = Command::new("qemu-img")
+            .args(args)
+            .output()
+            .expect("qemu-img must be installed (make deps)");
+        assert!(
+            st.status.success(),
+            "qemu-img {args:?}: {}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+    }
+
+    #[test]
+    fn reads_backing_name_and_format_like_qemu_img() {
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().join("base.qcow2");
+        let raw = d.path().join("raw.img");
+        let mid = d.path().join("mid.qcow2");
+        let top = d.path().join("top.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "1M"]);
+        qemu_img(&["create", "-q", "-f", "raw", raw.to_str().unwrap(), "1M"]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            mid.to_str().unwrap(),
+        ]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            mid.to_str().unwrap(),
+            "-F",
+            "qcow2",
+            top.to_str().unwrap(),
+        ]);
+
+        assert!(is_qcow2(&base).unwrap());
+        assert!(!is_qcow2(&raw).unwrap());
+        assert_eq!(qcow2_backing(&base).unwrap(), None);
+        assert_eq!(qcow2_backing(&raw).unwrap(), None);
+        let b = qcow2_backing(&mid).unwrap().unwrap();
+        assert_eq!(
+            b,
+            Qcow2Backing {
+                name: "base.qcow2".into(),
+                format: Some("qcow2".into())
+            }
+        );
+
+        let chain = backing_chain(&top).unwrap();
+        assert_eq!(chain.len(), 2);
+        assert_eq!(chain[0].path, mid);
+        assert_eq!(chain[1].path, d.path().join("base.qcow2"));
+
+        let found = overlays_in(&[d.path().to_path_buf()], std::slice::from_ref(&base));
+        assert_eq!(
+            found,
+            vec![Dependent::Overlay {
+                path: mid.clone(),
+                backing: canonical(&base)
+            }]
+        );
+    }
+
+    #[test]
+    fn compat_0_10_header_is_read_too() {
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().join("b.img");
+        let top = d.path().join("t.qcow2");
+        qemu_img(&["create", "-q", "-f", "raw", base.to_str().unwrap(), "1M"]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            "-b",
+            base.to_str().unwrap(),
+            "-F",
+            "raw",
+            top.to_str().unwrap(),
+        ]);
+        let b = qcow2_backing(&top).unwrap().unwrap();
+        assert_eq!(b.format.as_deref(), Some("raw"));
+        assert_eq!(PathBuf::from(b.name), base);
+    }
+}

@@ -1,0 +1,20 @@
+//! tpl-common: everything two or more tpl tools need — the record, the CLI harness, the libvirt session, domain XML, metadata, names and images.
+
+pub mod cli;
+pub mod domxml;
+pub mod error;
+pub mod fsutil;
+pub mod image;
+pub mod meta;
+pub mod names;
+pub mod record;
+pub mod session;
+
+pub use error::{Error, Result};
+pub use record::Record;
+pub use session::Session;
+
+/// The current time as RFC 3339 in UTC, to the second: what metadata and history record.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}

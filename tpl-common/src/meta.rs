@@ -1,0 +1,187 @@
+//! Our `<metadata>` element: the template and clone state tpl keeps in libvirt, read and written.
+
+use xmltree::{Element, XMLNode};
+
+use crate::domxml::children_named;
+use crate::error::{Error, Result};
+use crate::record::{CloneOrigin, Generalized, Step, TemplateState};
+
+/// Our XML namespace inside `<metadata>`; libvirt keys the element by it.
+pub const NS: &str = "urn:x-tpl:template:1";
+/// The prefix libvirt writes our element under.
+pub const PREFIX: &str = "tpl";
+
+/// Everything tpl stores on a domain.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Meta {
+    pub template: TemplateState,
+    pub clone: Option<CloneOrigin>,
+    pub history: Vec<Step>,
+}
+
+impl Meta {
+    /// Append a step to the history.
+    pub fn record_step(&mut self, tool: &str, detail: impl Into<String>) {
+        self.history.push(Step {
+            tool: tool.into(),
+            at: crate::now_rfc3339(),
+            detail: detail.into(),
+        });
+    }
+
+    pub fn to_xml(&self) -> String {
+        let mut root = Element::new("template");
+        root.namespace = Some(NS.into());
+        let mut ns = xmltree::Namespace::empty();
+        ns.put("", NS);
+        root.namespaces = Some(ns);
+        let t = &self.template;
+        if let Some(g) = &t.generalized {
+            let mut e = elem(
+                "generalized",
+                &[("at", Some(&g.at)), ("method", Some(&g.method))],
+            );
+            set_opt(&mut e, "tool", g.tool.as_deref());
+            set_opt(&mut e, "hostname", g.hostname.as_deref());
+            e.attributes
+                .insert("operations".into(), g.operations.join(","));
+            root.children.push(XMLNode::Element(e));
+        }
+        if t.locked {
+            let mut e = elem("locked", &[("at", t.locked_at.as_ref())]);
+            e.attributes.insert(
+                "immutable".into(),
+                if t.immutable { "yes" } else { "no" }.into(),
+            );
+            root.children.push(XMLNode::Element(e));
+        }
+        if let Some(c) = &self.clone {
+            root.children.push(XMLNode::Element(elem(
+                "clone",
+                &[
+                    ("template-uuid", Some(&c.template_uuid)),
+                    ("template-name", Some(&c.template_name)),
+                    ("mode", Some(&c.mode)),
+                    ("at", Some(&c.at)),
+                ],
+            )));
+        }
+        if !self.history.is_empty() {
+            let mut h = Element::new("history");
+            for s in &self.history {
+                let mut e = elem("step", &[("tool", Some(&s.tool)), ("at", Some(&s.at))]);
+                e.children.push(XMLNode::Text(s.detail.clone()));
+                h.children.push(XMLNode::Element(e));
+            }
+            root.children.push(XMLNode::Element(h));
+        }
+        let mut out = Vec::new();
+        let cfg = xmltree::EmitterConfig::new().write_document_declaration(false);
+        root.write_with_config(&mut out, cfg)
+            .expect("writing XML to memory cannot fail");
+        String::from_utf8(out).expect("xmltree writes UTF-8")
+    }
+
+    pub fn from_xml(xml: &str) -> Result<Meta> {
+        let bad = |why: String| Error::failed("cannot read tpl's metadata on the domain", why);
+        let root = Element::parse(xml.as_bytes()).map_err(|e| bad(e.to_string()))?;
+        // libvirt hands back the element it keyed by NS with the namespace stripped.
+        if root.namespace.as_deref().is_some_and(|ns| ns != NS) {
+            return Err(bad(format!("unexpected namespace {:?}", root.namespace)));
+        }
+        let get = |e: &Element, a: &str| e.attributes.get(a).cloned();
+        let mut m = Meta::default();
+        if let Some(g) = root.get_child("generalized") {
+            m.template.generalized = Some(Generalized {
+                at: get(g, "at").unwrap_or_default(),
+                method: get(g, "method").unwrap_or_default(),
+                tool: get(g, "tool"),
+                hostname: get(g, "hostname"),
+                operations: get(g, "operations")
+                    .map(|o| {
+                        o.split(',')
+                            .filter(|s| !s.is_empty())
+                            .map(String::from)
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            });
+        }
+        if let Some(l) = root.get_child("locked") {
+            m.template.locked = true;
+            m.template.locked_at = get(l, "at");
+            m.template.immutable = get(l, "immutable").as_deref() == Some("yes");
+        }
+        if let Some(c) = root.get_child("clone") {
+            m.clone = Some(CloneOrigin {
+                template_uuid: get(c, "template-uuid").unwrap_or_default(),
+                template_name: get(c, "template-name").unwrap_or_default(),
+                mode: get(c, "mode").unwrap_or_default(),
+                at: get(c, "at").unwrap_or_default(),
+            });
+        }
+        if let Some(h) = root.get_child("history") {
+            m.history = children_named(h, "step")
+                .map(|s| Step {
+                    tool: get(s, "tool").unwrap_or_default(),
+                    at: get(s, "at").unwrap_or_default(),
+                    detail: s.get_text().map(|t| t.into_owned()).unwrap_or_default(),
+                })
+                .collect();
+        }
+        Ok(m)
+    }
+}
+
+fn elem(name: &str, attrs: &[(&str, Option<&String>)]) -> Element {
+    let mut e = Element::new(name);
+    for (k, v) in attrs {
+        set_opt(&mut e, k, v.map(String::as_str));
+    }
+    e
+}
+
+fn set_opt(e: &mut Element, k: &str, v: Option<&str>) {
+    if let Some(v) = v {
+        e.attributes.insert(k.to_string(), v.to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_everything() {
+        let mut m = Meta::default();
+        m.template.generalized = Some(Generalized {
+            at: "2026-01-01T00:00:00Z".into(),
+            method: "virt-sysprep".into(),
+            tool: Some("virt-sysprep 1.48.2".into()),
+            operations: vec!["defaults".into(), "-lvm-uuids".into()],
+            hostname: Some("Tpl".into()),
+        });
+        m.template.locked = true;
+        m.template.locked_at = Some("2026-01-02T00:00:00Z".into());
+        m.template.immutable = true;
+        m.clone = Some(CloneOrigin {
+            template_uuid: "u".into(),
+            template_name: "T & <x>".into(),
+            mode: "linked".into(),
+            at: "t".into(),
+        });
+        m.record_step("tpl-rename", "renamed 'a' to 'b'");
+        let back = Meta::from_xml(&m.to_xml()).unwrap();
+        assert_eq!(back, m);
+    }
+
+    #[test]
+    fn reads_what_libvirt_returns_with_a_prefix() {
+        let xml = format!("<tpl:template xmlns:tpl=\"{NS}\"><tpl:locked at=\"x\" immutable=\"no\"/></tpl:template>");
+        let m = Meta::from_xml(&xml).unwrap();
+        assert!(m.template.locked && !m.template.immutable);
+        assert!(Meta::from_xml("<template xmlns=\"urn:other\"/>").is_err());
+        let bare = "<template><history><step tool=\"t\" at=\"a\">d</step></history></template>";
+        assert_eq!(Meta::from_xml(bare).unwrap().history[0].detail, "d");
+    }
+}

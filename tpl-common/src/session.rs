@@ -1,0 +1,381 @@
+//! The libvirt connection: opening it as virsh does, finding domains, describing them as records, and our metadata.
+
+use std::path::{Path, PathBuf};
+
+use virt::connect::Connect;
+use virt::domain::{Domain, DomainState};
+use virt::enumutil::Enum;
+use virt::error::ErrorNumber;
+use virt::storage_pool::StoragePool;
+use virt::sys;
+
+use crate::domxml::DomainXml;
+use crate::error::{Error, Result};
+use crate::image::{self, canonical, Dependent};
+use crate::meta::{self, Meta};
+use crate::record::{DomainRef, Record, SCHEMA};
+
+/// The URI used when neither `-c` nor `LIBVIRT_DEFAULT_URI` says otherwise.
+pub const DEFAULT_URI: &str = "qemu:///system";
+
+/// The URI to connect to: the option, else `LIBVIRT_DEFAULT_URI`, else qemu:///system.
+pub fn resolve_uri(opt: Option<&str>) -> String {
+    opt.map(String::from)
+        .or_else(|| {
+            std::env::var("LIBVIRT_DEFAULT_URI")
+                .ok()
+                .filter(|s| !s.is_empty())
+        })
+        .unwrap_or_else(|| DEFAULT_URI.to_string())
+}
+
+/// An open libvirt connection.
+pub struct Session {
+    pub conn: Connect,
+    pub uri: String,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("uri", &self.uri).finish()
+    }
+}
+
+fn is_code(e: &virt::error::Error, code: ErrorNumber) -> bool {
+    matches!(e.code(), Enum::Known(c) if c == code)
+}
+
+/// A domain's run state in virsh's words.
+pub fn state_name(s: DomainState) -> &'static str {
+    match s {
+        DomainState::NoState => "no state",
+        DomainState::Running => "running",
+        DomainState::Blocked => "idle",
+        DomainState::Paused => "paused",
+        DomainState::Shutdown => "in shutdown",
+        DomainState::Shutoff => "shut off",
+        DomainState::Crashed => "crashed",
+        DomainState::PMSuspended => "pmsuspended",
+    }
+}
+
+impl Session {
+    pub fn open(uri: &str) -> Result<Session> {
+        virt::error::clear_error_callback();
+        let conn = Connect::open(Some(uri)).map_err(|e| {
+            Error::libvirt(format!("cannot connect to libvirt at '{uri}' (is libvirtd running? try 'make libvirtd')"), e)
+        })?;
+        Ok(Session {
+            conn,
+            uri: uri.to_string(),
+        })
+    }
+
+    /// Find a domain as virsh does: by UUID when the reference has one, else by name (or a
+    /// name that is a UUID). Nothing found is bad input (exit 2).
+    pub fn lookup(&self, r: &DomainRef) -> Result<Domain> {
+        let not_found = |what: &str| {
+            Error::usage(
+                format!("domain '{what}' not found"),
+                format!("no such domain on {}", self.uri),
+            )
+        };
+        if let Some(uuid) = r.uuid.as_deref().filter(|u| !u.is_empty()) {
+            return match self.conn.lookup_domain_by_uuid_string(uuid) {
+                Ok(d) => Ok(d),
+                Err(e)
+                    if is_code(&e, ErrorNumber::NoDomain)
+                        || is_code(&e, ErrorNumber::InvalidArg) =>
+                {
+                    Err(Error::usage(
+                        format!("domain '{}' not found", r.label()),
+                        format!("no domain with UUID {uuid} on {}", self.uri),
+                    ))
+                }
+                Err(e) => Err(Error::libvirt(
+                    format!("cannot look up domain '{}'", r.label()),
+                    e,
+                )),
+            };
+        }
+        let name = r.name.as_deref().unwrap_or_default();
+        match self.conn.lookup_domain_by_name(name) {
+            Ok(d) => Ok(d),
+            Err(e) if is_code(&e, ErrorNumber::NoDomain) => {
+                match self.conn.lookup_domain_by_uuid_string(name) {
+                    Ok(d) => Ok(d),
+                    Err(_) => Err(not_found(name)),
+                }
+            }
+            Err(e) => Err(Error::libvirt(format!("cannot look up domain '{name}'"), e)),
+        }
+    }
+
+    /// Whether a domain with this name is defined.
+    pub fn name_taken(&self, name: &str) -> Result<bool> {
+        match self.conn.lookup_domain_by_name(name) {
+            Ok(_) => Ok(true),
+            Err(e) if is_code(&e, ErrorNumber::NoDomain) => Ok(false),
+            Err(e) => Err(Error::libvirt(format!("cannot look up domain '{name}'"), e)),
+        }
+    }
+
+    /// Every domain on the connection, defined or running.
+    pub fn all_domains(&self) -> Result<Vec<Domain>> {
+        self.conn
+            .list_all_domains(0)
+            .map_err(|e| Error::libvirt("cannot list domains", e))
+    }
+
+    /// The directories of active storage pools that hold files (dir, fs, netfs).
+    pub fn pool_dirs(&self) -> Result<Vec<(StoragePool, PathBuf)>> {
+        let pools = self
+            .conn
+            .list_all_storage_pools(sys::VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
+            .map_err(|e| Error::libvirt("cannot list storage pools", e))?;
+        let mut out = Vec::new();
+        for p in pools {
+            let Ok(xml) = p.xml_desc(0) else { continue };
+            let Ok(x) = DomainXml::parse(&xml) else {
+                continue;
+            };
+            let ty = x.root.attributes.get("type").map(String::as_str);
+            if !matches!(ty, Some("dir" | "fs" | "netfs")) {
+                continue;
+            }
+            if let Some(path) = x
+                .root
+                .get_child("target")
+                .and_then(|t| t.get_child("path"))
+                .and_then(|p| p.get_text())
+            {
+                let path = PathBuf::from(path.trim());
+                out.push((p, path));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Tell libvirt's storage pools that files in `dir` changed, so `virsh vol-list` and
+    /// virt-manager see them. Best effort: a pool that cannot refresh is not our failure.
+    pub fn refresh_pools_for(&self, dir: &Path) {
+        let dir = canonical(dir);
+        if let Ok(pools) = self.pool_dirs() {
+            for (pool, path) in pools {
+                if canonical(&path) == dir {
+                    let _ = pool.refresh(0);
+                }
+            }
+        }
+    }
+}
+
+/// Accessors for one domain, with errors that name it.
+pub struct Dom<'a> {
+    pub session: &'a Session,
+    pub dom: Domain,
+    pub name: String,
+    pub uuid: String,
+}
+
+impl std::fmt::Debug for Dom<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dom")
+            .field("name", &self.name)
+            .field("uuid", &self.uuid)
+            .finish()
+    }
+}
+
+impl<'a> Dom<'a> {
+    pub fn new(session: &'a Session, dom: Domain) -> Result<Dom<'a>> {
+        let name = dom
+            .name()
+            .map_err(|e| Error::libvirt("cannot read domain name", e))?;
+        let uuid = dom
+            .uuid_string()
+            .map_err(|e| Error::libvirt(format!("cannot read UUID of '{name}'"), e))?;
+        Ok(Dom {
+            session,
+            dom,
+            name,
+            uuid,
+        })
+    }
+
+    pub fn lookup(session: &'a Session, r: &DomainRef) -> Result<Dom<'a>> {
+        Dom::new(session, session.lookup(r)?)
+    }
+
+    /// Re-read the name (after a rename).
+    pub fn refresh_name(&mut self) -> Result<()> {
+        self.name = self
+            .dom
+            .name()
+            .map_err(|e| Error::libvirt("cannot read domain name", e))?;
+        Ok(())
+    }
+
+    pub fn state(&self) -> Result<DomainState> {
+        match self.dom.state() {
+            Ok((Enum::Known(s), _)) => Ok(s),
+            Ok((Enum::Unknown(v), _)) => Err(Error::failed(
+                format!("cannot read state of domain '{}'", self.name),
+                format!("libvirt reported unknown state {v}"),
+            )),
+            Err(e) => Err(Error::libvirt(
+                format!("cannot read state of domain '{}'", self.name),
+                e,
+            )),
+        }
+    }
+
+    /// Refuse (exit 3) unless the domain is shut off.
+    pub fn require_shut_off(&self, action: &str) -> Result<()> {
+        let s = self.state()?;
+        if s != DomainState::Shutoff {
+            return Err(Error::refused(
+                format!("cannot {action} domain '{}'", self.name),
+                format!(
+                    "it is {}; shut it down first: virsh shutdown {}",
+                    state_name(s),
+                    self.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The persistent definition (what the next start uses), with security info.
+    pub fn xml(&self) -> Result<DomainXml> {
+        let flags = sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE;
+        let xml = self.dom.xml_desc(flags).map_err(|e| {
+            Error::libvirt(
+                format!("cannot read the definition of domain '{}'", self.name),
+                e,
+            )
+        })?;
+        DomainXml::parse(&xml)
+    }
+
+    /// Define the domain anew from an edited definition (same UUID).
+    pub fn redefine(&self, x: &DomainXml) -> Result<()> {
+        self.session
+            .conn
+            .define_domain_xml(&x.to_xml())
+            .map(drop)
+            .map_err(|e| {
+                Error::libvirt(
+                    format!("cannot update the definition of domain '{}'", self.name),
+                    e,
+                )
+            })
+    }
+
+    pub fn meta(&self) -> Result<Meta> {
+        match self.dom.metadata(
+            sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+            Some(meta::NS),
+            sys::VIR_DOMAIN_AFFECT_CONFIG,
+        ) {
+            Ok(xml) => Meta::from_xml(&xml),
+            Err(e) if is_code(&e, ErrorNumber::NoDomainMetadata) => Ok(Meta::default()),
+            Err(e) => Err(Error::libvirt(
+                format!("cannot read tpl metadata of domain '{}'", self.name),
+                e,
+            )),
+        }
+    }
+
+    pub fn set_meta(&self, m: &Meta) -> Result<()> {
+        self.dom
+            .set_metadata(
+                sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+                Some(&m.to_xml()),
+                Some(meta::PREFIX),
+                Some(meta::NS),
+                sys::VIR_DOMAIN_AFFECT_CONFIG,
+            )
+            .map_err(|e| {
+                Error::libvirt(
+                    format!("cannot write tpl metadata of domain '{}'", self.name),
+                    e,
+                )
+            })
+    }
+
+    /// The domain as a record: state, disks with backing chains, NVRAM and our metadata.
+    pub fn describe(&self) -> Result<Record> {
+        let x = self.xml()?;
+        let m = self.meta()?;
+        let mut disks = x.disks();
+        for d in &mut disks {
+            if let (Some(p), "file") = (&d.path, d.kind.as_str()) {
+                // A missing or unreadable image still describes; its chain is just unknown.
+                d.backing = image::backing_chain(p).unwrap_or_default();
+            }
+        }
+        Ok(Record {
+            schema: SCHEMA,
+            uri: self.session.uri.clone(),
+            name: self.name.clone(),
+            uuid: self.uuid.clone(),
+            state: state_name(self.state()?).to_string(),
+            disks,
+            nvram: x.nvram(),
+            template: m.template,
+            clone: m.clone,
+            history: m.history,
+        })
+    }
+
+    /// Everything that depends on these images of this domain: other domains whose disks are
+    /// or back onto them, and qcow2 overlays in the images' directories and the storage pools'.
+    pub fn dependents(&self, images: &[PathBuf]) -> Result<Vec<Dependent>> {
+        let wanted: Vec<PathBuf> = images.iter().map(|p| canonical(p)).collect();
+        let mut out = Vec::new();
+        let mut domain_paths = Vec::new();
+        for d in self.session.all_domains()? {
+            let other = Dom::new(self.session, d)?;
+            if other.uuid == self.uuid {
+                continue;
+            }
+            for disk in other.xml()?.disks() {
+                let Some(path) = disk.path.clone().filter(|_| disk.kind == "file") else {
+                    continue;
+                };
+                let mut chain = vec![path.clone()];
+                chain.extend(
+                    image::backing_chain(&path)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|b| b.path),
+                );
+                if chain.iter().any(|p| wanted.contains(&canonical(p))) {
+                    domain_paths.push(canonical(&path));
+                    out.push(Dependent::Domain {
+                        name: other.name.clone(),
+                        target: disk.target.clone(),
+                        path,
+                    });
+                }
+            }
+        }
+        let mut dirs: Vec<PathBuf> = images
+            .iter()
+            .filter_map(|p| p.parent().map(Path::to_path_buf))
+            .collect();
+        dirs.extend(self.session.pool_dirs()?.into_iter().map(|(_, p)| p));
+        dirs.sort();
+        dirs.dedup();
+        for o in image::overlays_in(&dirs, images) {
+            if let Dependent::Overlay { path, .. } = &o {
+                if domain_paths.contains(&canonical(path)) {
+                    continue;
+                }
+            }
+            out.push(o);
+        }
+        Ok(out)
+    }
+}
