@@ -377,3 +377,43 @@ pub fn mode(p: &Path) -> u32 {
 pub fn domain_exists(name: &str) -> bool {
     virsh_try(&["domuuid", name]).0
 }
+
+/// Write tpl's metadata on a domain straight through libvirt (`virsh metadata`), for tests
+/// that need a state an earlier step would have left (e.g. generalized) without paying
+/// for that step again.
+pub fn set_meta(domain: &str, m: &tpl_common::meta::Meta) {
+    virsh(&[
+        "metadata",
+        domain,
+        "--uri",
+        tpl_common::meta::NS,
+        "--key",
+        tpl_common::meta::PREFIX,
+        "--set",
+        &m.to_xml(),
+        "--config",
+    ]);
+}
+
+/// Mark a domain generalized in its metadata, as `tpl-generalize` would have.
+pub fn mark_generalized(domain: &str) {
+    let mut m = read_meta(domain);
+    m.template.generalized = Some(tpl_common::record::Generalized {
+        at: tpl_common::now_rfc3339(),
+        method: "virt-sysprep".into(),
+        tool: Some("test rig".into()),
+        operations: vec!["defaults".into()],
+        hostname: None,
+    });
+    set_meta(domain, &m);
+}
+
+/// tpl's metadata on a domain as libvirt has it now.
+pub fn read_meta(domain: &str) -> tpl_common::meta::Meta {
+    let (ok, xml) = virsh_try(&["metadata", domain, "--uri", tpl_common::meta::NS, "--config"]);
+    if ok && !xml.trim().is_empty() {
+        tpl_common::meta::Meta::from_xml(xml.trim()).unwrap()
+    } else {
+        Default::default()
+    }
+}
