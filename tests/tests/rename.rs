@@ -239,7 +239,7 @@ fn an_interactive_stdin_is_a_usage_error_not_a_hang() {
     let pty = nix::pty::openpty(None, None).unwrap();
     let out = tool_command("tpl-rename")
         .arg("NewName")
-        .stdin(Stdio::from(std::os::fd::OwnedFd::from(pty.slave)))
+        .stdin(Stdio::from(pty.slave))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
