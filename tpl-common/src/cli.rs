@@ -182,3 +182,36 @@ pub fn not_implemented(tool: &'static str) -> ExitCode {
     eprintln!("{tool}: error: not implemented yet");
     ExitCode::from(1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_code_is_the_shared_code_or_1() {
+        let mut c = Ctx::new(
+            "tpl-test",
+            Common {
+                quiet: true,
+                ..Default::default()
+            },
+        );
+        assert_eq!(c.exit_code(), 0);
+        c.fail(&Error::refused("a", "b"));
+        c.fail(&Error::refused("c", "d"));
+        assert_eq!(c.exit_code(), 3);
+        c.fail(&Error::usage("e", "f"));
+        assert_eq!(c.exit_code(), 1);
+    }
+
+    #[test]
+    fn an_argument_wins_over_stdin() {
+        let c = Ctx::new("tpl-test", Common::default());
+        let got: Vec<_> = c
+            .inputs(Some("VM"))
+            .unwrap()
+            .collect::<Result<_>>()
+            .unwrap();
+        assert_eq!(got, vec![DomainRef::by_arg("VM")]);
+    }
+}

@@ -379,3 +379,78 @@ impl<'a> Dom<'a> {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The libvirt layer against libvirt's own `test:///default` driver (a real libvirt,
+    //! in-process); the tools themselves are proven on qemu:///system in tests/.
+    use super::*;
+
+    fn session() -> Session {
+        Session::open("test:///default").unwrap()
+    }
+
+    #[test]
+    fn looks_up_by_uuid_first_then_name() {
+        let s = session();
+        let by_name = Dom::lookup(&s, &DomainRef::by_arg("test")).unwrap();
+        assert_eq!(by_name.name, "test");
+        // A stale name in a record does not matter when the UUID is there.
+        let r = DomainRef {
+            uuid: Some(by_name.uuid.clone()),
+            name: Some("stale".into()),
+            uri: None,
+        };
+        assert_eq!(Dom::lookup(&s, &r).unwrap().name, "test");
+        // A name argument that is a UUID works as in virsh.
+        assert_eq!(
+            Dom::lookup(&s, &DomainRef::by_arg(&by_name.uuid))
+                .unwrap()
+                .name,
+            "test"
+        );
+    }
+
+    #[test]
+    fn unknown_domains_are_bad_input() {
+        let s = session();
+        let e = s.lookup(&DomainRef::by_arg("no-such-domain")).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("'no-such-domain' not found"), "{e}");
+        let r = DomainRef {
+            uuid: Some("00000000-0000-0000-0000-00000000abcd".into()),
+            ..Default::default()
+        };
+        assert_eq!(s.lookup(&r).unwrap_err().exit_code(), 2);
+        let r = DomainRef {
+            uuid: Some("not-a-uuid".into()),
+            name: Some("x".into()),
+            uri: None,
+        };
+        assert_eq!(s.lookup(&r).unwrap_err().exit_code(), 2);
+    }
+
+    #[test]
+    fn describes_and_keeps_metadata() {
+        let s = session();
+        let d = Dom::lookup(&s, &DomainRef::by_arg("test")).unwrap();
+        let rec = d.describe().unwrap();
+        assert_eq!(rec.uri, "test:///default");
+        assert_eq!(rec.state, "running");
+        assert!(d
+            .require_shut_off("rename")
+            .unwrap_err()
+            .to_string()
+            .contains("it is running"));
+        let mut m = d.meta().unwrap();
+        m.record_step("tpl-test", "hello");
+        d.set_meta(&m).unwrap();
+        assert_eq!(d.meta().unwrap().history.last().unwrap().detail, "hello");
+        assert_eq!(
+            d.describe().unwrap().history.last().unwrap().tool,
+            "tpl-test"
+        );
+        assert!(s.name_taken("test").unwrap());
+        assert!(!s.name_taken("free-name").unwrap());
+    }
+}
