@@ -26,7 +26,10 @@ const GUEST_SCRIPT: &str = include_str!("../guest/build-guest.sh");
 const GUEST_INIT: &str = include_str!("../guest/init.sh");
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Path of a built tpl binary. The Makefile builds them before the tests run; a missing
@@ -36,7 +39,11 @@ pub fn bin(name: &str) -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join("target/debug"));
     let p = dir.join(name);
-    assert!(p.is_file(), "{} is missing: build the tools first (cargo build --workspace, or make test)", p.display());
+    assert!(
+        p.is_file(),
+        "{} is missing: build the tools first (cargo build --workspace, or make test)",
+        p.display()
+    );
     p
 }
 
@@ -57,30 +64,53 @@ impl Run {
         let records = stdout
             .lines()
             .map(|l| {
-                serde_json::from_str::<Record>(l)
-                    .unwrap_or_else(|e| panic!("{what}: stdout line is not a record ({e}): {l:?}\nstderr: {stderr}"))
+                serde_json::from_str::<Record>(l).unwrap_or_else(|e| {
+                    panic!("{what}: stdout line is not a record ({e}): {l:?}\nstderr: {stderr}")
+                })
             })
             .collect();
-        Run { code: out.status.code().unwrap_or(-1), records, stdout, stderr }
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            records,
+            stdout,
+            stderr,
+        }
     }
 
     /// Assert success and exactly `n` records.
     pub fn ok(self, n: usize) -> Run {
-        assert_eq!(self.code, 0, "expected success, got {}: {}", self.code, self.stderr);
-        assert_eq!(self.records.len(), n, "expected {n} records: {}", self.stdout);
+        assert_eq!(
+            self.code, 0,
+            "expected success, got {}: {}",
+            self.code, self.stderr
+        );
+        assert_eq!(
+            self.records.len(),
+            n,
+            "expected {n} records: {}",
+            self.stdout
+        );
         self
     }
 
     /// Assert a failure with this exit code and no record on stdout.
     pub fn fails(self, code: i32) -> Run {
-        assert_eq!(self.code, code, "expected exit {code}; stderr: {}\nstdout: {}", self.stderr, self.stdout);
+        assert_eq!(
+            self.code, code,
+            "expected exit {code}; stderr: {}\nstdout: {}",
+            self.stderr, self.stdout
+        );
         self
     }
 
     /// Assert that stderr holds all these fragments.
     pub fn says(self, parts: &[&str]) -> Run {
         for p in parts {
-            assert!(self.stderr.contains(p), "stderr lacks {p:?}: {}", self.stderr);
+            assert!(
+                self.stderr.contains(p),
+                "stderr lacks {p:?}: {}",
+                self.stderr
+            );
         }
         self
     }
@@ -92,7 +122,10 @@ pub fn test_env(c: &mut Command) -> &mut Command {
     let keep = |k: &str, default: &str| std::env::var(k).unwrap_or_else(|_| default.into());
     c.env_remove("LIBVIRT_DEFAULT_URI")
         .env("LIBGUESTFS_BACKEND", keep("LIBGUESTFS_BACKEND", "direct"))
-        .env("LIBGUESTFS_BACKEND_SETTINGS", keep("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg"))
+        .env(
+            "LIBGUESTFS_BACKEND_SETTINGS",
+            keep("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg"),
+        )
 }
 
 /// A command for a built tool, in the test environment.
@@ -106,8 +139,14 @@ pub fn tool_command(name: &str) -> Command {
 pub fn run(name: &str, args: &[&str], stdin: Option<&str>) -> Run {
     let mut c = tool_command(name);
     c.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
-    c.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
-    let mut child = c.spawn().unwrap_or_else(|e| panic!("cannot run {name}: {e}"));
+    c.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    let mut child = c
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {name}: {e}"));
     if let Some(input) = stdin {
         let mut w = child.stdin.take().unwrap();
         // A tool that refuses early may close stdin first; that is its right.
@@ -120,15 +159,26 @@ pub fn run(name: &str, args: &[&str], stdin: Option<&str>) -> Run {
 /// Run a shell pipeline (`sh -c`) with the tools' directory first on PATH.
 pub fn pipeline(script: &str) -> Run {
     let dir = bin("tpl-rename").parent().unwrap().to_path_buf();
-    let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let mut c = Command::new("sh");
-    test_env(&mut c).arg("-c").arg(script).env("PATH", path).stdin(Stdio::null());
+    test_env(&mut c)
+        .arg("-c")
+        .arg(script)
+        .env("PATH", path)
+        .stdin(Stdio::null());
     Run::from_output(script, c.output().unwrap())
 }
 
 /// Run a helper command and return stdout; panics with its stderr on failure.
 pub fn sh(prog: &str, args: &[&str]) -> String {
-    let out = Command::new(prog).args(args).output().unwrap_or_else(|e| panic!("cannot run {prog}: {e}"));
+    let out = Command::new(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"));
     assert!(
         out.status.success(),
         "{prog} {args:?} failed: {}{}",
@@ -147,8 +197,17 @@ pub fn virsh(args: &[&str]) -> String {
 
 /// `virsh` that may fail: (success, stdout + stderr).
 pub fn virsh_try(args: &[&str]) -> (bool, String) {
-    let out = Command::new("virsh").arg("-c").arg(URI).args(args).output().expect("virsh must be installed");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("virsh")
+        .arg("-c")
+        .arg(URI)
+        .args(args)
+        .output()
+        .expect("virsh must be installed");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success(), text)
 }
 
@@ -163,7 +222,8 @@ pub fn guest_image() -> &'static Path {
         fs::create_dir_all(&dir).unwrap();
         let img = dir.join(format!("guest-{:016x}.qcow2", h.finish()));
         let lock = fs::File::create(dir.join("guest.lock")).unwrap();
-        let _guard = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).expect("flock");
+        let _guard =
+            nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).expect("flock");
         if !img.exists() {
             let script = workspace().join("tests/guest/build-guest.sh");
             sh("sh", &[script.to_str().unwrap(), img.to_str().unwrap()]);
@@ -177,7 +237,9 @@ pub fn guest_image() -> &'static Path {
 /// no longer runs.
 fn sweep_stale() {
     let dead = |name: &str| -> bool {
-        let Some(rest) = name.strip_prefix(&format!("{PREFIX}-")) else { return false };
+        let Some(rest) = name.strip_prefix(&format!("{PREFIX}-")) else {
+            return false;
+        };
         let pid: i32 = match rest.split('-').next().and_then(|p| p.parse().ok()) {
             Some(p) => p,
             None => return false,
@@ -209,7 +271,11 @@ pub fn force_remove_dir(dir: &Path) {
     if !dir.exists() {
         return;
     }
-    let _ = Command::new("chattr").args(["-R", "-i"]).arg(dir).stderr(Stdio::null()).status();
+    let _ = Command::new("chattr")
+        .args(["-R", "-i"])
+        .arg(dir)
+        .stderr(Stdio::null())
+        .status();
     let _ = Command::new("chmod").args(["-R", "u+w"]).arg(dir).status();
     let _ = fs::remove_dir_all(dir);
 }
@@ -238,11 +304,19 @@ pub struct Guest {
 impl Scratch {
     pub fn new() -> Scratch {
         guest_image();
-        let prefix = format!("{PREFIX}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
+        let prefix = format!(
+            "{PREFIX}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
         let dir = Path::new(IMAGES).join(&prefix);
         fs::create_dir_all(&dir).unwrap();
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
-        Scratch { prefix, dir, uuids: Vec::new() }
+        Scratch {
+            prefix,
+            dir,
+            uuids: Vec::new(),
+        }
     }
 
     /// A unique domain name for this test.
@@ -258,7 +332,14 @@ impl Scratch {
     /// Copy the guest disk to `<dir>/<name>.qcow2` (or `file` when given).
     pub fn disk(&self, file: &str) -> PathBuf {
         let p = self.dir.join(file);
-        sh("cp", &["--sparse=always", guest_image().to_str().unwrap(), p.to_str().unwrap()]);
+        sh(
+            "cp",
+            &[
+                "--sparse=always",
+                guest_image().to_str().unwrap(),
+                p.to_str().unwrap(),
+            ],
+        );
         p
     }
 
@@ -275,15 +356,26 @@ impl Scratch {
         let xml = guest_xml(&name, &disk, &console, extra_devices);
         self.define(&xml);
         let uuid = virsh(&["domuuid", &name]).trim().to_string();
-        Guest { name, uuid, disk, console }
+        Guest {
+            name,
+            uuid,
+            disk,
+            console,
+        }
     }
 
     /// Define a domain from XML and track it.
     pub fn define(&mut self, xml: &str) -> String {
-        let f = self.dir.join(format!("def-{}.xml", COUNTER.fetch_add(1, Ordering::SeqCst)));
+        let f = self.dir.join(format!(
+            "def-{}.xml",
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
         fs::write(&f, xml).unwrap();
         virsh(&["define", f.to_str().unwrap()]);
-        let name = tpl_common::domxml::DomainXml::parse(xml).unwrap().name().unwrap();
+        let name = tpl_common::domxml::DomainXml::parse(xml)
+            .unwrap()
+            .name()
+            .unwrap();
         let uuid = virsh(&["domuuid", &name]).trim().to_string();
         self.track(&uuid);
         uuid
@@ -302,7 +394,11 @@ impl Drop for Scratch {
             remove_domain(u);
         }
         let (_, names) = virsh_try(&["list", "--all", "--name"]);
-        for n in names.lines().map(str::trim).filter(|n| n.starts_with(&self.prefix)) {
+        for n in names
+            .lines()
+            .map(str::trim)
+            .filter(|n| n.starts_with(&self.prefix))
+        {
             remove_domain(n);
         }
         force_remove_dir(&self.dir);
@@ -315,11 +411,23 @@ pub fn host_kernel() -> (PathBuf, PathBuf) {
         .expect("/boot must exist (make deps installs linux-image-amd64)")
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("vmlinuz-"))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("vmlinuz-")
+        })
         .collect();
     kernels.sort();
-    let k = kernels.pop().expect("no /boot/vmlinuz-*: make deps installs linux-image-amd64");
-    let ver = k.file_name().unwrap().to_string_lossy().trim_start_matches("vmlinuz-").to_string();
+    let k = kernels
+        .pop()
+        .expect("no /boot/vmlinuz-*: make deps installs linux-image-amd64");
+    let ver = k
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .trim_start_matches("vmlinuz-")
+        .to_string();
     (k, PathBuf::from(format!("/boot/initrd.img-{ver}")))
 }
 
@@ -410,7 +518,13 @@ pub fn mark_generalized(domain: &str) {
 
 /// tpl's metadata on a domain as libvirt has it now.
 pub fn read_meta(domain: &str) -> tpl_common::meta::Meta {
-    let (ok, xml) = virsh_try(&["metadata", domain, "--uri", tpl_common::meta::NS, "--config"]);
+    let (ok, xml) = virsh_try(&[
+        "metadata",
+        domain,
+        "--uri",
+        tpl_common::meta::NS,
+        "--config",
+    ]);
     if ok && !xml.trim().is_empty() {
         tpl_common::meta::Meta::from_xml(xml.trim()).unwrap()
     } else {
