@@ -340,7 +340,16 @@ impl<'a> Dom<'a> {
             if other.uuid == self.uuid {
                 continue;
             }
-            for disk in other.xml()?.disks() {
+            // Another domain may be undefined between the listing and this read (clones
+            // being removed): it depends on nothing any more.
+            let x = match other.xml() {
+                Ok(x) => x,
+                Err(Error::Libvirt { source, .. }) if is_code(&source, ErrorNumber::NoDomain) => {
+                    continue
+                }
+                Err(e) => return Err(e),
+            };
+            for disk in x.disks() {
                 let Some(path) = disk.path.clone().filter(|_| disk.kind == "file") else {
                     continue;
                 };
