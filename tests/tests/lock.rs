@@ -1,0 +1,453 @@
+//! Tests for tpl-lock on the real libvirtd: locked templates do not start, their files are read-only (and immutable on a loop-mounted ext4), linked clones still boot, and `--unlock` refuses while anything backs onto the template.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tpl_tests::*;
+
+/// A generalized (per its metadata) shut-off guest, ready to lock.
+fn template(s: &mut Scratch, tag: &str) -> Guest {
+    let g = s.guest(tag);
+    mark_generalized(&g.name);
+    g
+}
+
+/// A generalized guest that also has an NVRAM file (and a dummy loader: it is never started).
+fn template_with_nvram(s: &mut Scratch, tag: &str) -> (Guest, PathBuf) {
+    let name = s.name(tag);
+    let disk = s.disk(&format!("{name}.qcow2"));
+    let console = s.dir.join(format!("{name}.console.log"));
+    let loader = s.dir.join("loader.fd");
+    let nvram = s.dir.join(format!("{name}_VARS.fd"));
+    fs::write(&loader, vec![0u8; 64 * 1024]).unwrap();
+    fs::write(&nvram, vec![0u8; 64 * 1024]).unwrap();
+    set_mode(&nvram, 0o644);
+    let xml = guest_xml(&name, &disk, &console, "").replacen(
+        "<kernel>",
+        &format!(
+            "<loader readonly='yes' type='pflash'>{}</loader>\n    <nvram>{}</nvram>\n    <kernel>",
+            loader.display(),
+            nvram.display()
+        ),
+        1,
+    );
+    let uuid = s.define(&xml);
+    mark_generalized(&name);
+    (
+        Guest {
+            name,
+            uuid,
+            disk,
+            console,
+        },
+        nvram,
+    )
+}
+
+fn set_mode(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn qemu_img_overlay(base: &Path, overlay: &Path) {
+    sh(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            base.to_str().unwrap(),
+            "-F",
+            "qcow2",
+            overlay.to_str().unwrap(),
+        ],
+    );
+}
+
+/// Whether `lsattr` shows the immutable attribute on a file.
+fn immutable(p: &Path) -> bool {
+    let out = sh("lsattr", &["-d", p.to_str().unwrap()]);
+    let flags = out.split_whitespace().next().unwrap_or_default();
+    flags.contains('i')
+}
+
+/// Wait, within a deadline, for a line in a guest's console log.
+fn wait_for_console(console: &Path, needle: &str, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let text = fs::read_to_string(console).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in {} within {limit:?}; it says:\n{text}",
+            console.display()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn autostart(name: &str) -> bool {
+    virsh(&["dominfo", name])
+        .lines()
+        .any(|l| l.starts_with("Autostart:") && l.contains("enable"))
+}
+
+#[test]
+fn locked_template_does_not_start_and_its_files_are_read_only() {
+    let mut s = Scratch::new();
+    let g = template(&mut s, "tpl");
+    virsh(&["autostart", &g.name]);
+    assert!(autostart(&g.name));
+    assert_eq!(mode(&g.disk), 0o644);
+
+    let run = run("tpl-lock", &[&g.name], None).ok(1);
+    let rec = only(&run);
+    assert_eq!(rec.uuid, g.uuid);
+    assert!(rec.template.locked && rec.template.locked_at.is_some());
+    assert!(!rec.template.immutable);
+    assert_eq!(mode(&g.disk), 0o444);
+    assert!(!autostart(&g.name), "autostart must be off after lock");
+    let m = read_meta(&g.name);
+    assert!(m.template.locked);
+    assert_eq!(m.history.last().unwrap().tool, "tpl-lock");
+
+    // The seed's behaviour: libvirt's qemu cannot open the image for writing.
+    let (ok, text) = virsh_try(&["start", &g.name]);
+    assert!(!ok, "a locked template must not start: {text}");
+    assert!(text.contains("Permission denied"), "{text}");
+    assert!(text.contains(g.disk.to_str().unwrap()), "{text}");
+    assert_eq!(virsh(&["domstate", &g.name]).trim(), "shut off");
+    assert_eq!(mode(&g.disk), 0o444);
+
+    // Locking it again is a success that changes nothing, history included.
+    let again = run_lock(&[&g.name]).ok(1).says(&["already locked"]);
+    assert!(only(&again).template.locked);
+    let m2 = read_meta(&g.name);
+    assert_eq!(m2, m, "a second lock must not change the metadata");
+    assert_eq!(mode(&g.disk), 0o444);
+}
+
+fn run_lock(args: &[&str]) -> Run {
+    run("tpl-lock", args, None)
+}
+
+#[test]
+fn nvram_is_locked_with_the_disk_and_unlock_gives_the_owner_write_back() {
+    let mut s = Scratch::new();
+    let (g, nvram) = template_with_nvram(&mut s, "nv");
+    let rec = run_lock(&[&g.name]).ok(1);
+    assert_eq!(only(&rec).nvram.as_deref(), Some(nvram.as_path()));
+    assert_eq!(mode(&g.disk), 0o444);
+    assert_eq!(mode(&nvram), 0o444);
+
+    let run = run_lock(&["--unlock", &g.name]).ok(1);
+    assert!(!only(&run).template.locked);
+    assert_eq!(mode(&g.disk), 0o644);
+    assert_eq!(mode(&nvram), 0o644);
+    let m = read_meta(&g.name);
+    assert!(!m.template.locked && m.template.locked_at.is_none());
+    let tools: Vec<_> = m.history.iter().map(|h| h.tool.as_str()).collect();
+    assert_eq!(tools, ["tpl-lock", "tpl-lock"]);
+
+    // Unlocking an unlocked domain changes nothing either.
+    run_lock(&["--unlock", &g.name]).ok(1).says(&["not locked"]);
+    assert_eq!(read_meta(&g.name), m);
+}
+
+#[test]
+fn running_and_ungeneralized_domains_are_refused() {
+    let mut s = Scratch::new();
+    let plain = s.guest("plain");
+    let r = run_lock(&[&plain.name]).fails(3).says(&[
+        &format!("tpl-lock: error: cannot lock domain '{}'", plain.name),
+        "not generalized",
+        "--force",
+    ]);
+    assert!(r.records.is_empty());
+    assert_eq!(mode(&plain.disk), 0o644);
+    assert!(!read_meta(&plain.name).template.locked);
+
+    // In a stream, the refused record is not passed on; the next one is locked.
+    let tpl = template(&mut s, "tpl");
+    let input = format!(
+        "{{\"name\":\"{}\"}}\n{{\"uuid\":\"{}\"}}\n",
+        plain.name, tpl.uuid
+    );
+    let r = run("tpl-lock", &[], Some(&input)).fails(3);
+    assert_eq!(r.records.len(), 1, "{}", r.stdout);
+    assert_eq!(r.records[0].name, tpl.name);
+    assert!(r.records[0].template.locked);
+    assert_eq!(mode(&plain.disk), 0o644);
+
+    // --force locks it, with a warning.
+    run_lock(&["--force", &plain.name])
+        .ok(1)
+        .says(&["warning", "not generalized"]);
+    assert_eq!(mode(&plain.disk), 0o444);
+
+    // A running (here: paused) domain is refused and left alone.
+    let busy = template(&mut s, "busy");
+    virsh(&["start", "--paused", &busy.name]);
+    run_lock(&[&busy.name]).fails(3).says(&[
+        "cannot lock domain",
+        &busy.name,
+        "paused",
+        "shut it down",
+    ]);
+    assert_eq!(mode(&busy.disk), 0o644);
+    assert!(!read_meta(&busy.name).template.locked);
+    virsh(&["destroy", &busy.name]);
+}
+
+#[test]
+fn symlinked_and_network_disks_are_refused_and_nothing_changes() {
+    let mut s = Scratch::new();
+    let name = s.name("link");
+    let real = s.disk("real.qcow2");
+    let link = s.dir.join(format!("{name}.qcow2"));
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let console = s.dir.join("link.console.log");
+    s.define(&guest_xml(&name, &link, &console, ""));
+    mark_generalized(&name);
+
+    run_lock(&[&name]).fails(3).says(&[
+        &format!("cannot lock domain '{name}'"),
+        link.to_str().unwrap(),
+        "symbolic link",
+    ]);
+    assert_eq!(mode(&real), 0o644, "the symlink's target must be untouched");
+    assert!(!read_meta(&name).template.locked);
+
+    // A network disk next to a good file disk: refused, naming it, and the file disk
+    // stays writable (nothing changes for that domain).
+    let nbd = "<disk type='network' device='disk'><driver name='qemu' type='raw'/>\
+               <source protocol='nbd' name='x'><host name='127.0.0.1' port='10809'/></source>\
+               <target dev='vdb' bus='virtio'/></disk>";
+    let net = s.guest_with("net", nbd);
+    mark_generalized(&net.name);
+    run_lock(&[&net.name])
+        .fails(3)
+        .says(&["disk vdb is a network disk", "file-backed"]);
+    assert_eq!(mode(&net.disk), 0o644);
+    assert!(!read_meta(&net.name).template.locked);
+}
+
+#[test]
+fn unlock_is_refused_while_an_overlay_no_domain_names_backs_onto_the_template() {
+    let mut s = Scratch::new();
+    let g = template(&mut s, "tpl");
+    run_lock(&[&g.name]).ok(1);
+    let sub = s.dir.join("orphans");
+    fs::create_dir(&sub).unwrap();
+    let overlay = sub.join("forgotten.qcow2");
+    qemu_img_overlay(&g.disk, &overlay);
+
+    let r = run_lock(&["--unlock", &g.name]).fails(3).says(&[
+        &format!("cannot unlock domain '{}'", g.name),
+        "linked clones depend on its images",
+        overlay.to_str().unwrap(),
+        "--force",
+    ]);
+    assert!(r.records.is_empty());
+    assert_eq!(mode(&g.disk), 0o444);
+    assert!(read_meta(&g.name).template.locked);
+
+    fs::remove_file(&overlay).unwrap();
+    run_lock(&["--unlock", &g.name]).ok(1);
+    assert_eq!(mode(&g.disk), 0o644);
+
+    // --force overrides, loudly.
+    run_lock(&[&g.name]).ok(1);
+    qemu_img_overlay(&g.disk, &overlay);
+    run_lock(&["--unlock", "--force", &g.name])
+        .ok(1)
+        .says(&["warning", overlay.to_str().unwrap()]);
+    assert_eq!(mode(&g.disk), 0o644);
+}
+
+#[test]
+fn unlock_is_refused_while_a_defined_domain_backs_onto_the_template() {
+    let mut s = Scratch::new();
+    let g = template(&mut s, "tpl");
+    run_lock(&[&g.name]).ok(1);
+    let clone = s.name("clone");
+    let overlay = s.dir.join(format!("{clone}.qcow2"));
+    qemu_img_overlay(&g.disk, &overlay);
+    s.define(&guest_xml(
+        &clone,
+        &overlay,
+        &s.dir.join("clone.console.log"),
+        "",
+    ));
+
+    run_lock(&["--unlock", &g.name]).fails(3).says(&[
+        "linked clones depend on its images",
+        &format!("domain '{clone}' (disk vda: {})", overlay.display()),
+    ]);
+    assert_eq!(mode(&g.disk), 0o444);
+
+    remove_domain(&clone);
+    fs::remove_file(&overlay).unwrap();
+    run_lock(&["--unlock", &g.name]).ok(1);
+    assert_eq!(mode(&g.disk), 0o644);
+}
+
+#[test]
+fn works_in_a_pipe_with_tpl_rename() {
+    let mut s = Scratch::new();
+    let a = template(&mut s, "a");
+    let b = template(&mut s, "b");
+    let r = pipeline(&format!(
+        "printf '{{\"name\":\"%s\"}}\\n' {} {} | tpl-lock | tpl-rename '{{name}}-T'",
+        a.name, b.name
+    ))
+    .ok(2);
+    for (rec, g) in r.records.iter().zip([&a, &b]) {
+        assert_eq!(rec.uuid, g.uuid);
+        assert_eq!(rec.name, format!("{}-T", g.name));
+        assert!(rec.template.locked);
+        assert_eq!(mode(&g.disk), 0o444);
+        let tools: Vec<_> = rec.history.iter().map(|h| h.tool.as_str()).collect();
+        assert_eq!(tools, ["tpl-lock", "tpl-rename"]);
+    }
+}
+
+/// A filesystem mounted under the scratch directory: ext4 in a loop-mounted file (it has
+/// the immutable attribute), or ramfs (it has none). Mounting needs root, as everything
+/// here does. Unmounted on drop.
+struct LoopFs {
+    mnt: PathBuf,
+}
+
+impl LoopFs {
+    fn new(s: &Scratch, fstype: &str) -> LoopFs {
+        let mnt = s.dir.join(format!("mnt-{fstype}"));
+        fs::create_dir(&mnt).unwrap();
+        let m = mnt.to_str().unwrap();
+        match fstype {
+            "ext4" => {
+                let img = s.dir.join("ext4.img");
+                let img = img.to_str().unwrap();
+                sh("truncate", &["-s", "300M", img]);
+                sh("mkfs.ext4", &["-q", img]);
+                sh("mount", &["-o", "loop", img, m]);
+            }
+            "ramfs" => {
+                sh("mount", &["-t", "ramfs", "tpltest", m]);
+            }
+            other => panic!("no recipe for a {other} filesystem"),
+        }
+        // From here on, drop unmounts it even if the rest panics.
+        let l = LoopFs { mnt };
+        set_mode(&l.mnt, 0o755);
+        l
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr")
+            .arg("-R")
+            .arg("-i")
+            .arg(&self.mnt)
+            .status();
+        let ok = Command::new("umount")
+            .arg(&self.mnt)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            // Still busy (a test panicked with a guest running): detach lazily.
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+    }
+}
+
+#[test]
+fn immutable_template_on_ext4_still_serves_a_linked_clone_that_boots() {
+    let mut s = Scratch::new();
+    let lfs = LoopFs::new(&s, "ext4");
+    let name = s.name("imm");
+    let disk = lfs.mnt.join(format!("{name}.qcow2"));
+    sh(
+        "cp",
+        &[
+            "--sparse=always",
+            guest_image().to_str().unwrap(),
+            disk.to_str().unwrap(),
+        ],
+    );
+    s.define(&guest_xml(&name, &disk, &s.dir.join("imm.console.log"), ""));
+    mark_generalized(&name);
+
+    let r = run_lock(&["--immutable", &name])
+        .ok(1)
+        .says(&["immutable attribute set"]);
+    assert!(only(&r).template.immutable);
+    assert!(immutable(&disk), "lsattr must show +i");
+    assert_eq!(mode(&disk), 0o444);
+    assert!(read_meta(&name).template.immutable);
+    // Not even root can remove it now.
+    assert!(fs::remove_file(&disk).is_err());
+    // Locking again without --immutable keeps it immutable and changes nothing.
+    run_lock(&[&name]).ok(1).says(&["already locked"]);
+    assert!(immutable(&disk));
+
+    let (ok, text) = virsh_try(&["start", &name]);
+    assert!(!ok, "an immutable template must not start: {text}");
+
+    // A linked clone (outside the loop filesystem) boots from the immutable image.
+    let clone = s.name("clone");
+    let overlay = s.dir.join(format!("{clone}.qcow2"));
+    let console = s.dir.join("clone.console.log");
+    qemu_img_overlay(&disk, &overlay);
+    s.define(&guest_xml(&clone, &overlay, &console, ""));
+    virsh(&["start", &clone]);
+    let log = wait_for_console(&console, "TPL-BOOT done", Duration::from_secs(150));
+    assert!(log.contains("TPL-BOOT root=/dev/vda"), "{log}");
+    let _ = virsh_try(&["destroy", &clone]);
+
+    run_lock(&["--unlock", &name])
+        .fails(3)
+        .says(&[&format!("domain '{clone}'")]);
+    assert!(immutable(&disk));
+
+    remove_domain(&clone);
+    fs::remove_file(&overlay).unwrap();
+    let r = run_lock(&["--unlock", &name])
+        .ok(1)
+        .says(&["immutable attribute cleared"]);
+    assert!(!only(&r).template.immutable && !only(&r).template.locked);
+    assert!(!immutable(&disk));
+    assert_eq!(mode(&disk) & 0o200, 0o200);
+}
+
+#[test]
+fn immutable_on_a_filesystem_without_it_warns_and_still_locks() {
+    // ramfs has no immutable attribute: FS_IOC_GETFLAGS answers ENOTTY there.
+    let mut s = Scratch::new();
+    let lfs = LoopFs::new(&s, "ramfs");
+    let name = s.name("fat");
+    let disk = lfs.mnt.join("fat.qcow2");
+    sh(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", disk.to_str().unwrap(), "16M"],
+    );
+    s.define(&guest_xml(&name, &disk, &s.dir.join("fat.console.log"), ""));
+    mark_generalized(&name);
+    let r = run_lock(&["--immutable", &name]).ok(1).says(&[
+        "warning",
+        disk.to_str().unwrap(),
+        "does not support the immutable attribute",
+    ]);
+    let rec = only(&r);
+    assert!(rec.template.locked && !rec.template.immutable);
+    assert_eq!(mode(&disk) & 0o222, 0, "still read-only by its mode");
+    run_lock(&["--unlock", &name]).ok(1);
+    assert_eq!(mode(&disk) & 0o200, 0o200);
+}
