@@ -1,0 +1,416 @@
+//! Running virt-sysprep: its version and operations, the one command line that seals a guest with tpl's fixes, and its output streamed to stderr.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tpl_common::error::{Error, IoContext, Result};
+
+use crate::ops::{Catalog, Plan};
+
+pub const PROGRAM: &str = "virt-sysprep";
+
+/// The first-boot script every clone runs once (fresh SSH host keys, hostname from the
+/// SMBIOS serial). Its name in the guest: /usr/lib/virt-sysprep/scripts/NNNN-tpl-firstboot.
+pub const FIRSTBOOT: &str = include_str!("firstboot.sh");
+pub const FIRSTBOOT_NAME: &str = "tpl-firstboot";
+
+/// cloud-init's per-instance state, what `cloud-init clean --logs` removes, so that
+/// cloud-init runs again in every clone. /var/lib/cloud/seed (a NoCloud seed the admin
+/// put there) and /var/lib/cloud/scripts (admin's per-boot scripts) stay.
+pub const CLOUD_INIT_STATE: &[&str] = &[
+    "/var/lib/cloud/instance",
+    "/var/lib/cloud/instances",
+    "/var/lib/cloud/data",
+    "/var/lib/cloud/sem",
+    "/var/lib/cloud/handlers",
+    "/var/log/cloud-init.log",
+    "/var/log/cloud-init-output.log",
+];
+
+fn not_installed(e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        Error::failed(
+            format!("cannot run {PROGRAM}"),
+            "it is not installed; install libguestfs-tools (make deps)",
+        )
+    } else {
+        Error::io("cannot run", PROGRAM, e)
+    }
+}
+
+/// Run a quick virt-sysprep query (no appliance) and return its stdout.
+fn query(arg: &str) -> Result<String> {
+    let out = Command::new(PROGRAM)
+        .arg(arg)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(not_installed)?;
+    if !out.status.success() {
+        return Err(Error::failed(
+            format!("'{PROGRAM} {arg}' failed"),
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `virt-sysprep 1.48.2`, as the metadata records it.
+pub fn version() -> Result<String> {
+    Ok(query("--version")?.trim().to_string())
+}
+
+pub fn catalog() -> Result<Catalog> {
+    let c = Catalog::parse(&query("--list-operations")?);
+    if c.all.is_empty() {
+        return Err(Error::failed(
+            format!("cannot read the operations of {PROGRAM}"),
+            "'virt-sysprep --list-operations' listed none",
+        ));
+    }
+    Ok(c)
+}
+
+/// The arguments of the one virt-sysprep run that seals `domain`.
+///
+/// The customize actions run in this order, after customize's own step that writes a
+/// random /etc/machine-id into an empty one:
+/// 1. `--touch` + `--truncate /etc/machine-id`: the template ends with an empty
+///    machine-id, so each clone makes its own at first boot. Touch first, since customize
+///    only rewrites a file that exists; and on a Windows guest (no /etc) this fails
+///    before any other customize action touches the registry.
+/// 2. `--hostname`, when asked for.
+/// 3. `--firstboot`: the script that makes SSH host keys and sets the hostname from the
+///    SMBIOS serial in every clone.
+/// 4. `--delete` cloud-init's instance state.
+///
+/// `-x` traces libguestfs calls on stderr: that is where inspection's verdict on the guest
+/// (`inspect_get_type = "windows"`) shows; `run` keeps those lines off the screen.
+pub fn command_line(
+    uri: &str,
+    domain: &str,
+    plan: &Plan,
+    hostname: Option<&str>,
+    quiet: bool,
+) -> Vec<String> {
+    let mut a: Vec<String> = vec!["-c".into(), uri.into(), "-d".into(), domain.into()];
+    if quiet {
+        a.push("--quiet".into());
+    }
+    a.push("-x".into());
+    a.push("--operations".into());
+    a.push(plan.expression.join(","));
+    for (opt, val) in [
+        ("--touch", "/etc/machine-id"),
+        ("--truncate", "/etc/machine-id"),
+    ] {
+        a.push(opt.into());
+        a.push(val.into());
+    }
+    if let Some(h) = hostname {
+        a.push("--hostname".into());
+        a.push(h.into());
+    }
+    a.push("--firstboot".into());
+    a.push(FIRSTBOOT_NAME.into());
+    for p in CLOUD_INIT_STATE {
+        a.push("--delete".into());
+        a.push((*p).into());
+    }
+    a
+}
+
+/// A command line as a shell would need it typed, for messages and `--dry-run`.
+pub fn shell_words(prog: &str, args: &[String]) -> String {
+    let quote = |s: &str| {
+        let plain = !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./:=,+@%".contains(c));
+        if plain {
+            s.to_string()
+        } else {
+            format!("'{}'", s.replace('\'', r"'\''"))
+        }
+    };
+    std::iter::once(prog)
+        .chain(args.iter().map(String::as_str))
+        .map(quote)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// What a finished virt-sysprep run told us.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub status: Option<ExitStatus>,
+    /// What inspection found: `linux`, `windows`, … (from the `-x` trace).
+    pub os_type: Option<String>,
+    pub product: Option<String>,
+    /// The last lines it wrote on stderr that are not trace lines.
+    pub tail: Vec<String>,
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    pub fn success(&self) -> bool {
+        self.status.is_some_and(|s| s.success())
+    }
+
+    /// The error lines for a message: those that say "error", else the last lines.
+    pub fn errors(&self) -> String {
+        let errs: Vec<&str> = self
+            .tail
+            .iter()
+            .map(String::as_str)
+            .filter(|l| l.to_ascii_lowercase().contains("error"))
+            .collect();
+        let lines = if errs.is_empty() {
+            let n = self.tail.len();
+            self.tail[n.saturating_sub(3)..]
+                .iter()
+                .map(String::as_str)
+                .collect()
+        } else {
+            errs
+        };
+        if lines.is_empty() {
+            "it printed no error".into()
+        } else {
+            lines.join(" / ")
+        }
+    }
+
+    pub fn status_text(&self) -> String {
+        match self.status {
+            Some(s) => match (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)) {
+                (Some(c), _) => format!("exit status {c}"),
+                (None, Some(sig)) => format!("killed by signal {sig}"),
+                _ => s.to_string(),
+            },
+            None => "did not finish".into(),
+        }
+    }
+}
+
+const TRACE: &str = "libguestfs: trace: ";
+const TAIL_LINES: usize = 12;
+
+/// What a trace line says about the inspected guest, if anything.
+pub fn inspected(line: &str) -> Option<(&'static str, String)> {
+    let call = line.strip_prefix(TRACE)?;
+    for (key, field) in [
+        ("inspect_get_type = \"", "type"),
+        ("inspect_get_product_name = \"", "product"),
+    ] {
+        if let Some(v) = call.strip_prefix(key) {
+            return Some((field, v.strip_suffix('"').unwrap_or(v).to_string()));
+        }
+    }
+    None
+}
+
+/// Run virt-sysprep with `args` in `cwd`, streaming its progress and messages to our
+/// stderr as they come (trace lines only with `verbose`). It inherits our environment,
+/// so LIBGUESTFS_BACKEND and friends reach libguestfs. Its stdin is /dev/null: ours may
+/// be the record stream of a pipe.
+pub fn run(args: &[String], cwd: &Path, verbose: bool) -> Result<Outcome> {
+    let start = Instant::now();
+    let mut child = Command::new(PROGRAM)
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(not_installed)?;
+    let (tx, rx) = mpsc::channel::<(bool, String)>();
+    let readers = [
+        spawn_reader(child.stdout.take().map(|r| Box::new(r) as _), false, &tx),
+        spawn_reader(child.stderr.take().map(|r| Box::new(r) as _), true, &tx),
+    ];
+    drop(tx);
+    let mut out = Outcome::default();
+    let mut tail = VecDeque::with_capacity(TAIL_LINES);
+    // Ends when both pipes are closed: virt-sysprep has exited (or closed them).
+    for (is_err, line) in rx {
+        if let Some((field, v)) = inspected(&line) {
+            match field {
+                "type" => out.os_type = Some(v),
+                _ => out.product = Some(v),
+            }
+        }
+        let trace = line.starts_with(TRACE);
+        if !trace || verbose {
+            eprintln!("{line}");
+        }
+        if is_err && !trace && !line.trim().is_empty() {
+            if tail.len() == TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        }
+    }
+    for r in readers.into_iter().flatten() {
+        let _ = r.join();
+    }
+    out.status = Some(child.wait().ctx("cannot wait for", PROGRAM)?);
+    out.tail = tail.into();
+    out.elapsed = start.elapsed();
+    Ok(out)
+}
+
+fn spawn_reader(
+    r: Option<Box<dyn Read + Send>>,
+    is_err: bool,
+    tx: &mpsc::Sender<(bool, String)>,
+) -> Option<std::thread::JoinHandle<()>> {
+    let r = r?;
+    let tx = tx.clone();
+    Some(std::thread::spawn(move || {
+        let mut r = BufReader::new(r);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match r.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&buf);
+                    let line = line.trim_end_matches(['\n', '\r']).to_string();
+                    if tx.send((is_err, line)).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn machine_id_is_emptied_before_anything_else_customizes() {
+        let plan = Plan {
+            expression: vec!["defaults".into(), "-tmp-files".into()],
+            resolved: BTreeSet::new(),
+        };
+        let a = command_line("qemu:///system", "u-u-i-d", &plan, Some("Tpl"), false);
+        let pos = |s: &str| a.iter().position(|x| x == s).unwrap();
+        assert_eq!(&a[..4], ["-c", "qemu:///system", "-d", "u-u-i-d"]);
+        assert_eq!(a[pos("--operations") + 1], "defaults,-tmp-files");
+        assert!(pos("--touch") < pos("--truncate"));
+        assert!(pos("--truncate") < pos("--hostname"));
+        assert!(pos("--hostname") < pos("--firstboot"));
+        assert_eq!(a[pos("--firstboot") + 1], FIRSTBOOT_NAME);
+        assert!(a.contains(&"/var/lib/cloud/instances".to_string()));
+        assert!(!a.contains(&"--quiet".to_string()));
+        let q = command_line("u", "d", &plan, None, true);
+        assert!(q.contains(&"--quiet".to_string()) && !q.contains(&"--hostname".to_string()));
+    }
+
+    #[test]
+    fn quotes_for_the_shell() {
+        let args = vec!["-d".into(), "my vm".into(), "it's".into(), "".into()];
+        assert_eq!(
+            shell_words("virt-sysprep", &args),
+            r"virt-sysprep -d 'my vm' 'it'\''s' ''"
+        );
+    }
+
+    #[test]
+    fn reads_inspection_from_the_trace() {
+        assert_eq!(
+            inspected("libguestfs: trace: inspect_get_type = \"windows\""),
+            Some(("type", "windows".into()))
+        );
+        assert_eq!(
+            inspected("libguestfs: trace: inspect_get_product_name = \"Debian GNU/Linux 12\""),
+            Some(("product", "Debian GNU/Linux 12".into()))
+        );
+        assert_eq!(
+            inspected("libguestfs: trace: inspect_get_type \"/dev/sda\""),
+            None
+        );
+        assert_eq!(inspected("inspect_get_type = \"linux\""), None);
+    }
+
+    #[test]
+    fn error_lines_win_over_the_last_lines() {
+        let o = Outcome {
+            tail: vec![
+                "virt-sysprep: warning: x".into(),
+                "virt-sysprep: error: no operating systems were found".into(),
+                "If reporting bugs, run virt-sysprep with debugging enabled".into(),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            o.errors(),
+            "virt-sysprep: error: no operating systems were found"
+        );
+        let o = Outcome {
+            tail: vec!["a".into(), "b".into(), "c".into(), "d".into()],
+            ..Default::default()
+        };
+        assert_eq!(o.errors(), "b / c / d");
+        assert_eq!(Outcome::default().errors(), "it printed no error");
+    }
+
+    /// The script runs under the host's sh and busybox sh; the hostname parser is the part
+    /// that can be checked without a guest (tests/tests/generalize.rs boots one for the rest).
+    #[test]
+    fn firstboot_script_reads_nocloud_serials() {
+        let cases = [
+            ("ds=nocloud;h=clone1;i=iid-1", "clone1"),
+            ("ds=nocloud;i=iid-1;h=web.example.com", "web.example.com"),
+            ("ds=nocloud;s=http://10.0.0.1:8000/;h=ci-3", "ci-3"),
+            ("ds=nocloud-net;local-hostname=db1", "db1"),
+            ("ds=nocloud;i=only-an-id", ""),
+            ("ds=nocloudy;h=no", ""),
+            ("h=no", ""),
+            ("VMware-56 4d 3a", ""),
+            ("ds=nocloud;h=*;i=x", "*"),
+            ("", ""),
+        ];
+        // busybox-static is a build dependency (make deps): the test guest's shell.
+        for sh in ["sh", "busybox"] {
+            for (serial, want) in cases {
+                let mut c = Command::new(sh);
+                if sh == "busybox" {
+                    c.arg("sh");
+                }
+                let out = c
+                    .args(["-c", FIRSTBOOT, FIRSTBOOT_NAME, "--hostname-from", serial])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "{sh} {serial:?}");
+                assert_eq!(
+                    String::from_utf8_lossy(&out.stdout).trim_end(),
+                    want,
+                    "{sh}: {serial:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn firstboot_script_checks_hostnames() {
+        let check = |name: &str| {
+            Command::new("sh")
+                .args(["-c", FIRSTBOOT, FIRSTBOOT_NAME, "--valid-hostname", name])
+                .status()
+                .unwrap()
+                .success()
+        };
+        assert!(check("clone1"));
+        assert!(check("web-1.example.com"));
+        for bad in ["", "-x", ".x", "a b", "a;rm -rf /", "x/y", &"a".repeat(254)] {
+            assert!(!check(bad), "{bad:?}");
+        }
+    }
+}
