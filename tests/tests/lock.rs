@@ -303,18 +303,21 @@ fn works_in_a_pipe_with_tpl_rename() {
     let mut s = Scratch::new();
     let a = template(&mut s, "a");
     let b = template(&mut s, "b");
+    // The first tpl-rename stands where tpl-generalize is in the real pipe (that step costs
+    // a sysprep run): tpl-lock gets full records whose names are already stale, and must
+    // find each domain by UUID.
     let r = pipeline(&format!(
-        "printf '{{\"name\":\"%s\"}}\\n' {} {} | tpl-lock | tpl-rename '{{name}}-T'",
+        "printf '{{\"name\":\"%s\"}}\\n' {} {} | tpl-rename '{{name}}-G' | tpl-lock | tpl-rename '{{name}}-T'",
         a.name, b.name
     ))
     .ok(2);
     for (rec, g) in r.records.iter().zip([&a, &b]) {
         assert_eq!(rec.uuid, g.uuid);
-        assert_eq!(rec.name, format!("{}-T", g.name));
+        assert_eq!(rec.name, format!("{}-G-T", g.name));
         assert!(rec.template.locked);
         assert_eq!(mode(&g.disk), 0o444);
         let tools: Vec<_> = rec.history.iter().map(|h| h.tool.as_str()).collect();
-        assert_eq!(tools, ["tpl-lock", "tpl-rename"]);
+        assert_eq!(tools, ["tpl-rename", "tpl-lock", "tpl-rename"]);
     }
 }
 
@@ -385,10 +388,19 @@ fn immutable_template_on_ext4_still_serves_a_linked_clone_that_boots() {
     s.define(&guest_xml(&name, &disk, &s.dir.join("imm.console.log"), ""));
     mark_generalized(&name);
 
+    // Locked first without the attribute, then with it: the second run adds it.
+    let r = run_lock(&[&name]).ok(1);
+    assert!(only(&r).template.locked && !only(&r).template.immutable);
+    assert!(!immutable(&disk));
     let r = run_lock(&["--immutable", &name])
         .ok(1)
         .says(&["immutable attribute set"]);
     assert!(only(&r).template.immutable);
+    assert_eq!(
+        only(&r).history.len(),
+        2,
+        "the added attribute is a step of its own"
+    );
     assert!(immutable(&disk), "lsattr must show +i");
     assert_eq!(mode(&disk), 0o444);
     assert!(read_meta(&name).template.immutable);
