@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    tpl_common::cli::not_implemented("tpl-clone")
+    tpl_clone::main()
 }

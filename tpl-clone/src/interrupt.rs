@@ -1,0 +1,102 @@
+//! SIGINT and SIGTERM as a flag the long steps check, and child processes that stop when it is raised.
+//!
+//! A signal must not kill the run in the middle of a copy: what it created would stay.
+//! The handler only records which signal came; the copy loops, the waits on qemu-img and
+//! the steps between them check it and unwind through the normal error path, which
+//! removes the unfinished clone. kill -9 cannot be caught; the journal handles that.
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tpl_common::error::{Error, Result};
+
+/// The signal number that asked the run to stop, 0 while none did.
+#[derive(Debug, Clone)]
+pub struct Interrupt(Arc<AtomicUsize>);
+
+impl Interrupt {
+    /// Catch SIGINT and SIGTERM from now on.
+    pub fn install() -> Result<Interrupt> {
+        let flag = Arc::new(AtomicUsize::new(0));
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register_usize(sig, flag.clone(), sig as usize).map_err(|e| {
+                Error::failed("cannot install the SIGINT/SIGTERM handler", e.to_string())
+            })?;
+        }
+        Ok(Interrupt(flag))
+    }
+
+    /// The signal received, if any.
+    pub fn signal(&self) -> Option<i32> {
+        match self.0.load(Ordering::SeqCst) {
+            0 => None,
+            s => Some(s as i32),
+        }
+    }
+
+    /// Fail with "interrupted" once a signal came; called between steps and chunks.
+    pub fn check(&self) -> Result<()> {
+        match self.signal() {
+            None => Ok(()),
+            Some(s) => Err(Error::failed(
+                format!("interrupted by {}", signal_name(s)),
+                "stopping; what this run created for the unfinished clone is removed",
+            )),
+        }
+    }
+}
+
+pub fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        _ => "a signal",
+    }
+}
+
+/// Run a helper (qemu-img) to completion, or kill it when a signal arrives. Its stderr
+/// is collected for the error message; `what` says what it was doing.
+pub fn run_child(mut cmd: Command, intr: &Interrupt, what: &str) -> Result<()> {
+    let prog = cmd.get_program().to_string_lossy().into_owned();
+    cmd.stdin(Stdio::null()).stderr(Stdio::piped());
+    let mut child: Child = cmd.spawn().map_err(|e| {
+        Error::failed(
+            format!("cannot {what}"),
+            format!("cannot run {prog}: {e} (is qemu-utils installed? try 'make deps')"),
+        )
+    })?;
+    // Read stderr on a thread so a chatty child can never block on a full pipe.
+    let mut err_pipe = child.stderr.take().expect("stderr is piped");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err_pipe.read_to_string(&mut s);
+        s
+    });
+    let status = loop {
+        if let Some(st) = child.try_wait().map_err(|e| {
+            Error::failed(format!("cannot {what}"), format!("waiting for {prog}: {e}"))
+        })? {
+            break st;
+        }
+        if intr.signal().is_some() {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = reader.join();
+            return intr.check();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = reader.join().unwrap_or_default();
+    intr.check()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(Error::failed(
+            format!("cannot {what}"),
+            format!("{prog} failed ({status}): {}", stderr.trim()),
+        ))
+    }
+}

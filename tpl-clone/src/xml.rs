@@ -1,0 +1,387 @@
+//! The clone's definition: the template's XML with everything that must be unique per domain made the clone's own.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use tpl_common::domxml::{children_named_mut, disk_target, DomainXml};
+use tpl_common::error::{Error, Result};
+use tpl_common::meta::{Meta, NS};
+use xmltree::{Element, XMLNode};
+
+/// One cloned disk: which target, its new file, and that file's format.
+#[derive(Debug, Clone)]
+pub struct NewDisk {
+    pub target: String,
+    pub path: PathBuf,
+    pub format: String,
+}
+
+/// What differs between the template and one clone.
+#[derive(Debug)]
+pub struct CloneSpec<'a> {
+    pub name: &'a str,
+    pub uuid: &'a str,
+    pub template_name: &'a str,
+    pub disks: &'a [NewDisk],
+    pub nvram: Option<&'a Path>,
+    /// The SMBIOS system serial, or None to leave `<sysinfo>` as it is (but for the UUID).
+    pub serial: Option<String>,
+    pub meta: &'a Meta,
+}
+
+/// MAC addresses in use on the connection, and the new ones handed out.
+#[derive(Debug, Default)]
+pub struct Macs(HashSet<String>);
+
+impl Macs {
+    /// Note every `<mac address>` in a definition as taken.
+    pub fn add_from(&mut self, x: &DomainXml) {
+        if let Some(devs) = x.root.get_child("devices") {
+            for c in devs.children.iter().filter_map(XMLNode::as_element) {
+                if let Some(a) = c.get_child("mac").and_then(|m| m.attributes.get("address")) {
+                    self.0.insert(a.to_ascii_lowercase());
+                }
+            }
+        }
+    }
+
+    /// A new random locally administered address in QEMU/KVM's 52:54:00 range, unused so far.
+    pub fn fresh(&mut self) -> String {
+        loop {
+            let b = uuid::Uuid::new_v4().into_bytes();
+            let mac = format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2]);
+            if self.0.insert(mac.clone()) {
+                return mac;
+            }
+        }
+    }
+}
+
+/// The cloud-init NoCloud form of the SMBIOS serial: `ds=nocloud;h=HOST;i=INSTANCE`.
+pub fn nocloud_serial(hostname: &str, instance: &str) -> String {
+    format!("ds=nocloud;h={hostname};i={instance}")
+}
+
+/// Check a host name for the clone: RFC 1123 labels, so it is valid for the guest and
+/// cannot break the `;`-separated serial.
+pub fn validate_hostname(h: &str) -> Result<()> {
+    let bad = |why: &str| {
+        Err(Error::usage(
+            format!("invalid host name {h:?}"),
+            format!("{why}; use --hostname with letters, digits, '-' and '.'"),
+        ))
+    };
+    if h.is_empty() || h.len() > 253 {
+        return bad("it must be 1 to 253 characters long");
+    }
+    for label in h.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return bad("each dot-separated part must be 1 to 63 characters long");
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return bad("a part starts or ends with '-'");
+        }
+        if !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return bad("it holds a character other than letters, digits, '-' and '.'");
+        }
+    }
+    Ok(())
+}
+
+/// A per-domain host file of the template made the clone's: the template's name in the
+/// file name becomes the clone's, else the clone's name is put in front.
+pub fn own_path(path: &Path, template: &str, clone: &str) -> PathBuf {
+    let file = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let new = if !template.is_empty() && file.contains(template) {
+        file.replacen(template, clone, 1)
+    } else {
+        format!("{clone}-{file}")
+    };
+    path.with_file_name(new)
+}
+
+fn set_text(e: &mut Element, text: &str) {
+    e.children = vec![XMLNode::Text(text.to_string())];
+}
+
+fn child_mut<'a>(e: &'a mut Element, name: &str) -> &'a mut Element {
+    if e.get_child(name).is_none() {
+        e.children.push(XMLNode::Element(Element::new(name)));
+    }
+    e.get_mut_child(name).expect("just ensured")
+}
+
+/// The clone's definition from the template's.
+pub fn clone_xml(tpl: &DomainXml, spec: &CloneSpec, macs: &mut Macs) -> Result<DomainXml> {
+    let mut x = tpl.clone();
+    let root = &mut x.root;
+    set_text(child_mut(root, "name"), spec.name);
+    set_text(child_mut(root, "uuid"), spec.uuid);
+    // A VM generation ID copied would tell the guest it was not cloned; empty asks libvirt for a new one.
+    if let Some(g) = root.get_mut_child("genid") {
+        g.children.clear();
+    }
+    set_metadata(root, spec.meta)?;
+    set_sysinfo(root, spec);
+
+    let devices = child_mut(root, "devices");
+    for disk in children_named_mut(devices, "disk") {
+        let Some(t) = disk_target(disk) else { continue };
+        let Some(nd) = spec.disks.iter().find(|d| d.target == t) else {
+            continue;
+        };
+        let src = child_mut(disk, "source");
+        src.attributes
+            .insert("file".into(), nd.path.display().to_string());
+        let drv = child_mut(disk, "driver");
+        drv.attributes.entry("name".into()).or_insert("qemu".into());
+        drv.attributes.insert("type".into(), nd.format.clone());
+        // libvirt reads the new chain from the image header; the template's is not the clone's.
+        disk.children
+            .retain(|c| c.as_element().is_none_or(|e| e.name != "backingStore"));
+    }
+    for iface in children_named_mut(devices, "interface") {
+        let mac = macs.fresh();
+        child_mut(iface, "mac")
+            .attributes
+            .insert("address".into(), mac);
+    }
+    for g in children_named_mut(devices, "graphics") {
+        // Fixed ports and sockets would clash with the template's; libvirt picks new ones.
+        if g.attributes.contains_key("port") || g.attributes.contains_key("tlsPort") {
+            g.attributes.shift_remove("port");
+            g.attributes.shift_remove("tlsPort");
+            g.attributes.insert("autoport".into(), "yes".into());
+        }
+        if g.attributes.contains_key("websocket") {
+            g.attributes.insert("websocket".into(), "-1".into());
+        }
+        g.attributes.shift_remove("socket");
+        for l in children_named_mut(g, "listen") {
+            l.attributes.shift_remove("socket");
+        }
+    }
+    for kind in ["serial", "console", "parallel", "channel"] {
+        for c in children_named_mut(devices, kind) {
+            let ty = c.attributes.get("type").cloned().unwrap_or_default();
+            if matches!(ty.as_str(), "file" | "unix" | "pipe") {
+                if let Some(p) = c
+                    .get_mut_child("source")
+                    .and_then(|s| s.attributes.get_mut("path"))
+                {
+                    *p = own_path(Path::new(p), spec.template_name, spec.name)
+                        .display()
+                        .to_string();
+                }
+            }
+            if let Some(p) = c
+                .get_mut_child("log")
+                .and_then(|l| l.attributes.get_mut("file"))
+            {
+                *p = own_path(Path::new(p), spec.template_name, spec.name)
+                    .display()
+                    .to_string();
+            }
+        }
+    }
+    if let Some(nv) = spec.nvram {
+        x.set_nvram(nv)?;
+    }
+    Ok(x)
+}
+
+/// Our metadata element replaced by the clone's; other programs' metadata stays.
+fn set_metadata(root: &mut Element, meta: &Meta) -> Result<()> {
+    let ours = Element::parse(meta.to_xml().as_bytes())
+        .map_err(|e| Error::failed("cannot build the clone's metadata", e.to_string()))?;
+    let md = child_mut(root, "metadata");
+    md.children.retain(|c| {
+        c.as_element()
+            .is_none_or(|e| e.namespace.as_deref() != Some(NS))
+    });
+    md.children.push(XMLNode::Element(ours));
+    Ok(())
+}
+
+/// `<sysinfo type='smbios'>`: the UUID entry follows the domain's, and the serial carries
+/// the first-boot identity (which needs `<os><smbios mode='sysinfo'/>` to reach the guest).
+fn set_sysinfo(root: &mut Element, spec: &CloneSpec) {
+    let has_smbios = root.children.iter().any(|c| {
+        c.as_element().is_some_and(|e| {
+            e.name == "sysinfo" && e.attributes.get("type").map(String::as_str) == Some("smbios")
+        })
+    });
+    if !has_smbios && spec.serial.is_none() {
+        return;
+    }
+    if !has_smbios {
+        let mut si = Element::new("sysinfo");
+        si.attributes.insert("type".into(), "smbios".into());
+        root.children.push(XMLNode::Element(si));
+    }
+    let si = children_named_mut(root, "sysinfo")
+        .find(|e| e.attributes.get("type").map(String::as_str) == Some("smbios"))
+        .expect("just ensured");
+    let system = child_mut(si, "system");
+    let mut set_entry = |name: &str, value: &str, add: bool| {
+        let found = system.children.iter().position(|c| {
+            c.as_element().is_some_and(|e| {
+                e.name == "entry" && e.attributes.get("name").map(String::as_str) == Some(name)
+            })
+        });
+        match found {
+            Some(i) => {
+                if let XMLNode::Element(e) = &mut system.children[i] {
+                    set_text(e, value);
+                }
+            }
+            None if add => {
+                let mut e = Element::new("entry");
+                e.attributes.insert("name".into(), name.into());
+                set_text(&mut e, value);
+                system.children.push(XMLNode::Element(e));
+            }
+            None => {}
+        }
+    };
+    set_entry("uuid", spec.uuid, false);
+    if let Some(serial) = &spec.serial {
+        set_entry("serial", serial, true);
+        let os = child_mut(root, "os");
+        child_mut(os, "smbios")
+            .attributes
+            .insert("mode".into(), "sysinfo".into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tpl_common::record::CloneOrigin;
+
+    const TPL: &str = r#"<domain type='qemu'>
+  <name>Tpl</name>
+  <uuid>11111111-2222-3333-4444-555555555555</uuid>
+  <genid>aaaaaaaa-2222-3333-4444-555555555555</genid>
+  <metadata>
+    <tpl:template xmlns:tpl="urn:x-tpl:template:1"><tpl:locked at="x" immutable="no"/></tpl:template>
+    <libosinfo:libosinfo xmlns:libosinfo="http://libosinfo.org/xmlns/libvirt/domain/1.0"><libosinfo:os id="http://debian.org/debian/12"/></libosinfo:libosinfo>
+  </metadata>
+  <sysinfo type='smbios'><system><entry name='uuid'>11111111-2222-3333-4444-555555555555</entry><entry name='manufacturer'>m</entry></system></sysinfo>
+  <os><type>hvm</type><loader readonly='yes' type='pflash'>/c.fd</loader><nvram>/nv/Tpl_VARS.fd</nvram></os>
+  <devices>
+    <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/img/Tpl.img'/><backingStore/><target dev='vda' bus='virtio'/></disk>
+    <disk type='file' device='cdrom'><source file='/iso/x.iso'/><target dev='sda'/><readonly/></disk>
+    <interface type='network'><mac address='52:54:00:00:00:01'/><source network='default'/></interface>
+    <interface type='user'/>
+    <serial type='file'><source path='/log/Tpl.console.log'/><target port='0'/><log file='/log/serial.log'/></serial>
+    <channel type='unix'><source mode='bind' path='/run/ga.sock'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+    <graphics type='vnc' port='5901' autoport='no' websocket='5701'><listen type='address' address='0.0.0.0'/></graphics>
+  </devices>
+</domain>"#;
+
+    #[test]
+    fn makes_every_unique_bit_the_clones() {
+        let tpl = DomainXml::parse(TPL).unwrap();
+        let mut macs = Macs::default();
+        macs.add_from(&tpl);
+        let meta = Meta {
+            clone: Some(CloneOrigin {
+                template_uuid: "11111111-2222-3333-4444-555555555555".into(),
+                template_name: "Tpl".into(),
+                mode: "full".into(),
+                at: "now".into(),
+            }),
+            ..Default::default()
+        };
+        let disks = [NewDisk {
+            target: "vda".into(),
+            path: "/img/c1.img".into(),
+            format: "raw".into(),
+        }];
+        let spec = CloneSpec {
+            name: "c1",
+            uuid: "99999999-2222-3333-4444-555555555555",
+            template_name: "Tpl",
+            disks: &disks,
+            nvram: Some(Path::new("/nv/c1_VARS.fd")),
+            serial: Some(nocloud_serial("c1", "iid")),
+            meta: &meta,
+        };
+        let out = clone_xml(&tpl, &spec, &mut macs).unwrap().to_xml();
+        let x = DomainXml::parse(&out).unwrap();
+        assert_eq!(x.name().as_deref(), Some("c1"));
+        assert!(out.contains("<uuid>99999999-2222-3333-4444-555555555555</uuid>"));
+        assert!(
+            !out.contains(">11111111-2222"),
+            "only the origin names the template: {out}"
+        );
+        assert!(!out.contains("aaaaaaaa"), "genid cleared: {out}");
+        let d = x.disks();
+        assert_eq!(d[0].path.as_deref(), Some(Path::new("/img/c1.img")));
+        assert!(!out.contains("backingStore"));
+        assert_eq!(d[1].path.as_deref(), Some(Path::new("/iso/x.iso")));
+        assert_eq!(x.nvram().unwrap(), Path::new("/nv/c1_VARS.fd"));
+        assert!(
+            out.contains("<entry name=\"serial\">ds=nocloud;h=c1;i=iid</entry>"),
+            "{out}"
+        );
+        assert!(out.contains("<smbios mode=\"sysinfo\""), "{out}");
+        assert!(out.contains("/log/c1.console.log") && out.contains("/log/c1-serial.log"));
+        assert!(out.contains("/run/c1-ga.sock"));
+        assert!(!out.contains("5901") && !out.contains("5701") && out.contains("autoport=\"yes\""));
+        assert!(!out.contains("52:54:00:00:00:01"));
+        assert_eq!(out.matches("<mac address=\"52:54:00:").count(), 2, "{out}");
+        // Our metadata is the clone's now; the other program's stays.
+        assert!(
+            out.contains("libosinfo") && !out.contains("locked"),
+            "{out}"
+        );
+        let md = x.root.get_child("metadata").unwrap();
+        let ours = md
+            .children
+            .iter()
+            .filter_map(XMLNode::as_element)
+            .find(|e| e.namespace.as_deref() == Some(NS))
+            .unwrap();
+        let mut s = Vec::new();
+        ours.write(&mut s).unwrap();
+        let back = Meta::from_xml(std::str::from_utf8(&s).unwrap()).unwrap();
+        assert_eq!(back.clone.unwrap().template_name, "Tpl");
+    }
+
+    #[test]
+    fn without_identity_only_the_uuid_entry_changes() {
+        let tpl = DomainXml::parse(TPL).unwrap();
+        let meta = Meta::default();
+        let spec = CloneSpec {
+            name: "c2",
+            uuid: "99999999-0000-3333-4444-555555555555",
+            template_name: "Tpl",
+            disks: &[],
+            nvram: None,
+            serial: None,
+            meta: &meta,
+        };
+        let out = clone_xml(&tpl, &spec, &mut Macs::default())
+            .unwrap()
+            .to_xml();
+        assert!(!out.contains("serial\">ds="));
+        assert!(out.contains(">99999999-0000-3333-4444-555555555555</entry>"));
+    }
+
+    #[test]
+    fn host_names_and_paths() {
+        validate_hostname("web-01.example.org").unwrap();
+        for bad in ["", "a;b", "-a", "a_b", "a..b", &"x".repeat(64)] {
+            assert_eq!(validate_hostname(bad).unwrap_err().exit_code(), 2, "{bad}");
+        }
+        assert_eq!(
+            own_path(Path::new("/l/x.log"), "T", "c"),
+            Path::new("/l/c-x.log")
+        );
+    }
+}
