@@ -76,6 +76,22 @@ echo '{"v1": {"instance-id": "i-0abc"}}' > "$r"/var/lib/cloud/instances/i-0abc/o
 ln -s instances/i-0abc "$r"/var/lib/cloud/instance
 chown -R 1000:1000 "$r"/home/user
 
+# A stand-in for OpenSSH's 'ssh-keygen -A' (busybox has none): it makes each missing
+# host key, so a first-boot action that calls it can be seen to work. Real guests
+# run the real one; the keys here are random bytes, not usable keys.
+cat > "$r"/usr/bin/ssh-keygen <<'KEYGEN'
+#!/bin/sh
+[ "$1" = -A ] || { echo "ssh-keygen: this test stand-in only does -A" >&2; exit 1; }
+for t in rsa ecdsa ed25519; do
+  k=/etc/ssh/ssh_host_${t}_key
+  [ -e "$k" ] && continue
+  head -c 48 /dev/urandom | base64 > "$k" && chmod 600 "$k"
+  echo "ssh-$t AAAA$(head -c 32 /dev/urandom | base64 | tr -d '\n') root@$(hostname)" > "$k.pub"
+  echo "ssh-keygen: generated $t host key"
+done
+KEYGEN
+chmod 755 "$r"/usr/bin/ssh-keygen
+
 # /sbin/init: what a distro's init does for these tests. It runs first-boot
 # scripts the way sysvinit would (virt-sysprep installs its runner as
 # /usr/lib/virt-sysprep/firstboot.sh), then reports the identity of the

@@ -1,0 +1,492 @@
+//! tpl-generalize against the real libvirtd and the real virt-sysprep: one pipeline seals a guest
+//! (and fails on a disk without an OS), its image is read without booting, then a clone of it boots.
+//!
+//! virt-sysprep costs about a minute per domain under TCG, so this file runs it twice in all
+//! (one stream of two domains); every other test refuses or dry-runs before any appliance starts.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tpl_common::meta::Meta;
+use tpl_tests::*;
+
+/// The first-boot script as the crate ships it; the guest must hold exactly this.
+const FIRSTBOOT: &str = include_str!("../../tpl-generalize/src/firstboot.sh");
+
+fn sha256(p: &Path) -> String {
+    sh("sha256sum", &[p.to_str().unwrap()])[..64].to_string()
+}
+
+/// A raw copy of a qcow2 image (following its backing chain), for debugfs to read.
+fn raw_copy(img: &Path, dir: &Path, tag: &str) -> PathBuf {
+    let raw = dir.join(format!("{tag}.raw"));
+    sh(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            img.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    );
+    raw
+}
+
+/// Read an ext4 image without mounting or booting it (e2fsprogs' debugfs, read-only).
+struct Fs(PathBuf);
+
+impl Fs {
+    fn debugfs(&self, cmd: &str) -> String {
+        sh("debugfs", &["-R", cmd, self.0.to_str().unwrap()])
+    }
+
+    fn exists(&self, path: &str) -> bool {
+        self.debugfs(&format!("stat {path}")).contains("Inode:")
+    }
+
+    fn size(&self, path: &str) -> u64 {
+        let out = self.debugfs(&format!("stat {path}"));
+        let at = out
+            .find("Size: ")
+            .unwrap_or_else(|| panic!("{path} missing: {out}"));
+        out[at + 6..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    fn cat(&self, path: &str) -> String {
+        assert!(self.exists(path), "{path} is missing");
+        self.debugfs(&format!("cat {path}"))
+    }
+
+    /// Names in a directory, without . and ..
+    fn ls(&self, dir: &str) -> Vec<String> {
+        assert!(self.exists(dir), "{dir} is missing");
+        self.debugfs(&format!("ls -p {dir}"))
+            .lines()
+            .filter_map(|l| l.split('/').nth(5).map(String::from))
+            .filter(|n| !n.is_empty() && n != "." && n != "..")
+            .collect()
+    }
+}
+
+/// Everything a generalized template must have lost; the pristine guest has it all.
+const CLEANED: &[&str] = &[
+    "/var/log/syslog",
+    "/var/log/auth.log",
+    "/var/log/dpkg.log",
+    "/var/log/apt/history.log",
+    "/root/.bash_history",
+    "/home/user/.bash_history",
+    "/var/lib/dhcp/dhclient.eth0.leases",
+    "/tmp/junk.txt",
+    "/var/tmp/junk.txt",
+    "/var/lib/cloud/instance",
+    "/var/lib/cloud/instances",
+    "/var/lib/cloud/data",
+];
+
+fn host_keys(fs: &Fs) -> Vec<String> {
+    fs.ls("/etc/ssh")
+        .into_iter()
+        .filter(|n| n.starts_with("ssh_host_"))
+        .collect()
+}
+
+/// Start a domain and wait (bounded) until it has powered itself off.
+fn boot_until_off(name: &str, limit: Duration) {
+    virsh(&["start", name]);
+    let deadline = Instant::now() + limit;
+    loop {
+        let state = virsh(&["domstate", name]);
+        if state.trim() == "shut off" {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} still '{}' after {limit:?}",
+            state.trim()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn boot_values<'a>(console: &'a str, key: &str) -> Vec<&'a str> {
+    let prefix = format!("TPL-BOOT {key}=");
+    console
+        .lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix(prefix.as_str()))
+        .collect()
+}
+
+/// The issue's pipeline on a stream of two domains: one whose disk holds no OS (virt-sysprep
+/// fails; the stream carries on) and a real guest, which ends generalized, locked and renamed.
+/// Then its image is read without booting, and a linked clone of it boots once.
+#[test]
+fn pipeline_seals_a_template_whose_clones_boot_fresh() {
+    let mut sc = Scratch::new();
+    let vm = sc.guest("vm");
+    let blank = sc.name("blank");
+    let blank_disk = sc.dir.join(format!("{blank}.qcow2"));
+    sh(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            blank_disk.to_str().unwrap(),
+            "64M",
+        ],
+    );
+    sc.define(&guest_xml(
+        &blank,
+        &blank_disk,
+        &sc.dir.join("blank.log"),
+        "",
+    ));
+    let mut blank_meta = Meta::default();
+    blank_meta.record_step("test", "metadata a failed run must leave alone");
+    set_meta(&blank, &blank_meta);
+
+    // The pristine guest carries everything the template must lose, so each check below can fail.
+    let orig = Fs(raw_copy(guest_image(), &sc.dir, "orig"));
+    for p in CLEANED {
+        assert!(orig.exists(p), "the test guest should have {p}");
+    }
+    assert_eq!(orig.size("/etc/machine-id"), 33);
+    assert_eq!(host_keys(&orig).len(), 6);
+    assert_eq!(orig.cat("/etc/hostname").trim(), "original-vm");
+
+    let tpl = sc.name("TplVM");
+    let err = sc.dir.join("generalize.stderr");
+    let rc = sc.dir.join("generalize.rc");
+    let start = Instant::now();
+    let run = pipeline(&format!(
+        "{{ printf '%s\\n' '{{\"name\":\"{blank}\"}}' '{{\"name\":\"{vm}\"}}' | \
+         tpl-generalize --hostname TplVM 2>{err}; echo $? >{rc}; }} | tpl-lock | tpl-rename {tpl}",
+        vm = vm.name,
+        err = err.display(),
+        rc = rc.display(),
+    ));
+    let took = start.elapsed();
+    let gen_err = std::fs::read_to_string(&err).unwrap();
+    eprintln!("tpl-generalize ({took:?}):\n{gen_err}");
+    let run = run.ok(1);
+
+    // The failed record: exit 1, virt-sysprep's own error in the message, metadata as it was.
+    assert_eq!(
+        std::fs::read_to_string(&rc).unwrap().trim(),
+        "1",
+        "{gen_err}"
+    );
+    assert!(gen_err.contains(&format!(
+        "tpl-generalize: error: virt-sysprep failed on domain '{blank}'"
+    )));
+    assert!(
+        gen_err.contains("no operating systems were found"),
+        "{gen_err}"
+    );
+    assert_eq!(read_meta(&blank), blank_meta);
+
+    // One virt-sysprep (one appliance) per domain, progress streamed, trace kept off screen.
+    assert_eq!(
+        gen_err.matches("Examining the guest").count(),
+        2,
+        "{gen_err}"
+    );
+    assert!(gen_err.contains("Performing \"customize\""), "{gen_err}");
+    assert!(gen_err.contains("Truncating: /etc/machine-id"), "{gen_err}");
+    assert!(!gen_err.contains("libguestfs: trace:"), "{gen_err}");
+
+    // The record after generalize | lock | rename, and the metadata behind it.
+    let rec = only(&run);
+    assert_eq!(rec.name, tpl);
+    assert_eq!(rec.uuid, vm.uuid);
+    assert!(rec.template.locked);
+    let g = rec.template.generalized.as_ref().expect("generalized");
+    assert_eq!(g.method, "virt-sysprep");
+    assert!(
+        g.tool.as_deref().unwrap().starts_with("virt-sysprep 1."),
+        "{g:?}"
+    );
+    assert_eq!(g.operations, ["defaults"]);
+    assert_eq!(g.hostname.as_deref(), Some("TplVM"));
+    let tools: Vec<&str> = rec.history.iter().map(|s| s.tool.as_str()).collect();
+    assert_eq!(tools, ["tpl-generalize", "tpl-lock", "tpl-rename"]);
+    assert_eq!(read_meta(&tpl).template.generalized.as_ref(), Some(g));
+
+    // The image, read without booting it.
+    let fs = Fs(raw_copy(&vm.disk, &sc.dir, "template"));
+    assert!(
+        fs.exists("/etc/machine-id"),
+        "machine-id must exist (empty), not be deleted"
+    );
+    assert_eq!(fs.size("/etc/machine-id"), 0);
+    assert_eq!(host_keys(&fs), Vec::<String>::new());
+    assert!(
+        fs.exists("/usr/bin/ssh-keygen"),
+        "the guest keeps its tools"
+    );
+    for p in CLEANED {
+        assert!(!fs.exists(p), "{p} survived generalization");
+    }
+    assert_eq!(fs.cat("/etc/hostname").trim(), "TplVM");
+    let hosts = fs.cat("/etc/hosts");
+    assert!(
+        hosts.contains("TplVM") && !hosts.contains("original-vm"),
+        "{hosts}"
+    );
+    // The first-boot action: virt-sysprep's runner, started at boot, and our script in its queue.
+    let queued = fs.ls("/usr/lib/virt-sysprep/scripts");
+    assert_eq!(queued.len(), 1, "{queued:?}");
+    assert!(queued[0].ends_with("-tpl-firstboot"), "{queued:?}");
+    assert_eq!(
+        fs.cat(&format!("/usr/lib/virt-sysprep/scripts/{}", queued[0])),
+        FIRSTBOOT
+    );
+    assert!(fs.exists("/usr/lib/virt-sysprep/firstboot.sh"));
+    assert!(fs.exists("/etc/rc2.d/S99guestfs-firstboot"));
+
+    // A linked clone of the locked template, with the serial tpl-clone will write, boots once.
+    let clone = sc.name("clone1");
+    let overlay = sc.dir.join("clone1.qcow2");
+    sh(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            vm.disk.to_str().unwrap(),
+            overlay.to_str().unwrap(),
+        ],
+    );
+    let console = sc.dir.join("clone1.console.log");
+    let serial = "ds=nocloud;h=clone1;i=iid-clone1";
+    let xml = guest_xml(&clone, &overlay, &console, "").replace(
+        "<entry name='manufacturer'>tpl tests</entry>",
+        &format!(
+            "<entry name='manufacturer'>tpl tests</entry><entry name='serial'>{serial}</entry>"
+        ),
+    );
+    assert!(xml.contains(serial));
+    sc.define(&xml);
+    boot_until_off(&clone, Duration::from_secs(240));
+    let log = std::fs::read_to_string(&console).unwrap();
+    eprintln!("clone console:\n{log}");
+    assert_eq!(boot_values(&log, "firstboot"), ["run"], "{log}");
+    assert_eq!(boot_values(&log, "serial"), [serial]);
+    assert_eq!(boot_values(&log, "hostname"), ["clone1"], "{log}");
+    // Empty in the template; a systemd guest makes its own at boot (this busybox one has none).
+    assert_eq!(boot_values(&log, "machine-id"), [""]);
+    assert!(
+        log.contains("tpl-firstboot: generating SSH host keys"),
+        "{log}"
+    );
+    let keys = boot_values(&log, "hostkey");
+    assert_eq!(keys.len(), 3, "fresh host keys expected: {log}");
+    for k in &keys {
+        let (sum, path) = k.split_once(' ').unwrap();
+        let old = orig.cat(path);
+        assert_ne!(sum, md5(old.as_bytes()), "{path} is the template's old key");
+    }
+
+    // What the first boot left in the clone's own disk: hostname files, and the action done.
+    let booted = Fs(raw_copy(&overlay, &sc.dir, "clone1"));
+    assert_eq!(booted.cat("/etc/hostname").trim(), "clone1");
+    let hosts = booted.cat("/etc/hosts");
+    assert!(hosts.lines().any(|l| l == "127.0.1.1\tclone1"), "{hosts}");
+    assert!(hosts.contains("127.0.0.1 localhost"), "{hosts}");
+    assert_eq!(
+        booted.ls("/usr/lib/virt-sysprep/scripts"),
+        Vec::<String>::new()
+    );
+    assert_eq!(host_keys(&booted).len(), 6);
+    // The template itself is untouched by its clone's boot.
+    assert_eq!(
+        host_keys(&Fs(raw_copy(&vm.disk, &sc.dir, "template2"))).len(),
+        0
+    );
+}
+
+/// md5 as the guest's `md5sum | cut -c1-32` prints it, from the host's md5sum.
+fn md5(data: &[u8]) -> String {
+    use std::io::Write;
+    let mut c = std::process::Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(data).unwrap();
+    let out = c.wait_with_output().unwrap();
+    String::from_utf8(out.stdout).unwrap()[..32].to_string()
+}
+
+/// A running (here: paused) domain, a locked template and a Windows guest are refused with
+/// exit 3 and what to do; none of them is touched. A Windows guest sealed from inside can be
+/// recorded with --sealed-externally, and a stream carries on past a refusal.
+#[test]
+fn refuses_running_locked_and_windows_guests() {
+    let mut sc = Scratch::new();
+
+    let running = sc.guest("running");
+    virsh(&["start", "--paused", &running.name]);
+    let before = sha256(&running.disk);
+    run("tpl-generalize", &[&running.name], None)
+        .fails(3)
+        .says(&[
+            &format!("cannot generalize domain '{}'", running.name),
+            "paused",
+            "virsh shutdown",
+        ]);
+    virsh(&["destroy", &running.name]);
+    assert_eq!(sha256(&running.disk), before);
+    assert_eq!(read_meta(&running.name), Meta::default());
+
+    let locked = sc.guest("locked");
+    let mut m = Meta::default();
+    m.template.locked = true;
+    set_meta(&locked.name, &m);
+    let before = sha256(&locked.disk);
+    run("tpl-generalize", &[&locked.name, "--hostname", "x"], None)
+        .fails(3)
+        .says(&[
+            "locked template",
+            &format!("tpl-lock --unlock {}", locked.name),
+        ]);
+    assert_eq!(sha256(&locked.disk), before);
+    assert_eq!(read_meta(&locked.name), m);
+
+    let win = sc.name("win");
+    let win_disk = sc.disk("win.qcow2");
+    let xml = guest_xml(&win, &win_disk, &sc.dir.join("win.log"), "").replacen(
+        "</name>",
+        "</name><metadata><libosinfo:libosinfo xmlns:libosinfo=\"http://libosinfo.org/xmlns/libvirt/domain/1.0\">\
+         <libosinfo:os id=\"http://microsoft.com/win/10\"/></libosinfo:libosinfo></metadata>",
+        1,
+    );
+    sc.define(&xml);
+    let before = sha256(&win_disk);
+    run("tpl-generalize", &[&win], None).fails(3).says(&[
+        "libosinfo",
+        "http://microsoft.com/win/10",
+        "sysprep.exe /generalize /oobe /shutdown",
+        &format!("tpl-generalize --sealed-externally {win}"),
+    ]);
+    assert_eq!(read_meta(&win), Meta::default());
+
+    // A stream: the locked one is refused, the sealed Windows guest is recorded.
+    let input = format!("{{\"name\":\"{}\"}}\n{{\"name\":\"{win}\"}}\n", locked.name);
+    let r = run("tpl-generalize", &["--sealed-externally"], Some(&input))
+        .fails(3)
+        .says(&["locked template"]);
+    let rec = only(&r);
+    assert_eq!(rec.name, win);
+    let g = rec.template.generalized.as_ref().unwrap();
+    assert_eq!(g.method, "external");
+    assert!(g.operations.is_empty() && g.tool.is_none());
+    assert_eq!(read_meta(&win).template.generalized.as_ref(), Some(g));
+    assert_eq!(rec.history.last().unwrap().tool, "tpl-generalize");
+    assert_eq!(
+        sha256(&win_disk),
+        before,
+        "--sealed-externally must not touch the disk"
+    );
+    assert_eq!(read_meta(&locked.name), m);
+}
+
+/// --dry-run says what would run and changes neither the disk nor the metadata.
+#[test]
+fn dry_run_changes_nothing() {
+    let mut sc = Scratch::new();
+    let g = sc.guest("dry");
+    let before = sha256(&g.disk);
+    let r = run(
+        "tpl-generalize",
+        &[&g.name, "--dry-run", "--hostname", "TplVM", "--disable", "tmp-files,bash-history"],
+        None,
+    )
+    .ok(1)
+    .says(&[
+        &format!("virt-sysprep -c qemu:///system -d {}", g.uuid),
+        "--operations defaults,-tmp-files,-bash-history",
+        "--touch /etc/machine-id --truncate /etc/machine-id --hostname TplVM --firstboot tpl-firstboot",
+        "--delete /var/lib/cloud/instances",
+    ]);
+    let rec = only(&r);
+    assert_eq!(rec.uuid, g.uuid);
+    assert!(rec.template.generalized.is_none());
+    assert_eq!(sha256(&g.disk), before, "--dry-run changed the image");
+    assert_eq!(read_meta(&g.name), Meta::default());
+}
+
+/// libguestfs's settings reach virt-sysprep from our environment (none are hard-coded):
+/// a bogus backend makes it fail at once, the failure exits 1 with its error line, and the
+/// metadata stays as it was.
+#[test]
+fn environment_reaches_virt_sysprep_and_its_failure_is_reported() {
+    let mut sc = Scratch::new();
+    let g = sc.guest("env");
+    let out = tool_command("tpl-generalize")
+        .arg(&g.name)
+        .env("LIBGUESTFS_BACKEND", "tpl-no-such-backend")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(out.stdout.is_empty());
+    assert!(
+        stderr.contains(&format!("virt-sysprep failed on domain '{}'", g.name))
+            && stderr.contains("invalid backend: tpl-no-such-backend"),
+        "{stderr}"
+    );
+    assert_eq!(read_meta(&g.name), Meta::default());
+}
+
+/// Bad options are usage errors (exit 2) before any domain is touched.
+#[test]
+fn bad_options_are_usage_errors() {
+    let mut sc = Scratch::new();
+    let g = sc.guest("opts");
+    let n = g.name.as_str();
+    for (args, says) in [
+        (
+            vec![n, "--operations", "defaults,no-such-op"],
+            "unknown virt-sysprep operation 'no-such-op'",
+        ),
+        (
+            vec![n, "--disable", "customize"],
+            "keep 'customize' enabled",
+        ),
+        (vec![n, "--enable", "tmp-files"], "keep 'customize' enabled"),
+        (
+            vec![n, "--hostname", "bad name"],
+            "invalid hostname 'bad name'",
+        ),
+        (
+            vec![n, "--operations", "defaults", "--enable", "customize"],
+            "cannot be used with",
+        ),
+        (
+            vec![n, "--sealed-externally", "--hostname", "x"],
+            "cannot be used with",
+        ),
+        (
+            vec!["tpltest-no-such-domain"],
+            "domain 'tpltest-no-such-domain' not found",
+        ),
+    ] {
+        run("tpl-generalize", &args, None).fails(2).says(&[says]);
+    }
+    assert_eq!(read_meta(n), Meta::default());
+}
