@@ -12,13 +12,19 @@
 //! A clone is finished when its domain is defined: that is the commit point. Cleaning a
 //! dead run's journal removes the temporary files and final files of every clone whose
 //! domain (by UUID) does not exist, then the journal. A normal run removes its journal
-//! at the end. A run is dead when no process with its pid runs a tpl-clone binary.
+//! at the end.
+//!
+//! A run holds an exclusive flock on its journal for its whole life, and the kernel drops
+//! it when the process dies however it dies: a journal whose lock can be taken belongs to
+//! a dead run. Unlike a pid check this survives pid reuse and renamed binaries, and two
+//! cleaners never clean one journal at once (the second cannot take the lock).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use tpl_common::error::{Error, IoContext, Result};
 
@@ -64,25 +70,32 @@ pub fn journal_dir() -> PathBuf {
     state_dir().join("clone-journal")
 }
 
-/// This run's journal, open for appending.
+/// This run's journal, open for appending and locked while the run lives.
 #[derive(Debug)]
 pub struct Journal {
     path: PathBuf,
-    file: File,
+    file: Flock<File>,
 }
 
 impl Journal {
-    /// Create this run's journal in `dir`. A journal left under our own pid can only
-    /// be a dead run's (pids are reused): the caller cleans dead journals first.
+    /// Create this run's journal in `dir`. It is locked under a temporary name and only
+    /// then renamed to its own, so a cleaner never sees it unlocked.
     pub fn create(dir: &Path) -> Result<Journal> {
         fs::create_dir_all(dir).ctx("cannot create the journal directory", dir)?;
         let path = dir.join(format!("tpl-clone-{}.journal", std::process::id()));
+        let new = path.with_extension("journal-new");
         let file = OpenOptions::new()
             .create(true)
             .truncate(true)
             .write(true)
-            .open(&path)
-            .ctx("cannot create the journal", &path)?;
+            .open(&new)
+            .ctx("cannot create the journal", &new)?;
+        let file = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| e)
+            .ctx("cannot lock the journal", &new)?;
+        // A journal left under our pid is a dead run's (pids are reused) and was cleaned
+        // before; replacing it is right.
+        fs::rename(&new, &path).ctx("cannot create the journal", &path)?;
         tpl_common::fsutil::fsync_dir(dir)?;
         Ok(Journal { path, file })
     }
@@ -114,17 +127,13 @@ impl Journal {
     }
 }
 
-/// Whether the process `pid` is a running tpl-clone.
-pub fn alive(pid: u32) -> bool {
-    if pid == std::process::id() {
-        return true;
-    }
-    match fs::read_to_string(format!("/proc/{pid}/comm")) {
-        Ok(comm) => comm.trim() == "tpl-clone",
-        Err(_) => false,
-    }
+/// Whether a process with this pid exists at all (for temporary files without a journal:
+/// unsure means alive).
+fn pid_exists(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// The pid in a journal's name, or None for anything else in the directory.
 fn journal_pid(p: &Path) -> Option<u32> {
     p.file_name()?
         .to_str()?
@@ -132,6 +141,12 @@ fn journal_pid(p: &Path) -> Option<u32> {
         .strip_suffix(".journal")?
         .parse()
         .ok()
+}
+
+/// The journal's lock, if its run is dead (nobody holds it).
+fn lock_if_dead(path: &Path) -> Option<Flock<File>> {
+    let f = File::open(path).ok()?;
+    Flock::lock(f, FlockArg::LockExclusiveNonblock).ok()
 }
 
 /// Clean every journal in `dir` whose run is dead. `domain_exists(uri, uuid)` says whether
@@ -147,14 +162,15 @@ pub fn clean_dead(
     };
     for e in rd.flatten() {
         let path = e.path();
-        let Some(pid) = journal_pid(&path) else {
-            continue;
-        };
-        if alive(pid) {
+        if journal_pid(&path).is_none() {
             continue;
         }
+        let Some(_lock) = lock_if_dead(&path) else {
+            continue;
+        };
         if let Ok(removed) = clean_one(&path, &mut domain_exists) {
             done.extend(removed);
+            // Removed while still locked, so no other cleaner reads it half-done.
             let _ = fs::remove_file(&path);
         }
     }
@@ -228,8 +244,9 @@ pub fn tmp_name(final_path: &Path) -> PathBuf {
 }
 
 /// Remove temporary files of dead runs in `dir` that no journal accounted for (a journal
-/// directory someone wiped, say). Returns what was removed.
-pub fn sweep_tmp(dir: &Path) -> Vec<String> {
+/// directory someone wiped, say): their pid has no live journal in `jdir` and no process.
+/// Returns what was removed.
+pub fn sweep_tmp(dir: &Path, jdir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     let Ok(rd) = fs::read_dir(dir) else {
         return out;
@@ -243,7 +260,9 @@ pub fn sweep_tmp(dir: &Path) -> Vec<String> {
         else {
             continue;
         };
-        if !alive(pid) && e.file_type().is_ok_and(|t| t.is_file()) {
+        let journal = jdir.join(format!("tpl-clone-{pid}.journal"));
+        let live_journal = journal.exists() && lock_if_dead(&journal).is_none();
+        if !live_journal && !pid_exists(pid) && e.file_type().is_ok_and(|t| t.is_file()) {
             let p = e.path();
             if fs::remove_file(&p).is_ok() {
                 out.push(format!("temporary file '{}'", p.display()));
@@ -257,12 +276,12 @@ pub fn sweep_tmp(dir: &Path) -> Vec<String> {
 mod tests {
     use super::*;
 
-    /// A pid that certainly runs no tpl-clone: a child that has exited and been reaped.
+    /// A pid no process has: a child that has exited and been reaped.
     fn dead_pid() -> u32 {
         let mut c = std::process::Command::new("true").spawn().unwrap();
         let pid = c.id();
         c.wait().unwrap();
-        assert!(!alive(pid));
+        assert!(!pid_exists(pid));
         pid
     }
 
@@ -361,7 +380,7 @@ mod tests {
         for p in [&dead, &live, &other] {
             fs::write(p, "x").unwrap();
         }
-        assert_eq!(sweep_tmp(d.path()).len(), 1);
+        assert_eq!(sweep_tmp(d.path(), d.path()).len(), 1);
         assert!(!dead.exists() && live.exists() && other.exists());
     }
 }

@@ -138,7 +138,11 @@ fn run(args: &Args, ctx: &mut Ctx) -> Result<()> {
     let mut removed = journal::clean_dead(&jdir, |uri, uuid| domain_exists(&s, uri, uuid));
     let plan = Plan::new(args, &tpl, &names);
     if let Ok(plan) = &plan {
-        removed.extend(plan.dirs().iter().flat_map(|d| journal::sweep_tmp(d)));
+        removed.extend(
+            plan.dirs()
+                .iter()
+                .flat_map(|d| journal::sweep_tmp(d, &jdir)),
+        );
     }
     for what in &removed {
         ctx.info(format!("removed {what}, left by a killed run"));
