@@ -92,6 +92,34 @@ fn wait_for_console(console: &Path, needle: &str, limit: Duration) -> String {
     }
 }
 
+/// Start a domain that must not start because qemu cannot open `disk` for writing, and
+/// return what virsh said. libvirt copies qemu's error from the domain's log into its
+/// message, but under load it can read the log before virtlogd has written qemu's line;
+/// the log itself is then the proof, polled within a deadline.
+fn start_is_denied(name: &str, disk: &Path) -> String {
+    let log = PathBuf::from(format!("/var/log/libvirt/qemu/{name}.log"));
+    let before = fs::metadata(&log).map(|m| m.len()).unwrap_or(0) as usize;
+    let (ok, text) = virsh_try(&["start", name]);
+    assert!(!ok, "a locked template must not start: {text}");
+    let needle = format!("Could not open '{}': Permission denied", disk.display());
+    if text.contains(&needle) {
+        return text;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let all = fs::read(&log).unwrap_or_default();
+        let new = String::from_utf8_lossy(all.get(before..).unwrap_or_default());
+        if new.contains(&needle) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "start failed, but not because {needle:?}:\nvirsh: {text}\nlog: {new}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn autostart(name: &str) -> bool {
     virsh(&["dominfo", name])
         .lines()
@@ -118,10 +146,7 @@ fn locked_template_does_not_start_and_its_files_are_read_only() {
     assert_eq!(m.history.last().unwrap().tool, "tpl-lock");
 
     // The seed's behaviour: libvirt's qemu cannot open the image for writing.
-    let (ok, text) = virsh_try(&["start", &g.name]);
-    assert!(!ok, "a locked template must not start: {text}");
-    assert!(text.contains("Permission denied"), "{text}");
-    assert!(text.contains(g.disk.to_str().unwrap()), "{text}");
+    start_is_denied(&g.name, &g.disk);
     assert_eq!(virsh(&["domstate", &g.name]).trim(), "shut off");
     assert_eq!(mode(&g.disk), 0o444);
 
@@ -321,6 +346,29 @@ fn works_in_a_pipe_with_tpl_rename() {
     }
 }
 
+/// The pipe of the project's first page, with the real tpl-generalize (one virt-sysprep run).
+#[test]
+fn generalize_lock_rename_pipe() {
+    let mut s = Scratch::new();
+    let vm = s.guest("vm");
+    let tpl = s.name("TplVM");
+    let r = pipeline(&format!(
+        "tpl-generalize {} | tpl-lock | tpl-rename {tpl}",
+        vm.name
+    ))
+    .ok(1);
+    let rec = only(&r);
+    assert_eq!(
+        (rec.uuid.as_str(), rec.name.as_str()),
+        (vm.uuid.as_str(), tpl.as_str())
+    );
+    assert!(rec.template.generalized.is_some() && rec.template.locked);
+    assert_eq!(mode(&vm.disk), 0o444);
+    let tools: Vec<_> = rec.history.iter().map(|h| h.tool.as_str()).collect();
+    assert_eq!(tools, ["tpl-generalize", "tpl-lock", "tpl-rename"]);
+    start_is_denied(&tpl, &vm.disk);
+}
+
 /// A filesystem mounted under the scratch directory: ext4 in a loop-mounted file (it has
 /// the immutable attribute), or ramfs (it has none). Mounting needs root, as everything
 /// here does. Unmounted on drop.
@@ -410,8 +458,13 @@ fn immutable_template_on_ext4_still_serves_a_linked_clone_that_boots() {
     run_lock(&[&name]).ok(1).says(&["already locked"]);
     assert!(immutable(&disk));
 
+    // libvirt itself cannot open an immutable file for writing, so this one fails earlier.
     let (ok, text) = virsh_try(&["start", &name]);
     assert!(!ok, "an immutable template must not start: {text}");
+    assert!(
+        text.contains(&format!("{}: Operation not permitted", disk.display())),
+        "{text}"
+    );
 
     // A linked clone (outside the loop filesystem) boots from the immutable image.
     let clone = s.name("clone");
