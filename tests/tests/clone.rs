@@ -579,6 +579,26 @@ fn template_from_a_record_on_stdin() {
     let c2 = s.name("dash");
     let r = run(TOOL, &["-", &c2], Some(&rec)).ok(1);
     assert_eq!(only(&r).name, c2);
+
+    // A relative --dir is taken from the current directory; libvirt gets an absolute path.
+    fs::create_dir(s.dir.join("sub")).unwrap();
+    let c3 = s.name("rel");
+    let out = tool_command(TOOL)
+        .current_dir(&s.dir)
+        .args([&t.name, &c3, "--dir", "sub"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = s.dir.join("sub").join(format!("{c3}.qcow2"));
+    assert_eq!(
+        dom_xml(&c3).disks()[0].path.as_deref(),
+        Some(want.as_path())
+    );
 }
 
 #[test]

@@ -367,14 +367,18 @@ impl Plan {
                  'tpl-lock {t}' first, or make a --full clone"
             )));
         }
-        if let Some(d) = &args.dir {
-            if !d.is_dir() {
-                return Err(Error::usage(
+        // Absolute, because libvirt needs absolute disk paths whatever our cwd is.
+        let dir_opt =
+            match &args.dir {
+                Some(d) if d.is_dir() => {
+                    Some(fs::canonicalize(d).map_err(|e| Error::io("cannot resolve --dir", d, e))?)
+                }
+                Some(d) => return Err(Error::usage(
                     format!("--dir '{}' is not a directory", d.display()),
                     "create it first, or leave --dir out to put the clones next to the template",
-                ));
-            }
-        }
+                )),
+                None => None,
+            };
         let mut disks = Vec::new();
         let writable: Vec<_> = xml
             .disks()
@@ -414,7 +418,7 @@ impl Plan {
                 None => "raw".into(),
             };
             let chained = !backing_chain(&path)?.is_empty();
-            let dir = match &args.dir {
+            let dir = match &dir_opt {
                 Some(d) => d.clone(),
                 None => path.parent().unwrap_or(Path::new("/")).to_path_buf(),
             };
@@ -635,7 +639,7 @@ impl Plan {
                 Error::Refused { .. } => Error::refused(
                     format!("cannot create clone '{name}'"),
                     format!(
-                        "its {} file '{}' appeared meanwhile (another tpl-clone run?); \
+                        "its {} file '{}' appeared meanwhile, made by another run; \
                          nothing is ever overwritten",
                         f.what,
                         f.dest.display()
@@ -713,7 +717,7 @@ impl Plan {
             if s.name_taken(name).unwrap_or(false) {
                 Error::refused(
                     format!("cannot create clone '{name}'"),
-                    format!("a domain named '{name}' appeared meanwhile (another tpl-clone run?)"),
+                    format!("a domain named '{name}' appeared meanwhile, made by another run"),
                 )
             } else {
                 Error::libvirt(format!("cannot define clone '{name}'"), e)
