@@ -44,12 +44,15 @@ const TOOL: &str = "tpl-clone";
 /// clones. Each clone gets a new name, UUID and MAC addresses, its own disk files
 /// (NAME.qcow2, or NAME-TARGET.EXT when the template has several disks) in the template
 /// image's directory or --dir, its own NVRAM copy, and its first-boot identity in the
-/// SMBIOS serial in cloud-init's NoCloud form `ds=nocloud;h=HOSTNAME;i=INSTANCE-ID`.
-/// CD-ROMs, read-only and shareable disks stay shared.
+/// SMBIOS serial in cloud-init's NoCloud form `ds=nocloud;h=HOSTNAME;i=INSTANCE-ID`
+/// (the instance id is the clone's UUID). CD-ROMs, read-only and shareable disks stay
+/// shared.
 ///
 /// Files are written under temporary names and renamed into place when complete; the
 /// domain is defined last. On an error, SIGINT or SIGTERM the unfinished clone's files
-/// and domain are removed, and what a killed run left is removed by the next run.
+/// and domain are removed, and what a killed run left is removed by the next run (from
+/// the journal each run keeps in $TPL_STATE_DIR, default /var/lib/tpl for root, under
+/// clone-journal/). Exit status: 0, 1 failed, 2 bad usage, 3 refused, 128+N for signal N.
 #[derive(Parser, Debug)]
 #[command(name = TOOL, version, about, long_about, verbatim_doc_comment)]
 pub struct Args {
