@@ -1,5 +1,5 @@
 //! tpl-generalize against the real libvirtd and the real virt-sysprep: one pipeline seals a guest
-//! (and fails on a disk without an OS), its image is read without booting, then a clone of it boots.
+//! (and fails on a disk without an OS), its image is read without booting, then clones of it boot.
 //!
 //! virt-sysprep costs about a minute per domain under TCG, so this file runs it twice in all
 //! (one stream of two domains); every other test refuses or dry-runs before any appliance starts.
@@ -98,21 +98,25 @@ fn host_keys(fs: &Fs) -> Vec<String> {
         .collect()
 }
 
-/// Start a domain and wait (bounded) until it has powered itself off.
-fn boot_until_off(name: &str, limit: Duration) {
-    virsh(&["start", name]);
+/// Start domains and wait (bounded) until each has powered itself off.
+fn boot_until_off(names: &[String], limit: Duration) {
+    for n in names {
+        virsh(&["start", n]);
+    }
     let deadline = Instant::now() + limit;
-    loop {
-        let state = virsh(&["domstate", name]);
-        if state.trim() == "shut off" {
-            return;
+    for name in names {
+        loop {
+            let state = virsh(&["domstate", name]);
+            if state.trim() == "shut off" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} still '{}' after {limit:?}",
+                state.trim()
+            );
+            std::thread::sleep(Duration::from_millis(500));
         }
-        assert!(
-            Instant::now() < deadline,
-            "{name} still '{}' after {limit:?}",
-            state.trim()
-        );
-        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
@@ -126,7 +130,7 @@ fn boot_values<'a>(console: &'a str, key: &str) -> Vec<&'a str> {
 
 /// The pipeline on a stream of two domains: one whose disk holds no OS (virt-sysprep
 /// fails; the stream carries on) and a real guest, which ends generalized, locked and renamed.
-/// Then its image is read without booting, and a linked clone of it boots once.
+/// Then its image is read without booting, and two linked clones of it boot once.
 #[test]
 fn pipeline_seals_a_template_whose_clones_boot_fresh() {
     let mut sc = Scratch::new();
@@ -253,64 +257,81 @@ fn pipeline_seals_a_template_whose_clones_boot_fresh() {
     assert!(fs.exists("/usr/lib/virt-sysprep/firstboot.sh"));
     assert!(fs.exists("/etc/rc2.d/S99guestfs-firstboot"));
 
-    // A linked clone of the locked template, with the serial tpl-clone will write, boots once.
-    let clone = sc.name("clone1");
-    let overlay = sc.dir.join("clone1.qcow2");
-    sh(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            vm.disk.to_str().unwrap(),
-            overlay.to_str().unwrap(),
-        ],
-    );
-    let console = sc.dir.join("clone1.console.log");
-    let serial = "ds=nocloud;h=clone1;i=iid-clone1";
-    let xml = guest_xml(&clone, &overlay, &console, "").replace(
-        "<entry name='manufacturer'>tpl tests</entry>",
-        &format!(
-            "<entry name='manufacturer'>tpl tests</entry><entry name='serial'>{serial}</entry>"
-        ),
-    );
-    assert!(xml.contains(serial));
-    sc.define(&xml);
-    boot_until_off(&clone, Duration::from_secs(240));
-    let log = std::fs::read_to_string(&console).unwrap();
-    eprintln!("clone console:\n{log}");
-    assert_eq!(boot_values(&log, "firstboot"), ["run"], "{log}");
-    assert_eq!(boot_values(&log, "serial"), [serial]);
-    assert_eq!(boot_values(&log, "hostname"), ["clone1"], "{log}");
-    // Empty in the template; a systemd guest makes its own at boot (this busybox one has none).
-    assert_eq!(boot_values(&log, "machine-id"), [""]);
-    assert!(
-        log.contains("tpl-firstboot: generating SSH host keys"),
-        "{log}"
-    );
-    let keys = boot_values(&log, "hostkey");
-    assert_eq!(keys.len(), 3, "fresh host keys expected: {log}");
-    for k in &keys {
-        let (sum, path) = k.split_once(' ').unwrap();
-        let old = orig.cat(path);
-        assert_ne!(sum, md5(old.as_bytes()), "{path} is the template's old key");
-    }
+    // Two linked clones of the locked template, each with the serial tpl-clone will write,
+    // boot once side by side; each must come up with its own hostname and its own host keys.
+    let clones: Vec<(String, PathBuf, PathBuf, String)> = ["clone1", "clone2"]
+        .iter()
+        .map(|tag| {
+            let name = sc.name(tag);
+            let overlay = sc.dir.join(format!("{tag}.qcow2"));
+            sh(
+                "qemu-img",
+                &[
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-F",
+                    "qcow2",
+                    "-b",
+                    vm.disk.to_str().unwrap(),
+                    overlay.to_str().unwrap(),
+                ],
+            );
+            let console = sc.dir.join(format!("{tag}.console.log"));
+            let serial = format!("ds=nocloud;h={tag};i=iid-{tag}");
+            let xml = guest_xml(&name, &overlay, &console, "").replace(
+                "<entry name='manufacturer'>tpl tests</entry>",
+                &format!(
+                    "<entry name='manufacturer'>tpl tests</entry><entry name='serial'>{serial}</entry>"
+                ),
+            );
+            assert!(xml.contains(&serial));
+            sc.define(&xml);
+            (tag.to_string(), overlay, console, serial)
+        })
+        .collect();
+    let names: Vec<String> = clones.iter().map(|c| sc.name(&c.0)).collect();
+    boot_until_off(&names, Duration::from_secs(300));
+    let mut all_keys = Vec::new();
+    for (tag, overlay, console, serial) in &clones {
+        let log = std::fs::read_to_string(console).unwrap();
+        eprintln!("{tag} console:\n{log}");
+        assert_eq!(boot_values(&log, "firstboot"), ["run"], "{log}");
+        assert_eq!(boot_values(&log, "serial"), [serial.as_str()]);
+        assert_eq!(boot_values(&log, "hostname"), [tag.as_str()], "{log}");
+        // Empty in the template; a systemd guest makes its own at boot (busybox has none).
+        assert_eq!(boot_values(&log, "machine-id"), [""]);
+        assert!(
+            log.contains("tpl-firstboot: generating SSH host keys"),
+            "{log}"
+        );
+        let keys = boot_values(&log, "hostkey");
+        assert_eq!(keys.len(), 3, "fresh host keys expected: {log}");
+        for k in &keys {
+            let (sum, path) = k.split_once(' ').unwrap();
+            let old = orig.cat(path);
+            assert_ne!(sum, md5(old.as_bytes()), "{path} is the template's old key");
+            all_keys.push(sum.to_string());
+        }
 
-    // What the first boot left in the clone's own disk: hostname files, and the action done.
-    let booted = Fs(raw_copy(&overlay, &sc.dir, "clone1"));
-    assert_eq!(booted.cat("/etc/hostname").trim(), "clone1");
-    let hosts = booted.cat("/etc/hosts");
-    assert!(hosts.lines().any(|l| l == "127.0.1.1\tclone1"), "{hosts}");
-    assert!(hosts.contains("127.0.0.1 localhost"), "{hosts}");
-    assert_eq!(
-        booted.ls("/usr/lib/virt-sysprep/scripts"),
-        Vec::<String>::new()
-    );
-    assert_eq!(host_keys(&booted).len(), 6);
+        // What the first boot left in the clone's own disk: hostname files, the action done.
+        let booted = Fs(raw_copy(overlay, &sc.dir, tag));
+        assert_eq!(booted.cat("/etc/hostname").trim(), tag);
+        let hosts = booted.cat("/etc/hosts");
+        assert!(
+            hosts.lines().any(|l| l == format!("127.0.1.1\t{tag}")),
+            "{hosts}"
+        );
+        assert!(hosts.contains("127.0.0.1 localhost"), "{hosts}");
+        assert_eq!(
+            booted.ls("/usr/lib/virt-sysprep/scripts"),
+            Vec::<String>::new()
+        );
+        assert_eq!(host_keys(&booted).len(), 6);
+    }
+    let unique: std::collections::BTreeSet<&String> = all_keys.iter().collect();
+    assert_eq!(unique.len(), 6, "the clones share host keys: {all_keys:?}");
     // The template itself is untouched by its clone's boot.
     assert_eq!(
         host_keys(&Fs(raw_copy(&vm.disk, &sc.dir, "template2"))).len(),

@@ -67,15 +67,20 @@ ssh_host_keys() {
   # sshd may have tried to start before us and stopped for lack of keys.
   # --no-block: this runs inside a boot-time unit; never wait on another job.
   if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+    # Debian/Ubuntu call it ssh (sshd an alias), Fedora/SUSE sshd: restart the first found.
     for u in ssh.service sshd.service; do
       if systemctl is-enabled --quiet "$u" 2>/dev/null; then
         systemctl reset-failed "$u" 2>/dev/null
         systemctl --no-block restart "$u" || say "cannot restart $u"
+        break
       fi
     done
   else
     for s in /etc/init.d/ssh /etc/init.d/sshd; do
-      [ -x "$s" ] && { "$s" restart || say "cannot restart $s"; }
+      if [ -x "$s" ]; then
+        "$s" restart || say "cannot restart $s"
+        break
+      fi
     done
   fi
   return 0
