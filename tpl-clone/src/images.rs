@@ -197,6 +197,8 @@ fn sparse_copy(
                 match nix::fcntl::copy_file_range(from, Some(&mut i), to, Some(&mut o), n as usize)
                 {
                     Ok(c) => c as u64,
+                    // A signal came: the loop's check decides whether to go on.
+                    Err(Errno::EINTR) => continue,
                     // Some file system pairs cannot copy in the kernel; read and write instead.
                     Err(Errno::EXDEV | Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => {
                         in_kernel = false;
