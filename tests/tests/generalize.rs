@@ -511,3 +511,79 @@ fn bad_options_are_usage_errors() {
     }
     assert_eq!(read_meta(n), Meta::default());
 }
+
+/// The smallest file that `file` (and so libguestfs's inspection) calls an x86-64 Windows
+/// executable: an MZ stub pointing at a PE32+ header.
+fn pe32_plus_stub() -> Vec<u8> {
+    let mut b = vec![0u8; 512];
+    b[0..2].copy_from_slice(b"MZ");
+    b[0x3c..0x40].copy_from_slice(&0x40u32.to_le_bytes());
+    b[0x40..0x44].copy_from_slice(b"PE\0\0");
+    b[0x44..0x46].copy_from_slice(&0x8664u16.to_le_bytes()); // machine: x86-64
+    b[0x54..0x56].copy_from_slice(&0xf0u16.to_le_bytes()); // size of optional header
+    b[0x56..0x58].copy_from_slice(&0x22u16.to_le_bytes()); // executable, large-address-aware
+    b[0x58..0x5a].copy_from_slice(&0x20bu16.to_le_bytes()); // PE32+
+    b[0x9c..0x9e].copy_from_slice(&3u16.to_le_bytes()); // console subsystem
+    b
+}
+
+/// A guest without libosinfo metadata that virt-sysprep's inspection finds to be Windows (a
+/// disk with \Windows\System32\config and a PE cmd.exe is what libguestfs looks for) is
+/// refused with exit 3 and the sysprep instructions, and virt-sysprep stops before any
+/// customize action writes to it.
+#[test]
+fn windows_found_by_inspection_is_refused_untouched() {
+    let mut sc = Scratch::new();
+    let root = sc.dir.join("winroot");
+    std::fs::create_dir_all(root.join("Windows/System32/config")).unwrap();
+    std::fs::write(root.join("Windows/System32/cmd.exe"), pe32_plus_stub()).unwrap();
+    let raw = sc.dir.join("win.raw");
+    sh(
+        "mke2fs",
+        &[
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-d",
+            root.to_str().unwrap(),
+            raw.to_str().unwrap(),
+            "32M",
+        ],
+    );
+    let name = sc.name("win");
+    let disk = sc.dir.join(format!("{name}.qcow2"));
+    sh(
+        "qemu-img",
+        &[
+            "convert",
+            "-q",
+            "-O",
+            "qcow2",
+            raw.to_str().unwrap(),
+            disk.to_str().unwrap(),
+        ],
+    );
+    sc.define(&guest_xml(&name, &disk, &sc.dir.join("win.log"), ""));
+    let listing = |fs: &Fs| {
+        let mut all = fs.ls("/");
+        all.extend(fs.ls("/Windows/System32"));
+        all.sort();
+        all
+    };
+    let before = listing(&Fs(raw));
+
+    run("tpl-generalize", &[&name, "--hostname", "win1"], None)
+        .fails(3)
+        .says(&[
+            &format!("cannot generalize domain '{name}'"),
+            "virt-sysprep's inspection found Windows",
+            "sysprep.exe /generalize /oobe /shutdown",
+            &format!("tpl-generalize --sealed-externally {name}"),
+        ]);
+    assert_eq!(read_meta(&name), Meta::default());
+    // Nothing was added: no /etc/machine-id, no first-boot service, no hostname in a hive.
+    let after = Fs(raw_copy(&disk, &sc.dir, "win-after"));
+    assert_eq!(listing(&after), before);
+    assert_eq!(before, ["Windows", "cmd.exe", "config", "lost+found"]);
+}
