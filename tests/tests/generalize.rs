@@ -173,7 +173,8 @@ fn pipeline_seals_a_template_whose_clones_boot_fresh() {
     let start = Instant::now();
     let run = pipeline(&format!(
         "{{ printf '%s\\n' '{{\"name\":\"{blank}\"}}' '{{\"name\":\"{vm}\"}}' | \
-         tpl-generalize --hostname TplVM 2>{err}; echo $? >{rc}; }} | tpl-lock | tpl-rename {tpl}",
+         tpl-generalize --hostname TplVM -- --write /etc/machine-id:0123456789abcdef0123456789abcdef \
+         --write /etc/motd:sealed-by-tpl 2>{err}; echo $? >{rc}; }} | tpl-lock | tpl-rename {tpl}",
         vm = vm.name,
         err = err.display(),
         rc = rc.display(),
@@ -231,7 +232,16 @@ fn pipeline_seals_a_template_whose_clones_boot_fresh() {
         fs.exists("/etc/machine-id"),
         "machine-id must exist (empty), not be deleted"
     );
-    assert_eq!(fs.size("/etc/machine-id"), 0);
+    assert_eq!(
+        fs.size("/etc/machine-id"),
+        0,
+        "even after the user's own --write of one"
+    );
+    assert_eq!(
+        fs.cat("/etc/motd"),
+        "sealed-by-tpl",
+        "options after -- reach virt-sysprep"
+    );
     assert_eq!(host_keys(&fs), Vec::<String>::new());
     assert!(
         fs.exists("/usr/bin/ssh-keygen"),
@@ -369,8 +379,14 @@ fn refuses_running_locked_and_windows_guests() {
             "paused",
             "virsh shutdown",
         ]);
-    virsh(&["destroy", &running.name]);
     assert_eq!(sha256(&running.disk), before);
+    // Running for real: the guest needs well over ten seconds to boot and power off, the
+    // refusal a fraction of one.
+    virsh(&["resume", &running.name]);
+    run("tpl-generalize", &[&running.name], None)
+        .fails(3)
+        .says(&["it is running", "virsh shutdown"]);
+    let _ = virsh_try(&["destroy", &running.name]);
     assert_eq!(read_meta(&running.name), Meta::default());
 
     let locked = sc.guest("locked");
@@ -433,14 +449,15 @@ fn dry_run_changes_nothing() {
     let before = sha256(&g.disk);
     let r = run(
         "tpl-generalize",
-        &[&g.name, "--dry-run", "--hostname", "TplVM", "--disable", "tmp-files,bash-history"],
+        &[&g.name, "--dry-run", "--hostname", "TplVM", "--disable", "tmp-files,bash-history", "--", "--root-password", "password:x"],
         None,
     )
     .ok(1)
     .says(&[
         &format!("virt-sysprep -c qemu:///system -d {}", g.uuid),
         "--operations defaults,-tmp-files,-bash-history",
-        "--touch /etc/machine-id --truncate /etc/machine-id --hostname TplVM --firstboot tpl-firstboot",
+        "--touch /etc/machine-id --root-password password:x --truncate /etc/machine-id --hostname TplVM --firstboot /",
+        "/tpl-firstboot --delete",
         "--delete /var/lib/cloud/instances",
     ]);
     let rec = only(&r);
@@ -500,6 +517,18 @@ fn bad_options_are_usage_errors() {
         ),
         (
             vec![n, "--sealed-externally", "--hostname", "x"],
+            "cannot be used with",
+        ),
+        (
+            vec![n, "--", "--install", "x", "-d", "other"],
+            "option '-d' cannot be passed through",
+        ),
+        (
+            vec![n, "--", "--hostname=x"],
+            "use tpl-generalize --hostname",
+        ),
+        (
+            vec![n, "--sealed-externally", "--", "--install", "x"],
             "cannot be used with",
         ),
         (

@@ -69,12 +69,21 @@ pub struct Args {
 
     /// Record the domain as generalized without touching its disk, for a guest sealed from
     /// inside (Windows: sysprep /generalize /oobe /shutdown)
-    #[arg(long, conflicts_with_all = ["hostname", "operations", "enable", "disable"])]
+    #[arg(
+        long,
+        conflicts_with_all = ["hostname", "operations", "enable", "disable", "sysprep_options"]
+    )]
     sealed_externally: bool,
 
     /// Say what would run and be recorded, and change nothing
     #[arg(long)]
     dry_run: bool,
+
+    /// More virt-sysprep options, after `--`: customize actions such as --root-password,
+    /// --ssh-inject, --install, --run-command, --firstboot. They run before the machine-id
+    /// is emptied, so nothing they do leaves one behind. Paths are the caller's.
+    #[arg(last = true, value_name = "VIRT-SYSPREP OPTIONS")]
+    sysprep_options: Vec<String>,
 
     /// Also show virt-sysprep's libguestfs call trace
     #[arg(short, long)]
@@ -99,6 +108,7 @@ pub fn main() -> ExitCode {
             if let Some(h) = &args.hostname {
                 validate_hostname(h)?;
             }
+            sysprep::check_extra(&args.sysprep_options)?;
             // Bad options fail before any domain is looked at or stdin is read.
             let setup = if args.sealed_externally {
                 None
@@ -207,9 +217,39 @@ fn generalize_one(
     }
 
     let hostname = args.hostname.as_deref();
+    // The first-boot script goes in from a private directory, removed when we are done.
+    let tmp = if args.dry_run {
+        None
+    } else {
+        Some(
+            tempfile::Builder::new()
+                .prefix("tpl-generalize.")
+                .tempdir()
+                .map_err(|e| {
+                    Error::io(
+                        "cannot create a temporary directory in",
+                        std::env::temp_dir(),
+                        e,
+                    )
+                })?,
+        )
+    };
+    let script = match &tmp {
+        Some(t) => t.path().join(sysprep::FIRSTBOOT_NAME),
+        None => {
+            std::env::temp_dir().join(format!("tpl-generalize.XXXXXX/{}", sysprep::FIRSTBOOT_NAME))
+        }
+    };
     // By UUID: the name may change meanwhile, the UUID does not.
-    let sysprep_args =
-        sysprep::command_line(&s.uri, &dom.uuid, &setup.plan, hostname, ctx.common.quiet);
+    let sysprep_args = sysprep::command_line(
+        &s.uri,
+        &dom.uuid,
+        &setup.plan,
+        hostname,
+        &script.to_string_lossy(),
+        &args.sysprep_options,
+        ctx.common.quiet,
+    );
     let shown = sysprep::shell_words(sysprep::PROGRAM, &sysprep_args);
     if args.dry_run {
         ctx.info(format!(
@@ -234,20 +274,6 @@ fn generalize_one(
         ));
         return dom.describe();
     }
-
-    // The first-boot script goes in by a relative path from a private directory, so its
-    // name in the guest is just NNNN-tpl-firstboot.
-    let tmp = tempfile::Builder::new()
-        .prefix("tpl-generalize.")
-        .tempdir()
-        .map_err(|e| {
-            Error::io(
-                "cannot create a temporary directory in",
-                std::env::temp_dir(),
-                e,
-            )
-        })?;
-    let script = tmp.path().join(sysprep::FIRSTBOOT_NAME);
     std::fs::write(&script, sysprep::FIRSTBOOT).ctx("cannot write", &script)?;
 
     ctx.info(format!(
@@ -255,7 +281,8 @@ fn generalize_one(
         setup.version
     ));
     ctx.info(format!("running: {shown}"));
-    let out = sysprep::run(&sysprep_args, tmp.path(), args.verbose)?;
+    let out = sysprep::run(&sysprep_args, args.verbose)?;
+    drop(tmp);
     if let Some(p) = &out.product {
         ctx.info(format!("virt-sysprep found: {p}"));
     }

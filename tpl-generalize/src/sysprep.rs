@@ -2,7 +2,6 @@
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
-use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -14,7 +13,8 @@ use crate::ops::{Catalog, Plan};
 pub const PROGRAM: &str = "virt-sysprep";
 
 /// The first-boot script every clone runs once (fresh SSH host keys, hostname from the
-/// SMBIOS serial). Its name in the guest: /usr/lib/virt-sysprep/scripts/NNNN-tpl-firstboot.
+/// SMBIOS serial). virt-sysprep names it in the guest after its host path, ending in
+/// `-tpl-firstboot`, under /usr/lib/virt-sysprep/scripts/.
 pub const FIRSTBOOT: &str = include_str!("firstboot.sh");
 pub const FIRSTBOOT_NAME: &str = "tpl-firstboot";
 
@@ -74,18 +74,65 @@ pub fn catalog() -> Result<Catalog> {
     Ok(c)
 }
 
-/// The arguments of the one virt-sysprep run that seals `domain`.
+/// Options of virt-sysprep that tpl-generalize sets itself, or that would make it do
+/// something other than seal the guest (and so must not be passed after `--`).
+const RESERVED: &[(&str, &str)] = &[
+    ("-a", "the disks are the domain's"),
+    ("--add", "the disks are the domain's"),
+    ("-d", "the domain is tpl-generalize's DOMAIN"),
+    ("--domain", "the domain is tpl-generalize's DOMAIN"),
+    ("-c", "use tpl-generalize -c"),
+    ("--connect", "use tpl-generalize -c"),
+    ("-n", "use tpl-generalize --dry-run"),
+    ("--dry-run", "use tpl-generalize --dry-run"),
+    ("--operations", "use tpl-generalize --operations"),
+    ("--operation", "use tpl-generalize --operations"),
+    ("--enable", "use tpl-generalize --enable"),
+    (
+        "--hostname",
+        "use tpl-generalize --hostname, which the metadata records",
+    ),
+    ("-q", "use tpl-generalize -q"),
+    ("--quiet", "use tpl-generalize -q"),
+    ("-x", "use tpl-generalize -v"),
+    ("--list-operations", "it would list and seal nothing"),
+    ("--help", "it would seal nothing"),
+    ("-V", "it would seal nothing"),
+    ("--version", "it would seal nothing"),
+    (
+        "--machine-readable",
+        "tpl-generalize reads virt-sysprep's normal output",
+    ),
+];
+
+/// Check the extra virt-sysprep options given after `--`.
+pub fn check_extra(extra: &[String]) -> Result<()> {
+    for a in extra {
+        let opt = a.split('=').next().unwrap_or(a);
+        if let Some((o, why)) = RESERVED.iter().find(|(o, _)| *o == opt) {
+            return Err(Error::usage(
+                format!("virt-sysprep option '{o}' cannot be passed through"),
+                (*why).to_string(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The arguments of the one virt-sysprep run that seals `domain`; `firstboot` is the path
+/// of tpl's first-boot script on the host, `extra` the user's own virt-sysprep options.
 ///
-/// The customize actions run in this order, after customize's own step that writes a
-/// random /etc/machine-id into an empty one:
-/// 1. `--touch` + `--truncate /etc/machine-id`: the template ends with an empty
-///    machine-id, so each clone makes its own at first boot. Touch first, since customize
-///    only rewrites a file that exists; and on a Windows guest (no /etc) this fails
-///    before any other customize action touches the registry.
-/// 2. `--hostname`, when asked for.
-/// 3. `--firstboot`: the script that makes SSH host keys and sets the hostname from the
+/// The customize actions run in command-line order, after customize's own step that
+/// writes a random /etc/machine-id into an empty one:
+/// 1. `--touch /etc/machine-id`: customize only rewrites a machine-id that exists; and on
+///    a Windows guest (no /etc) this fails before any customize action touches it.
+/// 2. The user's own options (`--root-password`, `--install`, `--run-command` …).
+/// 3. `--truncate /etc/machine-id`: after anything that might have written one, so the
+///    template ends with an empty machine-id and each clone makes its own at first boot.
+/// 4. `--hostname`, when asked for.
+/// 5. `--firstboot`: the script that makes SSH host keys and sets the hostname from the
 ///    SMBIOS serial in every clone.
-/// 4. `--delete` cloud-init's instance state.
+/// 6. `--delete` cloud-init's instance state.
 ///
 /// `-x` traces libguestfs calls on stderr: that is where inspection's verdict on the guest
 /// (`inspect_get_type = "windows"`) shows; `run` keeps those lines off the screen.
@@ -94,6 +141,8 @@ pub fn command_line(
     domain: &str,
     plan: &Plan,
     hostname: Option<&str>,
+    firstboot: &str,
+    extra: &[String],
     quiet: bool,
 ) -> Vec<String> {
     let mut a: Vec<String> = vec!["-c".into(), uri.into(), "-d".into(), domain.into()];
@@ -103,19 +152,17 @@ pub fn command_line(
     a.push("-x".into());
     a.push("--operations".into());
     a.push(plan.expression.join(","));
-    for (opt, val) in [
-        ("--touch", "/etc/machine-id"),
-        ("--truncate", "/etc/machine-id"),
-    ] {
-        a.push(opt.into());
-        a.push(val.into());
-    }
+    a.push("--touch".into());
+    a.push("/etc/machine-id".into());
+    a.extend(extra.iter().cloned());
+    a.push("--truncate".into());
+    a.push("/etc/machine-id".into());
     if let Some(h) = hostname {
         a.push("--hostname".into());
         a.push(h.into());
     }
     a.push("--firstboot".into());
-    a.push(FIRSTBOOT_NAME.into());
+    a.push(firstboot.into());
     for p in CLOUD_INIT_STATE {
         a.push("--delete".into());
         a.push((*p).into());
@@ -212,15 +259,14 @@ pub fn inspected(line: &str) -> Option<(&'static str, String)> {
     None
 }
 
-/// Run virt-sysprep with `args` in `cwd`, streaming its progress and messages to our
+/// Run virt-sysprep with `args`, streaming its progress and messages to our
 /// stderr as they come (trace lines only with `verbose`). It inherits our environment,
 /// so LIBGUESTFS_BACKEND and friends reach libguestfs. Its stdin is /dev/null: ours may
 /// be the record stream of a pipe.
-pub fn run(args: &[String], cwd: &Path, verbose: bool) -> Result<Outcome> {
+pub fn run(args: &[String], verbose: bool) -> Result<Outcome> {
     let start = Instant::now();
     let mut child = Command::new(PROGRAM)
         .args(args)
-        .current_dir(cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -294,23 +340,52 @@ mod tests {
     use std::collections::BTreeSet;
 
     #[test]
-    fn machine_id_is_emptied_before_anything_else_customizes() {
+    fn machine_id_is_emptied_after_everything_else_customizes() {
         let plan = Plan {
             expression: vec!["defaults".into(), "-tmp-files".into()],
             resolved: BTreeSet::new(),
         };
-        let a = command_line("qemu:///system", "u-u-i-d", &plan, Some("Tpl"), false);
+        let extra = vec!["--install".to_string(), "vim".to_string()];
+        let a = command_line(
+            "qemu:///system",
+            "u-u-i-d",
+            &plan,
+            Some("Tpl"),
+            "/t/tpl-firstboot",
+            &extra,
+            false,
+        );
         let pos = |s: &str| a.iter().position(|x| x == s).unwrap();
         assert_eq!(&a[..4], ["-c", "qemu:///system", "-d", "u-u-i-d"]);
         assert_eq!(a[pos("--operations") + 1], "defaults,-tmp-files");
-        assert!(pos("--touch") < pos("--truncate"));
+        assert!(pos("--touch") < pos("--install"));
+        assert!(pos("--install") < pos("--truncate"));
         assert!(pos("--truncate") < pos("--hostname"));
         assert!(pos("--hostname") < pos("--firstboot"));
-        assert_eq!(a[pos("--firstboot") + 1], FIRSTBOOT_NAME);
+        assert_eq!(a[pos("--firstboot") + 1], "/t/tpl-firstboot");
         assert!(a.contains(&"/var/lib/cloud/instances".to_string()));
         assert!(!a.contains(&"--quiet".to_string()));
-        let q = command_line("u", "d", &plan, None, true);
+        let q = command_line("u", "d", &plan, None, "f", &[], true);
         assert!(q.contains(&"--quiet".to_string()) && !q.contains(&"--hostname".to_string()));
+    }
+
+    #[test]
+    fn extra_options_may_not_take_over() {
+        let ok: Vec<String> = ["--root-password", "password:x", "--install", "a,b", "-v"]
+            .map(String::from)
+            .to_vec();
+        assert!(check_extra(&ok).is_ok());
+        for bad in [
+            "-a",
+            "--domain=x",
+            "--hostname",
+            "--list-operations",
+            "-n",
+            "--enable",
+        ] {
+            let e = check_extra(&["--install".into(), "x".into(), bad.into()]).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad}");
+        }
     }
 
     #[test]
