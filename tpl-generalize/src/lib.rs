@@ -165,6 +165,7 @@ pub fn libosinfo_os(x: &DomainXml) -> Option<String> {
         .find_map(|os| os.attributes.get("id").cloned())
 }
 
+/// Whether a libosinfo OS id names a Windows release (`http://microsoft.com/win/…`).
 pub fn is_windows_os_id(id: &str) -> bool {
     id.starts_with("http://microsoft.com/win")
 }
