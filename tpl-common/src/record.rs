@@ -121,6 +121,12 @@ pub fn parse_line(line: &str, lineno: usize) -> Result<DomainRef> {
     if empty(&r.uuid) && empty(&r.name) {
         return Err(bad("it has neither \"uuid\" nor \"name\"".into()));
     }
+    // No libvirt name, UUID or URI holds a NUL, and libvirt's C API cannot even be asked.
+    for (key, v) in [("uuid", &r.uuid), ("name", &r.name), ("uri", &r.uri)] {
+        if v.as_deref().is_some_and(|v| v.contains('\0')) {
+            return Err(bad(format!("its \"{key}\" contains a NUL character")));
+        }
+    }
     Ok(r)
 }
 
@@ -165,7 +171,15 @@ mod tests {
 
     #[test]
     fn record_without_identity_is_refused() {
-        for line in ["{}", "{\"name\":\"\"}", "[1]", "\"VM\"", "{\"name\":5}"] {
+        for line in [
+            "{}",
+            "{\"name\":\"\"}",
+            "[1]",
+            "\"VM\"",
+            "{\"name\":5}",
+            "{\"name\":\"a\\u0000b\"}",
+            "{\"name\":\"a\",\"uri\":\"\\u0000\"}",
+        ] {
             let err = parse_line(line, 7).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{line}");
             assert!(err.to_string().contains("line 7"));
