@@ -397,6 +397,16 @@ impl Plan {
                     d.target, d.kind
                 )));
             }
+            // Never through a symbolic link, as tpl-lock: the clone's files would be
+            // named and placed after the link while its contents came from elsewhere.
+            if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+                return Err(refuse(format!(
+                    "its disk {} image '{}' is a symbolic link, and tpl-clone never follows \
+                     one; point the domain at the real file with 'virsh edit {t}'",
+                    d.target,
+                    path.display()
+                )));
+            }
             let m = fs::metadata(&path).map_err(|e| {
                 refuse(format!(
                     "its disk {} image '{}' cannot be read: {e}",
