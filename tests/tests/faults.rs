@@ -1,0 +1,827 @@
+//! Faults and bad input against the real binaries, libvirtd and qemu-img: kill -9 at
+//! random points of full clones and linked batches, eight runs racing for overlapping
+//! names, hostile stdin for every tool, hostile names, symlinked disks, a template whose
+//! image is gone, unknown UUIDs, and a full clone into a file system that fills up.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+use tpl_common::domxml::DomainXml;
+use tpl_tests::*;
+
+const CLONE: &str = "tpl-clone";
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// A small deterministic generator (xorshift64*), so a failing run can be replayed from
+/// the seed it prints.
+struct Rng(u64);
+
+impl Rng {
+    fn seeded(what: &str) -> Rng {
+        let seed = std::env::var("TPL_FAULT_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        eprintln!("{what}: seed {seed} (replay with TPL_FAULT_SEED={seed})");
+        Rng(seed | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in `lo..=hi`.
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+
+    fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
+        &v[self.range(0, v.len() as u64 - 1) as usize]
+    }
+}
+
+/// Make a guest a locked template as tpl-lock does: generalized, `locked` in the
+/// metadata, its image without write bits.
+fn lock(name: &str, disk: &Path) {
+    mark_generalized(name);
+    let mut m = read_meta(name);
+    m.template.locked = true;
+    m.template.locked_at = Some(tpl_common::now_rfc3339());
+    set_meta(name, &m);
+    sh("chmod", &["a-w", p(disk)]);
+}
+
+/// A template domain on its own qcow2 image holding `mib` MiB of data (not bootable;
+/// nothing here boots it).
+fn data_template(s: &mut Scratch, tag: &str, mib: u64) -> (String, PathBuf) {
+    let name = s.name(tag);
+    let disk = s.dir.join(format!("{name}.qcow2"));
+    sh("qemu-img", &["create", "-q", "-f", "qcow2", p(&disk), "1G"]);
+    sh(
+        "qemu-io",
+        &["-c", &format!("write -P 0xab 0 {mib}M"), p(&disk)],
+    );
+    let console = s.dir.join(format!("{name}.console.log"));
+    s.define(&guest_xml(&name, &disk, &console, ""));
+    mark_generalized(&name);
+    (name, disk)
+}
+
+fn sha256(path: &Path) -> String {
+    sh("sha256sum", &[p(path)])
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn qemu_img_info(path: &Path) -> Value {
+    serde_json::from_str(&sh("qemu-img", &["info", "--output=json", p(path)])).unwrap()
+}
+
+/// `qemu-img compare` of two images: whether their guest-visible contents are equal.
+fn same_content(a: &Path, b: &Path) -> bool {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-q", p(a), p(b)])
+        .output()
+        .unwrap();
+    match out.status.code() {
+        Some(0) => true,
+        Some(1) => false,
+        _ => panic!(
+            "qemu-img compare {a:?} {b:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// `qemu-img check`: the image is complete and consistent.
+fn image_ok(path: &Path) -> Result<(), String> {
+    let out = Command::new("qemu-img")
+        .args(["check", "-q", p(path)])
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn dom_xml(name: &str) -> DomainXml {
+    DomainXml::parse(&virsh(&["dumpxml", "--inactive", name])).unwrap()
+}
+
+fn domains_with_prefix(prefix: &str) -> Vec<String> {
+    virsh(&["list", "--all", "--name"])
+        .lines()
+        .map(str::trim)
+        .filter(|n| n.starts_with(prefix))
+        .map(String::from)
+        .collect()
+}
+
+fn files_in(dir: &Path) -> BTreeSet<String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Files a run left under a temporary name.
+fn leftovers(dir: &Path) -> Vec<String> {
+    files_in(dir)
+        .into_iter()
+        .filter(|n| n.contains(".tpl-tmp-"))
+        .collect()
+}
+
+/// tpl-clone's journal of a run (the tools run as root here: state in /var/lib/tpl),
+/// and the name it has while being created.
+fn journals_of(pid: u32) -> [PathBuf; 2] {
+    let d = Path::new("/var/lib/tpl/clone-journal");
+    [
+        d.join(format!("tpl-clone-{pid}.journal")),
+        d.join(format!("tpl-clone-{pid}.journal-new")),
+    ]
+}
+
+fn spawn_clone(args: &[&str]) -> Child {
+    tool_command(CLONE)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn no_panic(tool: &str, stderr: &str) {
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
+        "{tool} panicked: {stderr}"
+    );
+}
+
+/// Poll until `f` holds or the child exits; false when it exited first.
+fn reached(child: &mut Child, secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if f() {
+            return true;
+        }
+        if child.try_wait().unwrap().is_some() {
+            return f();
+        }
+        assert!(Instant::now() < deadline, "no progress after {secs} s");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    Full,
+    Linked,
+}
+
+/// What must hold after a run of tpl-clone was killed: every test domain points only at
+/// existing, complete images; no file under a clone's final name is partial.
+fn check_after_kill(s: &Scratch, template: &str, tdisk: &Path, names: &[String], mode: Mode) {
+    for d in domains_with_prefix(&s.prefix) {
+        if d == template {
+            continue;
+        }
+        for disk in dom_xml(&d).disks() {
+            let path = disk.path.expect("a clone's disk has a path");
+            assert!(path.exists(), "domain {d} points at missing {path:?}");
+            image_ok(&path).unwrap_or_else(|e| panic!("domain {d}: {path:?} is broken: {e}"));
+        }
+    }
+    for n in names {
+        let f = s.dir.join(format!("{n}.qcow2"));
+        if !f.exists() {
+            continue;
+        }
+        image_ok(&f).unwrap_or_else(|e| panic!("{f:?} under a final name is partial: {e}"));
+        match mode {
+            Mode::Full => assert!(same_content(tdisk, &f), "{f:?} differs from the template"),
+            Mode::Linked => {
+                let info = qemu_img_info(&f);
+                assert_eq!(info["backing-filename"], p(tdisk), "{info}");
+                assert_eq!(info["backing-filename-format"], "qcow2", "{info}");
+            }
+        }
+    }
+}
+
+/// Remove a trial's domains and files, so the next trial starts clean and the disk stays small.
+fn remove_clones(s: &Scratch, names: &[String]) {
+    let defined: BTreeSet<String> = domains_with_prefix(&s.prefix).into_iter().collect();
+    for n in names {
+        if defined.contains(n) {
+            virsh(&["undefine", n]);
+        }
+        let _ = fs::remove_file(s.dir.join(format!("{n}.qcow2")));
+    }
+}
+
+#[test]
+fn kill_9_at_random_points_leaves_nothing_partial() {
+    let started = Instant::now();
+    let mut rng = Rng::seeded("kill -9 trials");
+    let mut s = Scratch::new();
+    let (t, tdisk) = data_template(&mut s, "tpl", 256);
+    lock(&t, &tdisk);
+    let sum = sha256(&tdisk);
+
+    let (mut killed_mid_run, mut left_something) = (0, 0);
+    let trials = 24;
+    for i in 0..trials {
+        let mode = if i % 2 == 0 { Mode::Full } else { Mode::Linked };
+        let (names, args): (Vec<String>, Vec<String>) = match mode {
+            Mode::Full => {
+                let n = s.name(&format!("f{i}"));
+                (vec![n.clone()], vec![t.clone(), n, "--full".into()])
+            }
+            Mode::Linked => {
+                let count = rng.range(10, 20);
+                let prefix = s.name(&format!("b{i}-"));
+                let width = count.to_string().len();
+                let names = (1..=count)
+                    .map(|k| format!("{prefix}{k:0width$}"))
+                    .collect();
+                let args = vec![
+                    t.clone(),
+                    "--count".into(),
+                    count.to_string(),
+                    "--prefix".into(),
+                    prefix,
+                    "--linked".into(),
+                ];
+                (names, args)
+            }
+        };
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut child = spawn_clone(&args);
+        let pid = child.id();
+        let tmp = s.dir.join(format!(".{}.qcow2.tpl-tmp-{pid}", names[0]));
+        // The point of the kill: a stage of the run, then a random extra delay.
+        let stage = rng.range(0, 3);
+        let (what, hit) = match (stage, mode) {
+            (0, _) => ("start", true),
+            (1, _) => (
+                "journal",
+                reached(&mut child, 60, || journals_of(pid)[0].exists()),
+            ),
+            (2, Mode::Full) => ("temporary file", reached(&mut child, 60, || tmp.exists())),
+            (_, Mode::Full) => {
+                let f = s.dir.join(format!("{}.qcow2", names[0]));
+                ("final file", reached(&mut child, 60, || f.exists()))
+            }
+            (_, Mode::Linked) => {
+                let k = rng.range(0, names.len() as u64 - 1) as usize;
+                let f = s.dir.join(format!("{}.qcow2", names[k]));
+                ("k-th final file", reached(&mut child, 60, || f.exists()))
+            }
+        };
+        let delay = rng.range(0, if stage == 0 { 400 } else { 60 });
+        std::thread::sleep(Duration::from_millis(delay));
+        let running = child.try_wait().unwrap().is_none();
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        let out = child.wait_with_output().unwrap();
+        if running {
+            killed_mid_run += 1;
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        no_panic(CLONE, &stderr);
+        assert!(
+            out.status.code().is_none() || out.status.code() == Some(0),
+            "trial {i}: {stderr}"
+        );
+        eprintln!(
+            "trial {i}: {mode:?} x{}, kill at {what} (reached: {hit}) + {delay} ms: {}",
+            names.len(),
+            if running { "killed" } else { "had finished" }
+        );
+
+        check_after_kill(&s, &t, &tdisk, &names, mode);
+        assert_eq!(sha256(&tdisk), sum, "trial {i}: the template image changed");
+
+        let leftover = |s: &Scratch| {
+            let mut v: Vec<String> = leftovers(&s.dir)
+                .into_iter()
+                .filter(|f| f.ends_with(&format!(".tpl-tmp-{pid}")))
+                .collect();
+            v.extend(
+                journals_of(pid)
+                    .iter()
+                    .filter(|j| j.exists())
+                    .map(|j| j.display().to_string()),
+            );
+            for n in &names {
+                let f = s.dir.join(format!("{n}.qcow2"));
+                if f.exists() && !domain_exists(n) {
+                    v.push(f.display().to_string());
+                }
+            }
+            v
+        };
+        if !leftover(&s).is_empty() {
+            left_something += 1;
+        }
+        // The next run cleans whatever the killed one left.
+        let sweep = s.name(&format!("sweep{i}"));
+        run(CLONE, &[&t, &sweep, "--linked"], None).ok(1);
+        assert_eq!(leftover(&s), Vec::<String>::new(), "trial {i}: not cleaned");
+        for n in &names {
+            let f = s.dir.join(format!("{n}.qcow2"));
+            assert_eq!(f.exists(), domain_exists(n), "trial {i}: {n}");
+        }
+        check_after_kill(&s, &t, &tdisk, &names, mode);
+        let mut all = names.clone();
+        all.push(sweep);
+        remove_clones(&s, &all);
+    }
+    assert_eq!(sha256(&tdisk), sum);
+    assert_eq!(mode(&tdisk) & 0o222, 0, "the template stays read-only");
+    eprintln!(
+        "{trials} trials in {:.1} s: {killed_mid_run} killed while running, \
+         {left_something} left something for the next run",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        killed_mid_run >= trials / 2,
+        "too few kills hit a running clone"
+    );
+    assert!(left_something >= 3, "too few kills left anything to clean");
+}
+
+#[test]
+fn eight_runs_racing_for_overlapping_names() {
+    let mut s = Scratch::new();
+    let t = s.guest("tpl");
+    lock(&t.name, &t.disk);
+    let sum = sha256(&t.disk);
+    let pool: Vec<String> = (0..12).map(|k| s.name(&format!("n{k:02}"))).collect();
+    // Run i wants four names, each name wanted by two or three runs; half are linked,
+    // half full, so both kinds contend for the same file names.
+    let sets: Vec<Vec<String>> = (0..8)
+        .map(|i| (0..4).map(|j| pool[(i + j * 3) % 12].clone()).collect())
+        .collect();
+    let mut children: Vec<Child> = sets
+        .iter()
+        .enumerate()
+        .map(|(i, set)| {
+            let mut a = vec![t.name.as_str()];
+            a.extend(set.iter().map(String::as_str));
+            a.push(if i % 2 == 0 { "--linked" } else { "--full" });
+            spawn_clone(&a)
+        })
+        .collect();
+    let pids: Vec<u32> = children.iter().map(Child::id).collect();
+    let outs: Vec<Output> = children
+        .drain(..)
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+
+    let mut made: BTreeMap<String, (usize, Record)> = BTreeMap::new();
+    let mut losers = 0;
+    for (i, o) in outs.iter().enumerate() {
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        no_panic(CLONE, &stderr);
+        let code = o.status.code();
+        assert!(
+            code == Some(0) || code == Some(3),
+            "run {i} exited {code:?}: {stderr}"
+        );
+        let recs: Vec<Record> = String::from_utf8(o.stdout.clone())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        for r in recs {
+            assert!(sets[i].contains(&r.name), "run {i} made {}", r.name);
+            if let Some((j, _)) = made.insert(r.name.clone(), (i, r.clone())) {
+                panic!("{} was made by runs {j} and {i}", r.name);
+            }
+        }
+        if code == Some(0) {
+            for n in &sets[i] {
+                assert_eq!(made.get(n).map(|m| m.0), Some(i), "run {i} succeeded: {n}");
+            }
+        } else {
+            losers += 1;
+            assert!(stderr.contains("tpl-clone: error: "), "{stderr}");
+            assert!(
+                sets[i]
+                    .iter()
+                    .any(|n| stderr.contains(n.as_str()) && made.get(n).is_none_or(|m| m.0 != i)),
+                "run {i}'s refusal names none of the names it lost: {stderr}"
+            );
+        }
+    }
+    assert!(losers >= 1, "overlapping runs cannot all win");
+    for n in &pool {
+        let f = s.dir.join(format!("{n}.qcow2"));
+        match made.get(n) {
+            Some((i, rec)) => {
+                assert_eq!(virsh(&["domuuid", n]).trim(), rec.uuid);
+                let disks = dom_xml(n).disks();
+                assert_eq!(disks[0].path.as_deref(), Some(f.as_path()));
+                image_ok(&f).unwrap();
+                if i % 2 == 0 {
+                    assert_eq!(qemu_img_info(&f)["backing-filename"], p(&t.disk));
+                } else {
+                    assert!(same_content(&t.disk, &f), "{n}: content");
+                }
+            }
+            None => {
+                assert!(!domain_exists(n), "{n} defined without a record");
+                assert!(!f.exists(), "{f:?} left without a clone");
+            }
+        }
+    }
+    // Every clone has its own image: no two domains share a file.
+    let paths: BTreeSet<_> = made
+        .keys()
+        .map(|n| dom_xml(n).disks()[0].path.clone())
+        .collect();
+    assert_eq!(paths.len(), made.len());
+    assert!(leftovers(&s.dir).is_empty(), "{:?}", leftovers(&s.dir));
+    for pid in pids {
+        assert!(journals_of(pid).iter().all(|j| !j.exists()));
+    }
+    assert_eq!(sha256(&t.disk), sum, "the template changed");
+    eprintln!(
+        "{} of 12 names made by 8 runs, {losers} runs lost one",
+        made.len()
+    );
+}
+
+/// Run a tool with raw bytes on stdin (written from a thread, so a tool that answers
+/// before reading everything never deadlocks us).
+fn run_bytes(tool: &str, args: &[&str], input: Vec<u8>) -> Output {
+    let mut c = tool_command(tool);
+    c.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut w = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        let _ = w.write_all(&input);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    out
+}
+
+/// Hostile stdin: garbage bytes, invalid UTF-8, huge lines, JSON of the wrong shape, NUL,
+/// unknown names and UUIDs. Never a domain that exists.
+fn hostile_input(rng: &mut Rng, n: usize) -> Vec<u8> {
+    let fixed: [&[u8]; 24] = [
+        b"\xff\xfe\xfd\n",
+        b"{\"name\":\"\xc3\x28\"}\n",
+        b"\0\0\0\n",
+        b"{\"name\":\"a\0b\"}\n",
+        b"{\"name\":\"a\\u0000b\"}\n",
+        b"{\"uuid\":\"\\u0000\"}\n",
+        b"[]\n",
+        b"1\n",
+        b"null\n",
+        b"\"tpltest-fuzz\"\n",
+        b"{}\n",
+        b"{\"name\":[]}\n",
+        b"{\"name\":{\"a\":1}}\n",
+        b"{\"uuid\":true,\"name\":null}\n",
+        b"{\"name\":\"\"}\n",
+        b"{\"name\":\"x\"}{\n",
+        b"{\"name\":\"x\",}\n",
+        b"{\"name\":1e999}\n",
+        b"{\"uuid\":\"not-a-uuid\"}\n",
+        b"{\"uuid\":\"00000000-0000-0000-0000-000000000000\"}\n",
+        b"{\"name\":\"tpltest-fuzz-\\n-x\"}\n",
+        b"{\"name\":\"../../etc/passwd\"}\n",
+        b"{\"name\":\"tpltest-fuzz\",\"uri\":5}\n",
+        b"{\"name\":\"tpltest-fuzz\"\n",
+    ];
+    if n < fixed.len() {
+        return fixed[n].to_vec();
+    }
+    match rng.range(0, 6) {
+        // Random bytes, at least one of them not blank.
+        0 => {
+            let mut v: Vec<u8> = (0..rng.range(1, 3000)).map(|_| rng.next() as u8).collect();
+            v.push(b'#');
+            v
+        }
+        // A huge line: garbage, or a JSON string too long to be any name.
+        1 => {
+            let len = rng.range(1 << 20, 4 << 20) as usize;
+            if rng.range(0, 1) == 0 {
+                vec![b'{'; len]
+            } else {
+                let mut v = b"{\"name\":\"".to_vec();
+                v.extend(std::iter::repeat_n(b'a', len));
+                v.extend(b"\"}\n");
+                v
+            }
+        }
+        // Deep nesting.
+        2 => {
+            let d = rng.range(100, 100_000) as usize;
+            let mut v = vec![b'['; d];
+            v.extend(std::iter::repeat_n(b']', d));
+            v
+        }
+        // An unknown UUID, well formed.
+        3 => format!(
+            "{{\"uuid\":\"{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}\",\"name\":\"stale\"}}\n",
+            rng.next() as u32,
+            rng.next() as u16,
+            rng.next() & 0xfff,
+            rng.next() & 0xfff,
+            rng.next() & 0xffff_ffff_ffff
+        )
+        .into_bytes(),
+        // An unknown name with hostile characters.
+        4 => {
+            let bad = ["\\n", "\\t", "/", "..", "\\u001b[2J", "\\\"", "%s", " "];
+            format!(
+                "{{\"name\":\"tpltest-fuzz-{}{}{:x}\"}}\n",
+                rng.pick(&bad),
+                rng.pick(&bad),
+                rng.next()
+            )
+            .into_bytes()
+        }
+        // Several bad lines, with blank ones between.
+        _ => {
+            let mut v = Vec::new();
+            for _ in 0..rng.range(2, 5) {
+                v.extend(fixed[rng.range(0, fixed.len() as u64 - 1) as usize]);
+                v.extend(b"\n  \n");
+            }
+            v
+        }
+    }
+}
+
+#[test]
+fn hostile_stdin_is_bad_input_for_every_tool() {
+    let mut rng = Rng::seeded("hostile stdin");
+    let tools: [(&str, &[&str]); 4] = [
+        ("tpl-generalize", &[]),
+        ("tpl-lock", &[]),
+        ("tpl-rename", &["tpltest-fuzz-new-{name}"]),
+        ("tpl-clone", &["tpltest-fuzz-clone"]),
+    ];
+    for (tool, args) in tools {
+        for n in 0..40 {
+            let input = hostile_input(&mut rng, n);
+            let shown = String::from_utf8_lossy(&input[..input.len().min(80)]).into_owned();
+            let out = run_bytes(tool, args, input);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            no_panic(tool, &stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "{tool} on case {n} {shown:?}: {stderr}"
+            );
+            assert!(
+                stderr.contains(&format!("{tool}: error: ")),
+                "{tool} on {shown:?}: {stderr}"
+            );
+            assert!(
+                out.stdout.is_empty(),
+                "{tool} printed a record for {shown:?}"
+            );
+        }
+    }
+    assert_eq!(domains_with_prefix("tpltest-fuzz"), Vec::<String>::new());
+}
+
+#[test]
+fn hostile_names_are_refused_and_nothing_outside_is_touched() {
+    let mut s = Scratch::new();
+    let t = s.guest("tpl");
+    mark_generalized(&t.name);
+    let long = "x".repeat(300);
+    let before = files_in(&s.dir);
+    let parent = s.dir.parent().unwrap().to_path_buf();
+    let bad = [
+        "../x", "a/b", "a\nb", &long, "-rf", ".hidden", "", "a\tb", "/etc/x",
+    ];
+    for name in bad {
+        run(CLONE, &[&t.name, "--full", "--", name], None)
+            .fails(2)
+            .says(&["tpl-clone: error: invalid clone name"]);
+        run("tpl-rename", &["--disks", &t.name, "--", name], None)
+            .fails(2)
+            .says(&["tpl-rename: error: invalid new domain name"]);
+    }
+    // Hostile names made by patterns.
+    run(CLONE, &[&t.name, "--count", "2", "--prefix", "../"], None)
+        .fails(2)
+        .says(&["invalid clone name"]);
+    run(CLONE, &[&t.name, "--count", "2", "--prefix", "-"], None).fails(2);
+    run("tpl-rename", &[&t.name, "{name}/../x"], None)
+        .fails(2)
+        .says(&["invalid new domain name"]);
+    // A NUL cannot be an argument, but it can come in a record.
+    let rec = format!("{{\"name\":\"{}\\u0000x\"}}\n", t.name);
+    run(CLONE, &["c"], Some(&rec)).fails(2).says(&["NUL"]);
+    run("tpl-lock", &[], Some(&rec)).fails(2).says(&["NUL"]);
+
+    assert_eq!(files_in(&s.dir), before, "a refused run created files");
+    for f in ["x", "x.qcow2", "etc"] {
+        assert!(
+            !parent.join(f).exists(),
+            "{f} appeared next to the test dir"
+        );
+    }
+    assert!(!Path::new("/etc/x.qcow2").exists());
+    assert_eq!(domains_with_prefix(&s.prefix), vec![t.name.clone()]);
+    assert_eq!(
+        dom_xml(&t.name).disks()[0].path.as_deref(),
+        Some(t.disk.as_path())
+    );
+}
+
+#[test]
+fn symlinked_disks_are_refused_and_their_target_untouched() {
+    let mut s = Scratch::new();
+    let name = s.name("link");
+    fs::create_dir(s.dir.join("real")).unwrap();
+    let target = s.disk("real/target.qcow2");
+    let link = s.dir.join(format!("{name}.qcow2"));
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let console = s.dir.join(format!("{name}.console.log"));
+    s.define(&guest_xml(&name, &link, &console, ""));
+    mark_generalized(&name);
+    let sum = sha256(&target);
+    let tmode = mode(&target);
+    let before = files_in(&s.dir);
+    let c = s.name("c");
+
+    run(CLONE, &[&name, &c, "--full"], None)
+        .fails(3)
+        .says(&["symbolic link", p(&link)]);
+    run("tpl-lock", &[&name], None)
+        .fails(3)
+        .says(&["symbolic link", p(&link)]);
+    assert!(!read_meta(&name).template.locked);
+    assert_eq!(mode(&target), tmode, "tpl-lock changed the link's target");
+
+    // Marked locked with a read-only target by hand: a linked clone still refuses the link.
+    let mut m = read_meta(&name);
+    m.template.locked = true;
+    set_meta(&name, &m);
+    sh("chmod", &["a-w", p(&target)]);
+    run(CLONE, &[&name, &c, "--linked"], None)
+        .fails(3)
+        .says(&["symbolic link", p(&link)]);
+    sh("chmod", &["u+w", p(&target)]);
+
+    assert!(!domain_exists(&c));
+    assert_eq!(files_in(&s.dir), before);
+    assert_eq!(
+        files_in(&s.dir.join("real")),
+        BTreeSet::from(["target.qcow2".to_string()])
+    );
+    assert_eq!(sha256(&target), sum);
+    assert!(fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+}
+
+#[test]
+fn a_template_whose_image_was_deleted_and_unknown_uuids() {
+    let mut s = Scratch::new();
+    let locked = s.guest("locked");
+    lock(&locked.name, &locked.disk);
+    let plain = s.guest("plain");
+    mark_generalized(&plain.name);
+    fs::remove_file(&locked.disk).unwrap();
+    fs::remove_file(&plain.disk).unwrap();
+    let before = files_in(&s.dir);
+    let c = s.name("c");
+
+    for args in [
+        vec![locked.name.as_str(), &c],
+        vec![&locked.name, &c, "--full"],
+        vec![&plain.name, &c],
+    ] {
+        run(CLONE, &args, None)
+            .fails(3)
+            .says(&["cannot be read", "No such file", "vda"]);
+    }
+    let dm = locked.disk.display().to_string();
+    run(CLONE, &[&locked.name, &c], None).fails(3).says(&[&dm]);
+    run("tpl-lock", &[&plain.name], None)
+        .fails(1)
+        .says(&[p(&plain.disk), "No such file"]);
+    assert!(!read_meta(&plain.name).template.locked);
+    let new = s.name("renamed");
+    run("tpl-rename", &["--disks", &plain.name, &new], None)
+        .fails(3)
+        .says(&[p(&plain.disk), "No such file"]);
+    assert!(domain_exists(&plain.name) && !domain_exists(&new));
+    assert!(!domain_exists(&c));
+    assert_eq!(files_in(&s.dir), before);
+
+    // A record whose UUID no domain has: bad input for every tool, nothing created.
+    let rec = "{\"uuid\":\"6f1c1c2e-0000-4000-8000-0000deadbeef\",\"name\":\"gone\"}\n";
+    for (tool, args) in [
+        (CLONE, vec![c.as_str()]),
+        ("tpl-lock", vec![]),
+        ("tpl-rename", vec![new.as_str()]),
+        ("tpl-generalize", vec![]),
+    ] {
+        run(tool, &args, Some(rec))
+            .fails(2)
+            .says(&["not found", "6f1c1c2e-0000-4000-8000-0000deadbeef"]);
+    }
+    assert!(!domain_exists(&c) && !domain_exists(&new));
+    assert_eq!(files_in(&s.dir), before);
+}
+
+/// A loop-mounted file system, unmounted on drop (before the Scratch removes its directory).
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let st = Command::new("umount").arg(&self.0).status();
+        if !st.is_ok_and(|s| s.success()) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
+#[test]
+fn full_clone_into_a_full_file_system() {
+    let mut s = Scratch::new();
+    let (t, tdisk) = data_template(&mut s, "tpl", 160);
+    let img = s.dir.join("small.img");
+    let mnt = s.dir.join("small");
+    fs::create_dir(&mnt).unwrap();
+    sh("truncate", &["-s", "64M", p(&img)]);
+    sh("mkfs.ext4", &["-q", "-F", p(&img)]);
+    sh("mount", &["-o", "loop", p(&img), p(&mnt)]);
+    let _mount = Mount(mnt.clone());
+    fs::set_permissions(&mnt, fs::Permissions::from_mode(0o755)).unwrap();
+    let before = files_in(&mnt);
+    let outside = files_in(&s.dir);
+    let sum = sha256(&tdisk);
+
+    let c = s.name("c");
+    let child = spawn_clone(&[&t, &c, "--full", "--dir", p(&mnt)]);
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    no_panic(CLONE, &stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(out.stdout.is_empty());
+    for part in ["tpl-clone: error: ", "No space left on device", p(&mnt)] {
+        assert!(stderr.contains(part), "stderr lacks {part:?}: {stderr}");
+    }
+    assert_eq!(
+        files_in(&mnt),
+        before,
+        "the full file system keeps what was left"
+    );
+    assert_eq!(files_in(&s.dir), outside);
+    assert!(!domain_exists(&c));
+    assert!(journals_of(pid).iter().all(|j| !j.exists()));
+    assert_eq!(sha256(&tdisk), sum);
+    // The space came back: a small file fits again.
+    let used = sh("df", &["--output=used", p(&mnt)]);
+    let used: u64 = used.lines().nth(1).unwrap().trim().parse().unwrap();
+    assert!(
+        used < 8 << 10,
+        "{used} KiB still used on the small file system"
+    );
+}
