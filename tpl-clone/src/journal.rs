@@ -143,6 +143,16 @@ fn journal_pid(p: &Path) -> Option<u32> {
         .ok()
 }
 
+/// The pid in the name of a journal being created (`tpl-clone-<pid>.journal-new`).
+fn new_journal_pid(p: &Path) -> Option<u32> {
+    p.file_name()?
+        .to_str()?
+        .strip_prefix("tpl-clone-")?
+        .strip_suffix(".journal-new")?
+        .parse()
+        .ok()
+}
+
 /// The journal's lock, if its run is dead (nobody holds it).
 fn lock_if_dead(path: &Path) -> Option<Flock<File>> {
     let f = File::open(path).ok()?;
@@ -162,6 +172,15 @@ pub fn clean_dead(
     };
     for e in rd.flatten() {
         let path = e.path();
+        // A run killed while creating its journal left it under the new name, before any
+        // entry: nothing to clean but the file (the pid check keeps a run that has
+        // created it and not yet locked it).
+        if let Some(pid) = new_journal_pid(&path) {
+            if !pid_exists(pid) && lock_if_dead(&path).is_some() && fs::remove_file(&path).is_ok() {
+                done.push(format!("empty journal '{}'", path.display()));
+            }
+            continue;
+        }
         if journal_pid(&path).is_none() {
             continue;
         }
@@ -343,12 +362,15 @@ mod tests {
         text.push_str("{\"op\":\"tmp\",\"uu"); // cut short by kill -9
         let jpath = jdir.join(format!("tpl-clone-{pid}.journal"));
         fs::write(&jpath, text).unwrap();
+        // A run killed while creating its journal left it under the new name.
+        let new = jdir.join(format!("tpl-clone-{pid}.journal-new"));
+        fs::write(&new, "").unwrap();
         // A live run's journal (ours) is left alone.
         let mine = Journal::create(&jdir).unwrap();
 
         let removed = clean_dead(&jdir, |_, uuid| Some(uuid == "u2"));
-        assert_eq!(removed.len(), 2, "{removed:?}");
-        assert!(!tmp.exists() && !a.exists());
+        assert_eq!(removed.len(), 3, "{removed:?}");
+        assert!(!tmp.exists() && !a.exists() && !new.exists());
         assert!(b.exists(), "a file that is not the one journaled stays");
         assert!(c.exists(), "a finished clone's file stays");
         assert!(!jpath.exists());
