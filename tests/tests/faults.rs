@@ -480,6 +480,78 @@ fn eight_runs_racing_for_overlapping_names() {
     );
 }
 
+/// Processes whose command line names `path` (a helper writing it).
+fn processes_naming(path: &Path) -> Vec<u32> {
+    let want = path.as_os_str().as_encoded_bytes();
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = fs::read(e.path().join("cmdline")).ok()?;
+            cmd.split(|&b| b == 0).any(|arg| arg == want).then_some(pid)
+        })
+        .collect()
+}
+
+#[test]
+fn kill_9_during_a_flatten_takes_qemu_img_with_it() {
+    let mut s = Scratch::new();
+    let name = s.name("chain");
+    let base = s.dir.join(format!("{name}-base.img"));
+    sh("qemu-img", &["create", "-q", "-f", "raw", p(&base), "1G"]);
+    sh(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0xcd 0 768M", p(&base)],
+    );
+    let top = s.dir.join(format!("{name}.qcow2"));
+    sh(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            p(&base),
+            "-F",
+            "raw",
+            p(&top),
+        ],
+    );
+    let console = s.dir.join(format!("{name}.console.log"));
+    s.define(&guest_xml(&name, &top, &console, ""));
+    mark_generalized(&name);
+
+    let c = s.name("flat");
+    let mut child = spawn_clone(&[&name, &c, "--full"]);
+    let pid = child.id();
+    let tmp = s.dir.join(format!(".{c}.qcow2.tpl-tmp-{pid}"));
+    assert!(
+        reached(&mut child, 60, || tmp.exists()),
+        "the flatten never started"
+    );
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    child.wait().unwrap();
+    // qemu-img needs far longer than this for 768 MiB: it must die with tpl-clone.
+    let deadline = Instant::now() + Duration::from_millis(300);
+    loop {
+        let left = processes_naming(&tmp);
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "processes {left:?} still write {tmp:?} after tpl-clone was killed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    run(CLONE, &[&name, &s.name("next"), "--full"], None).ok(1);
+    assert!(!tmp.exists(), "the next run removes the temporary file");
+    assert!(journals_of(pid).iter().all(|j| !j.exists()));
+    assert!(!domain_exists(&c) && !s.dir.join(format!("{c}.qcow2")).exists());
+}
+
 /// Run a tool with raw bytes on stdin (written from a thread, so a tool that answers
 /// before reading everything never deadlocks us).
 fn run_bytes(tool: &str, args: &[&str], input: Vec<u8>) -> Output {

@@ -6,6 +6,7 @@
 //! removes the unfinished clone. kill -9 cannot be caught; the journal handles that.
 
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -57,11 +58,33 @@ pub fn signal_name(sig: i32) -> &'static str {
     }
 }
 
+/// Have the kernel kill the helper when we die, however we die: after a kill -9 an
+/// orphaned qemu-img would go on writing a temporary file the next run removes.
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut Command) {
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the forked child before exec and only makes the
+    // async-signal-safe calls prctl and getppid.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // We may have died before the prctl: then nobody waits for this helper.
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::other("tpl-clone has exited"));
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Run a helper (qemu-img) to completion, or kill it when a signal arrives. Its stderr
 /// is collected for the error message; `what` says what it was doing.
 pub fn run_child(mut cmd: Command, intr: &Interrupt, what: &str) -> Result<()> {
     let prog = cmd.get_program().to_string_lossy().into_owned();
     cmd.stdin(Stdio::null()).stderr(Stdio::piped());
+    die_with_parent(&mut cmd);
     let mut child: Child = cmd.spawn().map_err(|e| {
         Error::failed(
             format!("cannot {what}"),
