@@ -98,7 +98,7 @@ chmod 755 "$r"/usr/bin/ssh-keygen
 # machine on the serial console in 'TPL-BOOT key=value' lines, and powers off.
 install -m 755 "$here/init.sh" "$r"/sbin/init
 
-mke2fs -q -F -t ext4 -L root -d "$r" "$tmp"/disk.raw "$size" >&2
+mke2fs -q -F -t ext4 -L root -d "$r" "$tmp"/disk.raw "$size" >/dev/null
 qemu-img convert -q -f raw -O qcow2 "$tmp"/disk.raw "$tmp"/disk.qcow2
 mv "$tmp"/disk.qcow2 "$out.tmp.$$"
 mv "$out.tmp.$$" "$out"

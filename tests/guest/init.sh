@@ -14,6 +14,13 @@ if [ -x /usr/lib/virt-sysprep/firstboot.sh ]; then
   /usr/lib/virt-sysprep/firstboot.sh start >/dev/console 2>&1
 fi
 echo "TPL-BOOT serial=$(cat /sys/class/dmi/id/product_serial 2>/dev/null)"
+# What systemd does at boot: an empty /etc/machine-id (a generalized image) is
+# filled with a fresh random id, so each clone becomes its own machine.
+echo "TPL-BOOT machine-id-at-boot=$(cat /etc/machine-id 2>/dev/null)"
+if [ -e /etc/machine-id ] && [ ! -s /etc/machine-id ]; then
+  head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' > /etc/machine-id
+  echo >> /etc/machine-id
+fi
 echo "TPL-BOOT machine-id=$(cat /etc/machine-id 2>/dev/null)"
 echo "TPL-BOOT hostname=$(hostname)"
 for k in /etc/ssh/ssh_host_*_key.pub; do

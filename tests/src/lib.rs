@@ -531,3 +531,77 @@ pub fn read_meta(domain: &str) -> tpl_common::meta::Meta {
         Default::default()
     }
 }
+
+/// Start domains and wait (bounded) until each has powered itself off: the test guest's
+/// init reports on its console and powers off by itself.
+pub fn boot_until_off(names: &[String], limit: std::time::Duration) {
+    for n in names {
+        virsh(&["start", n]);
+    }
+    let deadline = std::time::Instant::now() + limit;
+    for name in names {
+        loop {
+            let state = virsh(&["domstate", name]);
+            if state.trim() == "shut off" {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} still '{}' after {limit:?}",
+                state.trim()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+    }
+}
+
+/// The values of the guest's `TPL-BOOT key=value` console lines for one key.
+pub fn boot_values<'a>(console: &'a str, key: &str) -> Vec<&'a str> {
+    let prefix = format!("TPL-BOOT {key}=");
+    console
+        .lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix(prefix.as_str()))
+        .collect()
+}
+
+/// The file a domain's serial console is written to, from its definition.
+pub fn console_path(domain: &str) -> PathBuf {
+    let x =
+        tpl_common::domxml::DomainXml::parse(&virsh(&["dumpxml", "--inactive", domain])).unwrap();
+    let serial = x
+        .root
+        .get_child("devices")
+        .and_then(|d| d.get_child("serial"))
+        .and_then(|s| s.get_child("source"))
+        .and_then(|s| s.attributes.get("path").cloned())
+        .unwrap_or_else(|| panic!("{domain} has no file serial console"));
+    PathBuf::from(serial)
+}
+
+/// Start a domain that must not start because qemu cannot open `disk` for writing, and
+/// return what virsh said. libvirt copies qemu's error from the domain's log into its
+/// message, but under load it can read the log before virtlogd has written qemu's line;
+/// the log itself is then the proof, polled within a deadline.
+pub fn start_is_denied(name: &str, disk: &Path) -> String {
+    let log = PathBuf::from(format!("/var/log/libvirt/qemu/{name}.log"));
+    let before = fs::metadata(&log).map(|m| m.len()).unwrap_or(0) as usize;
+    let (ok, text) = virsh_try(&["start", name]);
+    assert!(!ok, "a locked template must not start: {text}");
+    let needle = format!("Could not open '{}': Permission denied", disk.display());
+    if text.contains(&needle) {
+        return text;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let all = fs::read(&log).unwrap_or_default();
+        let new = String::from_utf8_lossy(all.get(before..).unwrap_or_default());
+        if new.contains(&needle) {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "start failed, but not because {needle:?}:\nvirsh: {text}\nlog: {new}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

@@ -98,36 +98,6 @@ fn host_keys(fs: &Fs) -> Vec<String> {
         .collect()
 }
 
-/// Start domains and wait (bounded) until each has powered itself off.
-fn boot_until_off(names: &[String], limit: Duration) {
-    for n in names {
-        virsh(&["start", n]);
-    }
-    let deadline = Instant::now() + limit;
-    for name in names {
-        loop {
-            let state = virsh(&["domstate", name]);
-            if state.trim() == "shut off" {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{name} still '{}' after {limit:?}",
-                state.trim()
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-}
-
-fn boot_values<'a>(console: &'a str, key: &str) -> Vec<&'a str> {
-    let prefix = format!("TPL-BOOT {key}=");
-    console
-        .lines()
-        .filter_map(|l| l.trim_end_matches('\r').strip_prefix(prefix.as_str()))
-        .collect()
-}
-
 /// The pipeline on a stream of two domains: one whose disk holds no OS (virt-sysprep
 /// fails; the stream carries on) and a real guest, which ends generalized, locked and renamed.
 /// Then its image is read without booting, and two linked clones of it boot once.
@@ -304,14 +274,27 @@ fn pipeline_seals_a_template_whose_clones_boot_fresh() {
     let names: Vec<String> = clones.iter().map(|c| sc.name(&c.0)).collect();
     boot_until_off(&names, Duration::from_secs(300));
     let mut all_keys = Vec::new();
+    let mut all_ids = Vec::new();
     for (tag, overlay, console, serial) in &clones {
         let log = std::fs::read_to_string(console).unwrap();
         eprintln!("{tag} console:\n{log}");
         assert_eq!(boot_values(&log, "firstboot"), ["run"], "{log}");
         assert_eq!(boot_values(&log, "serial"), [serial.as_str()]);
         assert_eq!(boot_values(&log, "hostname"), [tag.as_str()], "{log}");
-        // Empty in the template; a systemd guest makes its own at boot (busybox has none).
-        assert_eq!(boot_values(&log, "machine-id"), [""]);
+        // Empty in the template, so the guest's init (like systemd) made a fresh one.
+        assert_eq!(boot_values(&log, "machine-id-at-boot"), [""]);
+        let mid = boot_values(&log, "machine-id");
+        assert_eq!(mid.len(), 1, "{log}");
+        assert!(
+            mid[0].len() == 32 && mid[0].chars().all(|c| c.is_ascii_hexdigit()),
+            "{log}"
+        );
+        assert_ne!(
+            mid[0],
+            orig.cat("/etc/machine-id").trim(),
+            "the template's old id"
+        );
+        all_ids.push(mid[0].to_string());
         assert!(
             log.contains("tpl-firstboot: generating SSH host keys"),
             "{log}"
@@ -342,6 +325,7 @@ fn pipeline_seals_a_template_whose_clones_boot_fresh() {
     }
     let unique: std::collections::BTreeSet<&String> = all_keys.iter().collect();
     assert_eq!(unique.len(), 6, "the clones share host keys: {all_keys:?}");
+    assert_ne!(all_ids[0], all_ids[1], "the clones share a machine-id");
     // The template itself is untouched by its clone's boot.
     assert_eq!(
         host_keys(&Fs(raw_copy(&vm.disk, &sc.dir, "template2"))).len(),

@@ -92,34 +92,6 @@ fn wait_for_console(console: &Path, needle: &str, limit: Duration) -> String {
     }
 }
 
-/// Start a domain that must not start because qemu cannot open `disk` for writing, and
-/// return what virsh said. libvirt copies qemu's error from the domain's log into its
-/// message, but under load it can read the log before virtlogd has written qemu's line;
-/// the log itself is then the proof, polled within a deadline.
-fn start_is_denied(name: &str, disk: &Path) -> String {
-    let log = PathBuf::from(format!("/var/log/libvirt/qemu/{name}.log"));
-    let before = fs::metadata(&log).map(|m| m.len()).unwrap_or(0) as usize;
-    let (ok, text) = virsh_try(&["start", name]);
-    assert!(!ok, "a locked template must not start: {text}");
-    let needle = format!("Could not open '{}': Permission denied", disk.display());
-    if text.contains(&needle) {
-        return text;
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let all = fs::read(&log).unwrap_or_default();
-        let new = String::from_utf8_lossy(all.get(before..).unwrap_or_default());
-        if new.contains(&needle) {
-            return text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "start failed, but not because {needle:?}:\nvirsh: {text}\nlog: {new}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn autostart(name: &str) -> bool {
     virsh(&["dominfo", name])
         .lines()
