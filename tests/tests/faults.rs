@@ -256,14 +256,30 @@ fn kill_9_at_random_points_leaves_nothing_partial() {
     lock(&t, &tdisk);
     let sum = sha256(&tdisk);
 
+    // A run killed while creating its journal leaves it under its new name: the next run
+    // removes it with the rest.
+    let dead = {
+        let mut c = Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    };
+    fs::create_dir_all("/var/lib/tpl/clone-journal").unwrap();
+    fs::write(&journals_of(dead)[1], "").unwrap();
+
     let (mut killed_mid_run, mut left_something) = (0, 0);
     let trials = 24;
     for i in 0..trials {
         let mode = if i % 2 == 0 { Mode::Full } else { Mode::Linked };
         let (names, args): (Vec<String>, Vec<String>) = match mode {
             Mode::Full => {
-                let n = s.name(&format!("f{i}"));
-                (vec![n.clone()], vec![t.clone(), n, "--full".into()])
+                let names: Vec<String> = (0..rng.range(1, 2))
+                    .map(|k| s.name(&format!("f{i}-{k}")))
+                    .collect();
+                let mut args = vec![t.clone()];
+                args.extend(names.iter().cloned());
+                args.push("--full".into());
+                (names, args)
             }
             Mode::Linked => {
                 let count = rng.range(10, 20);
@@ -286,8 +302,11 @@ fn kill_9_at_random_points_leaves_nothing_partial() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut child = spawn_clone(&args);
         let pid = child.id();
-        let tmp = s.dir.join(format!(".{}.qcow2.tpl-tmp-{pid}", names[0]));
-        // The point of the kill: a stage of the run, then a random extra delay.
+        // The point of the kill: a stage of the run (for the k-th clone), then a random
+        // extra delay.
+        let k = rng.range(0, names.len() as u64 - 1) as usize;
+        let tmp = s.dir.join(format!(".{}.qcow2.tpl-tmp-{pid}", names[k]));
+        let fin = s.dir.join(format!("{}.qcow2", names[k]));
         let stage = rng.range(0, 3);
         let (what, hit) = match (stage, mode) {
             (0, _) => ("start", true),
@@ -296,15 +315,7 @@ fn kill_9_at_random_points_leaves_nothing_partial() {
                 reached(&mut child, 60, || journals_of(pid)[0].exists()),
             ),
             (2, Mode::Full) => ("temporary file", reached(&mut child, 60, || tmp.exists())),
-            (_, Mode::Full) => {
-                let f = s.dir.join(format!("{}.qcow2", names[0]));
-                ("final file", reached(&mut child, 60, || f.exists()))
-            }
-            (_, Mode::Linked) => {
-                let k = rng.range(0, names.len() as u64 - 1) as usize;
-                let f = s.dir.join(format!("{}.qcow2", names[k]));
-                ("k-th final file", reached(&mut child, 60, || f.exists()))
-            }
+            _ => ("final file", reached(&mut child, 60, || fin.exists())),
         };
         let delay = rng.range(0, if stage == 0 { 400 } else { 60 });
         std::thread::sleep(Duration::from_millis(delay));
@@ -321,7 +332,7 @@ fn kill_9_at_random_points_leaves_nothing_partial() {
             "trial {i}: {stderr}"
         );
         eprintln!(
-            "trial {i}: {mode:?} x{}, kill at {what} (reached: {hit}) + {delay} ms: {}",
+            "trial {i}: {mode:?} x{}, kill at {what} of #{k} (reached: {hit}) + {delay} ms: {}",
             names.len(),
             if running { "killed" } else { "had finished" }
         );
@@ -360,6 +371,7 @@ fn kill_9_at_random_points_leaves_nothing_partial() {
             assert_eq!(f.exists(), domain_exists(n), "trial {i}: {n}");
         }
         check_after_kill(&s, &t, &tdisk, &names, mode);
+        assert!(!journals_of(dead)[1].exists(), "a cut-off journal stays");
         let mut all = names.clone();
         all.push(sweep);
         remove_clones(&s, &all);
