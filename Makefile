@@ -20,7 +20,7 @@ CHECK = /usr/bin/qemu-system-x86_64 /usr/sbin/libvirtd /usr/bin/virsh /usr/bin/v
 
 BINS = tpl-generalize tpl-lock tpl-rename tpl-clone
 
-.PHONY: all deps libvirtd build test unit-test demo install clean
+.PHONY: all deps libvirtd build test demo install refresh clean
 
 all: build
 
@@ -52,10 +52,26 @@ test: deps libvirtd build
 demo: deps libvirtd build
 	./scripts/demo.sh
 
-install: build
+# Binaries, man pages and bash/zsh/fish completions (generated from the clap definitions).
+install: deps
 	$(CARGO) build --release --workspace --bins
-	install -d $(DESTDIR)$(PREFIX)/bin
-	for b in $(BINS); do install -m 755 target/release/$$b $(DESTDIR)$(PREFIX)/bin/$$b; done
+	$(CARGO) run -q --release -p xtask -- docs target/docs
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/man/man1 \
+	  $(DESTDIR)$(PREFIX)/share/bash-completion/completions \
+	  $(DESTDIR)$(PREFIX)/share/zsh/site-functions $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
+	for b in $(BINS); do \
+	  install -m 755 target/release/$$b $(DESTDIR)$(PREFIX)/bin/$$b; \
+	  install -m 644 target/docs/man/man1/$$b.1 $(DESTDIR)$(PREFIX)/share/man/man1/$$b.1; \
+	  install -m 644 target/docs/completions/bash/$$b $(DESTDIR)$(PREFIX)/share/bash-completion/completions/$$b; \
+	  install -m 644 target/docs/completions/zsh/_$$b $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_$$b; \
+	  install -m 644 target/docs/completions/fish/$$b.fish $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/$$b.fish; \
+	done
+	install -m 755 scripts/tpl-refresh $(DESTDIR)$(PREFIX)/bin/tpl-refresh
+
+# A fresh template from a maintained VM, e.g. from cron (README: "Template refresh").
+refresh: libvirtd build
+	@[ -n "$(SOURCE)" ] && [ -n "$(TEMPLATE)" ] || { echo "usage: make refresh SOURCE=vm TEMPLATE=Tpl" >&2; exit 2; }
+	./scripts/tpl-refresh -c $(URI) $(SOURCE) $(TEMPLATE)
 
 clean:
 	$(CARGO) clean
