@@ -332,7 +332,8 @@ fn kill_9_at_random_points_leaves_nothing_partial() {
             "trial {i}: {stderr}"
         );
         eprintln!(
-            "trial {i}: {mode:?} x{}, kill at {what} of #{k} (reached: {hit}) + {delay} ms: {}",
+            "{:5.1} s: trial {i}: {mode:?} x{}, kill at {what} of #{k} (reached: {hit}) + {delay} ms: {}",
+            started.elapsed().as_secs_f64(),
             names.len(),
             if running { "killed" } else { "had finished" }
         );
@@ -370,7 +371,6 @@ fn kill_9_at_random_points_leaves_nothing_partial() {
             let f = s.dir.join(format!("{n}.qcow2"));
             assert_eq!(f.exists(), domain_exists(n), "trial {i}: {n}");
         }
-        check_after_kill(&s, &t, &tdisk, &names, mode);
         assert!(!journals_of(dead)[1].exists(), "a cut-off journal stays");
         let mut all = names.clone();
         all.push(sweep);
