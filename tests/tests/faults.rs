@@ -800,6 +800,19 @@ fn symlinked_disks_are_refused_and_their_target_untouched() {
         .unwrap()
         .file_type()
         .is_symlink());
+
+    // A symbolic link already under a clone's final name is never written through.
+    let plain = s.guest("plain");
+    mark_generalized(&plain.name);
+    let c2 = s.name("c2");
+    let trap = s.dir.join(format!("{c2}.qcow2"));
+    std::os::unix::fs::symlink(&target, &trap).unwrap();
+    run(CLONE, &[&plain.name, &c2, "--full"], None)
+        .fails(3)
+        .says(&["already exists", p(&trap)]);
+    assert!(!domain_exists(&c2));
+    assert_eq!(sha256(&target), sum);
+    assert_eq!(mode(&target), tmode);
 }
 
 #[test]
