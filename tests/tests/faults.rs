@@ -726,6 +726,17 @@ fn hostile_names_are_refused_and_nothing_outside_is_touched() {
             .fails(2)
             .says(&["tpl-rename: error: invalid new domain name"]);
     }
+    // As the domain to work on they name nothing: bad input for every tool.
+    for name in ["../x", "a/b", "a\nb", &long, ""] {
+        for (tool, args) in [
+            (CLONE, vec![name, "c"]),
+            ("tpl-lock", vec![name]),
+            ("tpl-generalize", vec![name]),
+            ("tpl-rename", vec!["--disks", name, "new"]),
+        ] {
+            run(tool, &args, None).fails(2).says(&["not found"]);
+        }
+    }
     // Hostile names made by patterns.
     run(CLONE, &[&t.name, "--count", "2", "--prefix", "../"], None)
         .fails(2)
