@@ -932,4 +932,23 @@ fn full_clone_into_a_full_file_system() {
         used < 8 << 10,
         "{used} KiB still used on the small file system"
     );
+
+    // Two clones of 36 MiB: the first fits and stays, the second fills the file system
+    // and goes without a trace.
+    let (t2, t2disk) = data_template(&mut s, "tpl2", 36);
+    let outside = files_in(&s.dir);
+    let (c1, c2) = (s.name("c1"), s.name("c2"));
+    let r = run(CLONE, &[&t2, &c1, &c2, "--full", "--dir", p(&mnt)], None)
+        .fails(1)
+        .says(&["No space left on device", p(&mnt)]);
+    assert_eq!(r.records.len(), 1, "{}", r.stdout);
+    assert_eq!(r.records[0].name, c1);
+    let f1 = mnt.join(format!("{c1}.qcow2"));
+    assert!(same_content(&t2disk, &f1));
+    assert_eq!(dom_xml(&c1).disks()[0].path.as_deref(), Some(f1.as_path()));
+    assert!(!domain_exists(&c2));
+    let mut want = before.clone();
+    want.insert(format!("{c1}.qcow2"));
+    assert_eq!(files_in(&mnt), want);
+    assert_eq!(files_in(&s.dir), outside);
 }
