@@ -726,6 +726,36 @@ fn hostile_names_are_refused_and_nothing_outside_is_touched() {
             .fails(2)
             .says(&["tpl-rename: error: invalid new domain name"]);
     }
+    // Generated names that break one rule each, with hostile characters around.
+    let mut rng = Rng::seeded("hostile names");
+    let alphabet = [
+        "a", "Z", "9", "_", ".", "-", " ", "ü", "\\", "'", "$(x)", "*", "%n",
+    ];
+    for _ in 0..30 {
+        let mut name: String = (0..rng.range(0, 12))
+            .map(|_| *rng.pick(&alphabet))
+            .collect();
+        match rng.range(0, 4) {
+            0 => name.insert(0, '.'),
+            1 => name.insert(0, '-'),
+            2 => {
+                let at: Vec<usize> = name
+                    .char_indices()
+                    .map(|(i, _)| i)
+                    .chain([name.len()])
+                    .collect();
+                name.insert(*rng.pick(&at), '/')
+            }
+            3 => name.push(*rng.pick(&['\n', '\t', '\r', '\x1b', '\x7f', '\u{85}'])),
+            _ => name.push_str(&"y".repeat(65)),
+        }
+        run(CLONE, &[&t.name, "--full", "--", &name], None)
+            .fails(2)
+            .says(&["invalid clone name"]);
+        run("tpl-rename", &[&t.name, "--", &name], None)
+            .fails(2)
+            .says(&["invalid new domain name"]);
+    }
     // As the domain to work on they name nothing: bad input for every tool.
     for name in ["../x", "a/b", "a\nb", &long, ""] {
         for (tool, args) in [
