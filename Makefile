@@ -12,11 +12,11 @@ export LIBGUESTFS_BACKEND_SETTINGS ?= force_tcg
 
 PKGS = qemu-utils/bookworm qemu-system-x86 libvirt-dev libvirt-daemon-system \
        libvirt-clients dnsmasq-base pkg-config libguestfs-tools linux-image-amd64 \
-       busybox-static e2fsprogs btrfs-progs
+       busybox-static e2fsprogs btrfs-progs python3
 # What each package leaves behind, to skip apt when everything is there.
 CHECK = /usr/bin/qemu-system-x86_64 /usr/sbin/libvirtd /usr/bin/virsh /usr/bin/virt-sysprep \
         /usr/lib/x86_64-linux-gnu/pkgconfig/libvirt.pc /usr/bin/pkg-config /bin/busybox \
-        /usr/sbin/dnsmasq /sbin/mkfs.btrfs /usr/bin/qemu-img
+        /usr/sbin/dnsmasq /sbin/mkfs.btrfs /usr/bin/qemu-img /usr/bin/python3
 
 BINS = tpl-generalize tpl-lock tpl-rename tpl-clone
 
