@@ -20,7 +20,7 @@ CHECK = /usr/bin/qemu-system-x86_64 /usr/sbin/libvirtd /usr/bin/virsh /usr/bin/v
 
 BINS = tpl-generalize tpl-lock tpl-rename tpl-clone
 
-.PHONY: all deps libvirtd build test demo install refresh clean
+.PHONY: all deps libvirtd build test demo install refresh bench clean
 
 all: build
 
@@ -72,6 +72,14 @@ install: deps
 refresh: libvirtd build
 	@[ -n "$(SOURCE)" ] && [ -n "$(TEMPLATE)" ] || { echo "usage: make refresh SOURCE=vm TEMPLATE=Tpl" >&2; exit 2; }
 	./scripts/tpl-refresh -c $(URI) $(SOURCE) $(TEMPLATE)
+
+# A benchmark, not a test: tpl-clone against virt-clone, cp, qemu-img and a shell loop on a
+# generated 10 GiB template (scripts/bench.py says how); a table on stdout, about 5 minutes.
+bench: deps libvirtd
+	@command -v virt-clone >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	  --no-install-recommends virtinst >/dev/null
+	$(CARGO) build --release --workspace --bins
+	TPL_BIN_DIR=$(CURDIR)/target/release URI=$(URI) python3 scripts/bench.py
 
 clean:
 	$(CARGO) clean

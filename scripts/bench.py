@@ -1,0 +1,468 @@
+#!/usr/bin/env python3
+"""make bench: tpl-clone measured side by side with the usual ways of doing the same job.
+
+A benchmark, not a test. On a generated template (a qcow2 image of 10 GiB virtual size
+holding 1 GiB of random data in 1 MiB pieces spread every 10 MiB, defined as a libvirt
+domain, marked generalized and locked with the real tpl-lock) it measures, alternating
+the contenders run by run (A B C D A B C D ...), RUNS runs each (default 3), medians:
+
+  full clone     tpl-clone --full, virt-clone, cp --sparse=always, qemu-img convert
+                 on the machine's disk and on a btrfs loop file system (reflink):
+                 wall time, peak RSS, space the clone allocated
+  linked clones  100 in one tpl-clone call vs a shell loop of qemu-img create -b -F
+                 + virsh define
+  4k writes      qemu-img bench -w (4 KiB writes, O_DIRECT, depth 64) into a linked
+                 clone's overlay made by tpl-clone vs one made with qemu-img's defaults
+                 vs a fresh copy of the base image, in two patterns: over free space
+                 (a 64 KiB stride from the start) and over the template's data
+
+Before every measured command the template image's pages are dropped from the page
+cache (sync, then posix_fadvise DONTNEED on the image and, for btrfs, on the loop
+file's backing file), so every copy reads the template from the disk; programs and
+libraries stay cached, as on a host in use (BENCH_DROP=all drops the whole page cache
+instead, which adds the cold start of every program: about 0.1 s for a tool linked
+with libvirt's 57 libraries). After the command comes a sync, inside the measured
+time, so all pay for durability. Peak RSS is the measured process's (and its waited-for children's)
+ru_maxrss from wait4: for virt-clone that is the Python client, the copy itself runs
+in libvirtd's qemu-img. Progress goes to stderr, the table to stdout. Everything lives
+in /var/lib/libvirt/images/tpl-bench-PID/ and is removed at the end, also on failure
+or Ctrl-C (domains undefined, loop file system unmounted).
+
+Environment: URI (default qemu:///system), TPL_BIN_DIR (default target/release),
+BENCH_RUNS (default 3), BENCH_LINKED (default 100), BENCH_DROP=all.
+
+Why qcow2: it is what libvirt templates are, and every contender copies the same file
+(virt-clone through libvirt's storage pool, which runs qemu-img convert for qcow2).
+cp and qemu-img convert copy only the image file; tpl-clone and virt-clone also define
+the clone's domain.
+"""
+
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.environ.get("TPL_BIN_DIR", os.path.join(HERE, "target", "release"))
+URI = os.environ.get("URI", "qemu:///system")
+RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+LINKED = int(os.environ.get("BENCH_LINKED", "100"))
+IMAGES = "/var/lib/libvirt/images"
+PREFIX = "tpl-bench-"
+ROOT = os.path.join(IMAGES, f"{PREFIX}{os.getpid()}")
+TAG = f"{PREFIX}{os.getpid()}"  # every domain name this run defines starts with it
+NS = "urn:x-tpl:template:1"
+GIB, MIB = 1 << 30, 1 << 20
+VIRTUAL = 10 * GIB
+PIECE = MIB
+STRIDE = 10 * MIB  # 1024 pieces of 1 MiB over 10 GiB: 1 GiB of data
+OVERLAY_BENCH = ["-w", "-t", "none", "-c", "20000", "-s", "4k", "-S", "64k"]
+
+
+def say(msg):
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def run(argv, **kw):
+    """Run a helper command (not measured); fail loudly with its stderr."""
+    p = subprocess.run(argv, capture_output=True, text=True, **kw)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: exit {p.returncode}: {p.stderr.strip()}")
+    return p.stdout
+
+
+def virsh(*args, check=True):
+    p = subprocess.run(["virsh", "-q", "-c", URI, *args], capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"virsh {' '.join(args)}: {p.stderr.strip()}")
+    return p.stdout
+
+
+COLD = []  # files whose pages are dropped before each measured command
+
+
+def evict(paths):
+    """Drop these files' pages from the page cache (sync first: only clean pages go)."""
+    os.sync()
+    if os.environ.get("BENCH_DROP") == "all":
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def measure(argv, env=None):
+    """Cold image, run argv, sync; (seconds incl. the sync, seconds of the command, peak RSS KiB)."""
+    evict(COLD)
+    with tempfile.TemporaryFile() as err:
+        t0 = time.monotonic()
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=err, env=env)
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        t1 = time.monotonic()
+        os.sync()
+        t2 = time.monotonic()
+        if p.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(argv)}: exit {p.returncode}: "
+                               f"{err.read().decode(errors='replace').strip()}")
+    return t2 - t0, t1 - t0, ru.ru_maxrss
+
+
+# --- what this run creates, and its removal -------------------------------------------
+
+def cleanup(root=ROOT, tag=TAG):
+    """Undefine every domain of a run, unmount its loop file system, remove its directory."""
+    names = [n for n in virsh("list", "--all", "--name", check=False).split()
+             if n.startswith(tag + "-")]
+    undefine(names)
+    # virt-clone may have made storage pools for our directories.
+    for pool in virsh("pool-list", "--all", "--name", check=False).split():
+        x = virsh("pool-dumpxml", pool, check=False)
+        m = re.search(r"<path>([^<]*)</path>", x)
+        if m and (m.group(1) + "/").startswith(root + "/"):
+            virsh("pool-destroy", pool, check=False)
+            virsh("pool-undefine", pool, check=False)
+    mnt = os.path.join(root, "btrfs")
+    if os.path.ismount(mnt):
+        subprocess.run(["umount", mnt], capture_output=True)
+        if os.path.ismount(mnt):
+            subprocess.run(["umount", "-l", mnt], capture_output=True)
+    if os.path.isdir(root):
+        subprocess.run(["chmod", "-R", "u+w", root], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+    say(f"removed {root} and {len(names)} domain(s)")
+
+
+def undefine(names):
+    # One virsh for many commands: `virsh 'undefine a; undefine b'`.
+    for i in range(0, len(names), 50):
+        cmds = "; ".join(f"undefine --nvram {n}" for n in names[i:i + 50])
+        if cmds:
+            subprocess.run(["virsh", "-q", "-c", URI, cmds], capture_output=True)
+
+
+def remove_clones(prefix, directory):
+    undefine([n for n in virsh("list", "--all", "--name").split() if n.startswith(prefix)])
+    for f in os.listdir(directory):
+        if f.startswith(prefix):
+            os.remove(os.path.join(directory, f))
+
+
+def on_signal(sig, _frame):
+    raise KeyboardInterrupt(f"signal {sig}")
+
+
+# --- the template ---------------------------------------------------------------------
+
+def domain_xml(name, disk):
+    return f"""<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>512</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <features><acpi/></features>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{disk}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <interface type='user'><model type='virtio'/></interface>
+  </devices>
+</domain>
+"""
+
+
+def make_image(path):
+    """A qcow2 of 10 GiB virtual size with 1 GiB of random data spread over it."""
+    raw = path + ".raw"
+    with open(raw, "wb") as f:
+        f.truncate(VIRTUAL)
+        for off in range(0, VIRTUAL, STRIDE):
+            f.seek(off)
+            f.write(os.urandom(PIECE))
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, path])
+    os.remove(raw)
+
+
+def make_template(name, disk):
+    """Define the domain, mark it generalized (as tpl-generalize would), lock it with tpl-lock."""
+    xml = os.path.join(ROOT, f"{name}.xml")
+    with open(xml, "w") as f:
+        f.write(domain_xml(name, disk))
+    virsh("define", xml)
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    meta = (f'<template xmlns="{NS}"><generalized at="{now}" method="virt-sysprep" '
+            f'tool="tpl bench" operations="defaults"/></template>')
+    virsh("metadata", name, "--uri", NS, "--key", "tpl", "--set", meta, "--config")
+    run([os.path.join(BIN, "tpl-lock"), "-q", "-c", URI, name])
+
+
+def clone_xml_template(tpl):
+    """The template's definition with @NAME@/@FILE@ placeholders, no UUID, MACs or metadata,
+    for the shell loop's sed."""
+    root = ET.fromstring(virsh("dumpxml", "--inactive", tpl))
+    root.find("name").text = "@NAME@"
+    for tag in ("uuid", "metadata"):
+        e = root.find(tag)
+        if e is not None:
+            root.remove(e)
+    for iface in root.iter("interface"):
+        for mac in iface.findall("mac"):
+            iface.remove(mac)
+    root.find("devices/disk/source").set("file", "@FILE@")
+    path = os.path.join(ROOT, "clone.xml.in")
+    with open(path, "w") as f:
+        f.write(ET.tostring(root, encoding="unicode"))
+    return path
+
+
+# --- measurements ---------------------------------------------------------------------
+
+def allocated(path, btrfs):
+    """Bytes the clone file itself allocated: on btrfs its exclusive extents (a reflink
+    allocates nothing of its own), elsewhere its blocks."""
+    if btrfs:
+        out = run(["btrfs", "filesystem", "du", "-s", "--raw", path]).splitlines()[-1].split()
+        return int(out[1])
+    return os.stat(path).st_blocks * 512
+
+
+def full_clones(where, tpl, tpl_disk, out_dir, btrfs, results):
+    tc = os.path.join(BIN, "tpl-clone")
+    contenders = {
+        "tpl-clone --full": lambda n, f: [tc, "-q", "-c", URI, tpl, n, "--full", "--dir", out_dir],
+        "virt-clone": lambda n, f: ["virt-clone", "-q", "--connect", URI, "-o", tpl, "-n", n,
+                                    "-f", f],
+        "cp --sparse=always": lambda n, f: ["cp", "--sparse=always", tpl_disk, f],
+        "qemu-img convert": lambda n, f: ["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2",
+                                          tpl_disk, f],
+    }
+    for r in range(RUNS):
+        for i, (label, argv) in enumerate(contenders.items()):
+            name = f"{TAG}-full{i}-{r}"
+            f = os.path.join(out_dir, f"{name}.qcow2")
+            say(f"{where}: {label} (run {r + 1}/{RUNS})")
+            wall, cmd, rss = measure(argv(name, f))
+            alloc = allocated(f, btrfs)
+            results.setdefault((where, label), []).append((wall, cmd, rss, alloc))
+            say(f"  {wall:.2f} s ({cmd:.2f} s before the sync), {rss / 1024:.1f} MiB RSS, "
+                f"{alloc / MIB:.0f} MiB allocated")
+            remove_clones(name, out_dir)
+
+
+def linked_clones(tpl, tpl_disk, out_dir, results):
+    tc = os.path.join(BIN, "tpl-clone")
+    xml_in = clone_xml_template(tpl)
+    loop = os.path.join(ROOT, "loop.sh")
+    with open(loop, "w") as f:
+        f.write(f"""set -e
+p=$1
+for i in $(seq -w 1 {LINKED}); do
+  n=$p$i; f={out_dir}/$n.qcow2
+  qemu-img create -q -f qcow2 -b {tpl_disk} -F qcow2 "$f"
+  sed -e "s|@NAME@|$n|" -e "s|@FILE@|$f|" {xml_in} > {out_dir}/$n.xml
+  virsh -q -c {URI} define {out_dir}/$n.xml >/dev/null
+done
+""")
+    contenders = {
+        f"tpl-clone --linked --count {LINKED}":
+            lambda p: [tc, "-q", "-c", URI, tpl, "--linked", "--count", str(LINKED),
+                       "--prefix", p, "--dir", out_dir],
+        "shell loop: qemu-img create + virsh define": lambda p: ["bash", loop, p],
+    }
+    for r in range(RUNS):
+        for i, (label, argv) in enumerate(contenders.items()):
+            p = f"{TAG}-lnk{i}-{r}-"
+            say(f"linked: {label} (run {r + 1}/{RUNS})")
+            wall, cmd, rss = measure(argv(p))
+            n = len([x for x in os.listdir(out_dir) if x.startswith(p) and x.endswith(".qcow2")])
+            if n != LINKED:
+                raise RuntimeError(f"{label}: {n} overlays instead of {LINKED}")
+            alloc = sum(os.stat(os.path.join(out_dir, x)).st_blocks * 512
+                        for x in os.listdir(out_dir) if x.startswith(p))
+            results.setdefault(("linked", label), []).append((wall, cmd, rss, alloc))
+            say(f"  {wall:.2f} s ({cmd:.2f} s before the sync), {rss / 1024:.1f} MiB RSS")
+            remove_clones(p, out_dir)
+
+
+def overlay_writes(tpl, tpl_disk, out_dir, results):
+    """Two patterns of 4 KiB O_DIRECT writes: 20000 at a 64 KiB stride from the start (over
+    the disk's first 1.25 GiB, nine tenths of it free space in the template), and 16384 that
+    all land on the template's data (16 passes over its 1024 pieces)."""
+    tc = os.path.join(BIN, "tpl-clone")
+    base = os.path.join(out_dir, f"{TAG}-base.qcow2")
+    on_data = os.path.join(ROOT, "on-data.sh")
+    with open(on_data, "w") as f:
+        f.write(f"""set -e
+for o in $(seq 0 65536 {PIECE - 1}); do
+  qemu-img bench -w -t none -c {VIRTUAL // STRIDE} -s 4k -S {STRIDE} -o $o -f qcow2 "$1" >/dev/null
+done
+""")
+    patterns = {
+        "free space": lambda img: ["qemu-img", "bench", *OVERLAY_BENCH, "-f", "qcow2", img],
+        "template data": lambda img: ["bash", on_data, img],
+    }
+    for r in range(RUNS):
+        for pat, argv in patterns.items():
+            ours = f"{TAG}-ovl-{r}"
+            run([tc, "-q", "-c", URI, tpl, ours, "--linked", "--dir", out_dir])
+            ours_f = os.path.join(out_dir, f"{ours}.qcow2")
+            dflt_f = os.path.join(out_dir, f"{TAG}-dflt-{r}.qcow2")
+            run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", tpl_disk, "-F", "qcow2", dflt_f])
+            # The base image as a full clone would have it: a fresh copy every run.
+            run(["cp", "--sparse=always", tpl_disk, base])
+            os.chmod(base, 0o644)
+            for label, img in ((f"{pat}: tpl-clone's overlay", ours_f),
+                               (f"{pat}: qemu-img default overlay", dflt_f),
+                               (f"{pat}: base image itself", base)):
+                say(f"overlay writes on {label} (run {r + 1}/{RUNS})")
+                wall, cmd, rss = measure(argv(img))
+                results.setdefault(("4k writes", label), []).append(
+                    (wall, cmd, rss, os.stat(img).st_blocks * 512))
+                say(f"  {cmd:.2f} s")
+            remove_clones(ours, out_dir)
+            os.remove(dflt_f)
+            os.remove(base)
+
+
+# --- the table ------------------------------------------------------------------------
+
+def med(rows, k):
+    return statistics.median(r[k] for r in rows)
+
+
+def table(results, targets):
+    out = []
+    out.append(f"tpl bench: template qcow2, {VIRTUAL // GIB} GiB virtual, "
+               f"{VIRTUAL // STRIDE * PIECE // MIB} MiB random data in {PIECE // MIB} MiB pieces "
+               f"every {STRIDE // MIB} MiB; medians of {RUNS} alternating runs; template "
+               f"image evicted from the page cache before and sync after each command")
+    out.append("")
+    hdr = f"{'case':<16} {'contender':<46} {'wall s':>8} {'cmd s':>8} {'peak RSS':>10} {'allocated':>10}"
+    out.append(hdr)
+    out.append("-" * len(hdr))
+    for (where, label), rows in results.items():
+        out.append(f"{where:<16} {label:<46} {med(rows, 0):>8.3f} {med(rows, 1):>8.3f} "
+                   f"{med(rows, 2) / 1024:>7.1f} MiB {med(rows, 3) / MIB:>6.0f} MiB")
+    out.append("")
+    out.append("wall s: the command and the sync after it; cmd s: the command alone. "
+               "allocated: the clone's blocks (btrfs: its exclusive extents; linked: all "
+               "overlays; 4k writes: the image after them; cmd s of 4k writes is the figure compared).")
+    out.append("")
+    for ok, text in targets:
+        out.append(f"{'PASS' if ok else 'FAIL'}  {text}")
+    return "\n".join(out)
+
+
+def targets(res):
+    t = []
+    m = lambda key, k=0: med(res[key], k)
+    d = "machine's disk"
+    ours, cp, vc = m((d, "tpl-clone --full")), m((d, "cp --sparse=always")), m((d, "virt-clone"))
+    t.append((ours <= cp, f"full clone on the machine's disk <= 1.0x cp: "
+                          f"{ours:.2f} s vs {cp:.2f} s = {ours / cp:.2f}x"))
+    t.append((ours <= 0.8 * vc, f"full clone on the machine's disk <= 0.8x virt-clone: "
+                                f"{ours:.2f} s vs {vc:.2f} s = {ours / vc:.2f}x"))
+    if ("btrfs (reflink)", "tpl-clone --full") in res:
+        rw = m(("btrfs (reflink)", "tpl-clone --full"))
+        rc = m(("btrfs (reflink)", "tpl-clone --full"), 1)
+        t.append((rw < 0.1, f"reflink full clone < 0.1 s (with the sync): {rw:.3f} s "
+                            f"(the command alone: {rc:.3f} s)"))
+    lk = [k for k in res if k[0] == "linked"]
+    if lk:
+        a, b = m(lk[0]), m(lk[1])
+        t.append((a <= 0.5 * b, f"{LINKED} linked clones <= 0.5x the shell loop: "
+                                f"{a:.2f} s vs {b:.2f} s = {a / b:.2f}x"))
+    for pat in ("free space", "template data"):
+        key = lambda who: ("4k writes", f"{pat}: {who}")
+        if key("tpl-clone's overlay") not in res:
+            continue
+        a, b, c = (m(key(w), 1) for w in ("tpl-clone's overlay", "qemu-img default overlay",
+                                          "base image itself"))
+        t.append((b >= 3 * a, f"overlay 4k writes on {pat} >= 3x the defaults: {a:.2f} s vs "
+                              f"{b:.2f} s = {b / a:.1f}x (base image: {c:.2f} s; ours "
+                              f"{a / c:.2f}x the base's time)"))
+    rss = max(r[2] for k, rows in res.items() if k[1].startswith("tpl-clone") for r in rows)
+    t.append((rss < 20 * 1024, f"tpl-clone peak RSS < 20 MiB: {rss / 1024:.1f} MiB "
+                               f"(the largest of all its runs)"))
+    return t
+
+
+def main():
+    if os.geteuid() != 0:
+        sys.exit("bench: must run as root (libvirt's system URI, drop_caches, loop mount)")
+    for b in ("tpl-clone", "tpl-lock"):
+        if not os.access(os.path.join(BIN, b), os.X_OK):
+            sys.exit(f"bench: {BIN}/{b} missing; build with cargo build --release")
+    # What killed runs left: directories of dead pids.
+    for d in os.listdir(IMAGES):
+        m = re.fullmatch(re.escape(PREFIX) + r"(\d+)", d)
+        if m and not os.path.exists(f"/proc/{m.group(1)}"):
+            cleanup(os.path.join(IMAGES, d), d)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    started = time.monotonic()
+    results = {}
+    try:
+        os.makedirs(ROOT)
+        os.chmod(ROOT, 0o755)
+        disk = os.path.join(ROOT, "template.qcow2")
+        say(f"making the template in {ROOT} (1 GiB of random data)")
+        make_image(disk)
+        tpl = f"{TAG}-tpl"
+        make_template(tpl, disk)
+        out = os.path.join(ROOT, "out")
+        os.makedirs(out)
+
+        say("making a btrfs loop file system for the reflink case")
+        mnt = os.path.join(ROOT, "btrfs")
+        os.makedirs(mnt)
+        fsimg = os.path.join(ROOT, "btrfs.img")
+        with open(fsimg, "wb") as f:
+            f.truncate(16 * GIB)
+        run(["mkfs.btrfs", "-q", fsimg])
+        run(["mount", "-o", "loop", fsimg, mnt])
+        bdisk = os.path.join(mnt, "template.qcow2")
+        run(["cp", "--reflink=never", "--sparse=always", disk, bdisk])
+        btpl = f"{TAG}-tplb"
+        make_template(btpl, bdisk)
+        bout = os.path.join(mnt, "out")
+        os.makedirs(bout)
+
+        COLD[:] = [disk]
+        full_clones("machine's disk", tpl, disk, out, False, results)
+        COLD[:] = [bdisk, fsimg]
+        full_clones("btrfs (reflink)", btpl, bdisk, bout, True, results)
+        COLD[:] = [disk]
+        linked_clones(tpl, disk, out, results)
+        overlay_writes(tpl, disk, out, results)
+        print(table(results, targets(results)), flush=True)
+        say(f"done in {time.monotonic() - started:.0f} s")
+    except KeyboardInterrupt:
+        say("interrupted; cleaning up")
+        if results:
+            print(table(results, []), flush=True)
+        cleanup()
+        sys.exit(130)
+    except BaseException:
+        cleanup()
+        raise
+    cleanup()
+
+
+if __name__ == "__main__":
+    main()
