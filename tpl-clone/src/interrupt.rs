@@ -9,6 +9,7 @@ use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,6 +80,9 @@ fn die_with_parent(cmd: &mut Command) {
     }
 }
 
+/// How often a wait on a helper looks for a signal.
+const TICK: Duration = Duration::from_millis(20);
+
 /// Run a helper (qemu-img) to completion, or kill it when a signal arrives. Its stderr
 /// is collected for the error message; `what` says what it was doing.
 pub fn run_child(mut cmd: Command, intr: &Interrupt, what: &str) -> Result<()> {
@@ -91,13 +95,19 @@ pub fn run_child(mut cmd: Command, intr: &Interrupt, what: &str) -> Result<()> {
             format!("cannot run {prog}: {e} (is qemu-utils installed? try 'make deps')"),
         )
     })?;
-    // Read stderr on a thread so a chatty child can never block on a full pipe.
+    // Read stderr on a thread so a chatty child can never block on a full pipe. The
+    // thread also says when the pipe closes, which is when the child exits: a linked
+    // clone's qemu-img create takes about 15 ms, and sleeping a fixed 20 ms between
+    // looks at it doubled the time of each clone (make bench, 100 linked clones).
     let mut err_pipe = child.stderr.take().expect("stderr is piped");
+    let (closed, on_close) = mpsc::channel::<()>();
     let reader = std::thread::spawn(move || {
         let mut s = String::new();
         let _ = err_pipe.read_to_string(&mut s);
+        drop(closed);
         s
     });
+    let mut nap = Duration::from_millis(1);
     let status = loop {
         if let Some(st) = child.try_wait().map_err(|e| {
             Error::failed(format!("cannot {what}"), format!("waiting for {prog}: {e}"))
@@ -110,7 +120,15 @@ pub fn run_child(mut cmd: Command, intr: &Interrupt, what: &str) -> Result<()> {
             let _ = reader.join();
             return intr.check();
         }
-        std::thread::sleep(Duration::from_millis(20));
+        // Until stderr closes, wake on that or for the signal check; after it, the child
+        // is exiting: look again soon, then less often.
+        match on_close.recv_timeout(TICK) {
+            Err(RecvTimeoutError::Timeout) => {}
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => {
+                std::thread::sleep(nap);
+                nap = (nap * 2).min(TICK);
+            }
+        }
     };
     let stderr = reader.join().unwrap_or_default();
     intr.check()?;
