@@ -322,6 +322,8 @@ struct Plan {
     nvram: Option<PathBuf>,
     start: bool,
     progress: bool,
+    /// The overlays made so far, which the next linked clones copy.
+    overlays: images::Overlays,
 }
 
 /// One file a clone gets: where it goes, and how it is made.
@@ -458,6 +460,7 @@ impl Plan {
             disks,
             start: args.start,
             progress: !args.common.quiet,
+            overlays: Default::default(),
         };
         // Every clone's name and files must be free before the first one is made.
         for n in names {
@@ -609,7 +612,7 @@ impl Plan {
             let progress = (self.progress && f.what != "NVRAM").then_some(label.as_str());
             match &f.make {
                 Make::Overlay { backing, format } => {
-                    images::create_overlay(backing, format, &tmp, intr)?;
+                    images::create_overlay(backing, format, &tmp, &self.overlays, intr)?;
                     ctx.info(format!(
                         "{name}: {} is an overlay on '{}' ({format})",
                         f.what,
