@@ -55,7 +55,10 @@ impl Method {
 /// few KiB instead of running qemu-img again: that was most of a linked clone's time
 /// (make bench, 100 linked clones in one call).
 #[derive(Debug, Default)]
-pub struct Overlays(RefCell<HashMap<(PathBuf, String), Option<Rc<Overlay>>>>);
+pub struct Overlays(RefCell<HashMap<OverlayKey, Option<Rc<Overlay>>>>);
+
+/// The backing file and its format.
+type OverlayKey = (PathBuf, String);
 
 /// A new overlay as its non-zero blocks (three of them: header, refcounts, L1 table).
 #[derive(Debug)]
