@@ -29,6 +29,24 @@ pub fn resolve_uri(opt: Option<&str>) -> String {
         .unwrap_or_else(|| DEFAULT_URI.to_string())
 }
 
+/// A name or UUID from the input as a message shows it: control characters escaped
+/// (no newline or terminal escape reaches the terminal), and cut short when very long.
+pub fn shown(s: &str) -> String {
+    const MAX: usize = 100;
+    let mut out = String::new();
+    for c in s.chars().take(MAX) {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    if s.chars().nth(MAX).is_some() {
+        out.push_str(&format!("… ({} bytes)", s.len()));
+    }
+    out
+}
+
 /// An open libvirt connection.
 pub struct Session {
     pub conn: Connect,
@@ -76,7 +94,7 @@ impl Session {
     pub fn lookup(&self, r: &DomainRef) -> Result<Domain> {
         let not_found = |what: &str| {
             Error::usage(
-                format!("domain '{what}' not found"),
+                format!("domain '{}' not found", shown(what)),
                 format!("no such domain on {}", self.uri),
             )
         };
@@ -88,12 +106,12 @@ impl Session {
                         || is_code(&e, ErrorNumber::InvalidArg) =>
                 {
                     Err(Error::usage(
-                        format!("domain '{}' not found", r.label()),
-                        format!("no domain with UUID {uuid} on {}", self.uri),
+                        format!("domain '{}' not found", shown(&r.label())),
+                        format!("no domain with UUID {} on {}", shown(uuid), self.uri),
                     ))
                 }
                 Err(e) => Err(Error::libvirt(
-                    format!("cannot look up domain '{}'", r.label()),
+                    format!("cannot look up domain '{}'", shown(&r.label())),
                     e,
                 )),
             };
@@ -107,7 +125,10 @@ impl Session {
                     Err(_) => Err(not_found(name)),
                 }
             }
-            Err(e) => Err(Error::libvirt(format!("cannot look up domain '{name}'"), e)),
+            Err(e) => Err(Error::libvirt(
+                format!("cannot look up domain '{}'", shown(name)),
+                e,
+            )),
         }
     }
 
@@ -116,7 +137,10 @@ impl Session {
         match self.conn.lookup_domain_by_name(name) {
             Ok(_) => Ok(true),
             Err(e) if is_code(&e, ErrorNumber::NoDomain) => Ok(false),
-            Err(e) => Err(Error::libvirt(format!("cannot look up domain '{name}'"), e)),
+            Err(e) => Err(Error::libvirt(
+                format!("cannot look up domain '{}'", shown(name)),
+                e,
+            )),
         }
     }
 
@@ -418,6 +442,14 @@ mod tests {
                 .name,
             "test"
         );
+    }
+
+    #[test]
+    fn messages_show_hostile_names_escaped_and_short() {
+        assert_eq!(shown("web-1 ü'x"), "web-1 ü'x");
+        assert_eq!(shown("a\nb\u{1b}[2J"), "a\\nb\\u{1b}[2J");
+        let long = shown(&"x".repeat(300));
+        assert!(long.starts_with(&"x".repeat(100)) && long.ends_with("… (300 bytes)"));
     }
 
     #[test]
