@@ -614,6 +614,12 @@ fn hostile_input(rng: &mut Rng, n: usize) -> Vec<u8> {
     if n < fixed.len() {
         return fixed[n].to_vec();
     }
+    if n == fixed.len() {
+        return format!("{{\"name\":\"tpltest-fuzz-{}\"}}\n", "z".repeat(1 << 20)).into_bytes();
+    }
+    if n == fixed.len() + 1 {
+        return b"{\"name\":\"tpltest-fuzz-\\u001b[2J\\u001b]0;owned\\u0007\"}\n".to_vec();
+    }
     match rng.range(0, 6) {
         // Random bytes, at least one of them not blank.
         0 => {
@@ -702,6 +708,13 @@ fn hostile_stdin_is_bad_input_for_every_tool() {
                 out.stdout.is_empty(),
                 "{tool} printed a record for {shown:?}"
             );
+            // Whatever came in, the messages stay short and never drive the terminal.
+            assert!(!stderr.contains('\x1b'), "{tool}: {stderr:?}");
+            assert!(
+                stderr.len() < 4096,
+                "{tool}: {} bytes on stderr",
+                stderr.len()
+            );
         }
     }
     assert_eq!(domains_with_prefix("tpltest-fuzz"), Vec::<String>::new());
@@ -764,7 +777,9 @@ fn hostile_names_are_refused_and_nothing_outside_is_touched() {
             ("tpl-generalize", vec![name]),
             ("tpl-rename", vec!["--disks", name, "new"]),
         ] {
-            run(tool, &args, None).fails(2).says(&["not found"]);
+            let r = run(tool, &args, None).fails(2).says(&["not found"]);
+            assert_eq!(r.stderr.lines().count(), 1, "{:?}", r.stderr);
+            assert!(r.stderr.len() < 400, "{:?}", r.stderr);
         }
     }
     // Hostile names made by patterns.
