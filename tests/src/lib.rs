@@ -605,3 +605,48 @@ pub fn start_is_denied(name: &str, disk: &Path) -> String {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// A path as the `&str` an argument list wants (test paths are always UTF-8).
+pub fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Make a qcow2 overlay of `base` (whose format is `base_fmt`), as a linked clone is
+/// made by hand: `qemu-img create -f qcow2 -b BASE -F FMT OVERLAY`.
+pub fn qemu_img_overlay(base: &Path, base_fmt: &str, overlay: &Path) {
+    sh(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            p(base),
+            "-F",
+            base_fmt,
+            p(overlay),
+        ],
+    );
+}
+
+/// `qemu-img info --output=json` of an image.
+pub fn qemu_img_info(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&sh("qemu-img", &["info", "--output=json", p(path)])).unwrap()
+}
+
+/// `qemu-img compare` of two images: whether their guest-visible contents are equal.
+pub fn same_content(a: &Path, b: &Path) -> bool {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-q", p(a), p(b)])
+        .output()
+        .unwrap();
+    match out.status.code() {
+        Some(0) => true,
+        Some(1) => false,
+        _ => panic!(
+            "qemu-img compare {a:?} {b:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use serde_json::Value;
 use tpl_common::domxml::DomainXml;
 use tpl_tests::*;
 
@@ -18,10 +17,6 @@ const TOOL: &str = "tpl-clone";
 
 fn clone(args: &[&str]) -> Run {
     run(TOOL, args, None)
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
 }
 
 /// Make a guest a locked template exactly as tpl-lock does: generalized, `locked` in
@@ -45,26 +40,6 @@ fn generalized_template(s: &mut Scratch, tag: &str) -> Guest {
     let g = s.guest(tag);
     mark_generalized(&g.name);
     g
-}
-
-fn qemu_img_info(path: &Path) -> Value {
-    serde_json::from_str(&sh("qemu-img", &["info", "--output=json", p(path)])).unwrap()
-}
-
-/// `qemu-img compare` of two images: whether their guest-visible contents are equal.
-fn same_content(a: &Path, b: &Path) -> bool {
-    let out = Command::new("qemu-img")
-        .args(["compare", "-q", p(a), p(b)])
-        .output()
-        .unwrap();
-    match out.status.code() {
-        Some(0) => true,
-        Some(1) => false,
-        _ => panic!(
-            "qemu-img compare {a:?} {b:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    }
 }
 
 fn dom_xml(name: &str) -> DomainXml {
@@ -423,20 +398,7 @@ fn full_clone_of_a_template_with_a_backing_file_is_flattened() {
     let base = s.disk(&format!("{}-base.qcow2", s.prefix));
     let name = s.name("tpl");
     let top = s.dir.join(format!("{name}.qcow2"));
-    sh(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            p(&base),
-            "-F",
-            "qcow2",
-            p(&top),
-        ],
-    );
+    qemu_img_overlay(&base, "qcow2", &top);
     sh("qemu-io", &["-c", "write -P 0x77 1M 1M", p(&top)]);
     let console = s.dir.join(format!("{name}.console.log"));
     s.define(&guest_xml(&name, &top, &console, ""));

@@ -13,15 +13,10 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use serde_json::Value;
 use tpl_common::domxml::DomainXml;
 use tpl_tests::*;
 
 const CLONE: &str = "tpl-clone";
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 /// A small deterministic generator (xorshift64*), so a failing run can be replayed from
 /// the seed it prints.
@@ -94,26 +89,6 @@ fn sha256(path: &Path) -> String {
         .next()
         .unwrap()
         .to_string()
-}
-
-fn qemu_img_info(path: &Path) -> Value {
-    serde_json::from_str(&sh("qemu-img", &["info", "--output=json", p(path)])).unwrap()
-}
-
-/// `qemu-img compare` of two images: whether their guest-visible contents are equal.
-fn same_content(a: &Path, b: &Path) -> bool {
-    let out = Command::new("qemu-img")
-        .args(["compare", "-q", p(a), p(b)])
-        .output()
-        .unwrap();
-    match out.status.code() {
-        Some(0) => true,
-        Some(1) => false,
-        _ => panic!(
-            "qemu-img compare {a:?} {b:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    }
 }
 
 /// `qemu-img check`: the image is complete and consistent.
@@ -517,20 +492,7 @@ fn kill_9_during_a_flatten_takes_qemu_img_with_it() {
         &["-f", "raw", "-c", "write -P 0xcd 0 768M", p(&base)],
     );
     let top = s.dir.join(format!("{name}.qcow2"));
-    sh(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            p(&base),
-            "-F",
-            "raw",
-            p(&top),
-        ],
-    );
+    qemu_img_overlay(&base, "raw", &top);
     let console = s.dir.join(format!("{name}.console.log"));
     s.define(&guest_xml(&name, &top, &console, ""));
     mark_generalized(&name);

@@ -244,20 +244,7 @@ fn pipeline_seals_a_template_whose_clones_boot_fresh() {
         .map(|tag| {
             let name = sc.name(tag);
             let overlay = sc.dir.join(format!("{tag}.qcow2"));
-            sh(
-                "qemu-img",
-                &[
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-F",
-                    "qcow2",
-                    "-b",
-                    vm.disk.to_str().unwrap(),
-                    overlay.to_str().unwrap(),
-                ],
-            );
+            qemu_img_overlay(&vm.disk, "qcow2", &overlay);
             let console = sc.dir.join(format!("{tag}.console.log"));
             let serial = format!("ds=nocloud;h={tag};i=iid-{tag}");
             let xml = guest_xml(&name, &overlay, &console, "").replace(

@@ -51,23 +51,6 @@ fn set_mode(p: &Path, mode: u32) {
     fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
 }
 
-fn qemu_img_overlay(base: &Path, overlay: &Path) {
-    sh(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            base.to_str().unwrap(),
-            "-F",
-            "qcow2",
-            overlay.to_str().unwrap(),
-        ],
-    );
-}
-
 /// Whether `lsattr` shows the immutable attribute on a file.
 fn immutable(p: &Path) -> bool {
     let out = sh("lsattr", &["-d", p.to_str().unwrap()]);
@@ -243,7 +226,7 @@ fn unlock_is_refused_while_an_overlay_no_domain_names_backs_onto_the_template() 
     let sub = s.dir.join("orphans");
     fs::create_dir(&sub).unwrap();
     let overlay = sub.join("forgotten.qcow2");
-    qemu_img_overlay(&g.disk, &overlay);
+    qemu_img_overlay(&g.disk, "qcow2", &overlay);
 
     let r = run_lock(&["--unlock", &g.name]).fails(3).says(&[
         &format!("cannot unlock domain '{}'", g.name),
@@ -261,7 +244,7 @@ fn unlock_is_refused_while_an_overlay_no_domain_names_backs_onto_the_template() 
 
     // --force overrides, loudly.
     run_lock(&[&g.name]).ok(1);
-    qemu_img_overlay(&g.disk, &overlay);
+    qemu_img_overlay(&g.disk, "qcow2", &overlay);
     run_lock(&["--unlock", "--force", &g.name])
         .ok(1)
         .says(&["warning", overlay.to_str().unwrap()]);
@@ -275,7 +258,7 @@ fn unlock_is_refused_while_a_defined_domain_backs_onto_the_template() {
     run_lock(&[&g.name]).ok(1);
     let clone = s.name("clone");
     let overlay = s.dir.join(format!("{clone}.qcow2"));
-    qemu_img_overlay(&g.disk, &overlay);
+    qemu_img_overlay(&g.disk, "qcow2", &overlay);
     s.define(&guest_xml(
         &clone,
         &overlay,
@@ -442,7 +425,7 @@ fn immutable_template_on_ext4_still_serves_a_linked_clone_that_boots() {
     let clone = s.name("clone");
     let overlay = s.dir.join(format!("{clone}.qcow2"));
     let console = s.dir.join("clone.console.log");
-    qemu_img_overlay(&disk, &overlay);
+    qemu_img_overlay(&disk, "qcow2", &overlay);
     s.define(&guest_xml(&clone, &overlay, &console, ""));
     virsh(&["start", &clone]);
     let log = wait_for_console(&console, "TPL-BOOT done", Duration::from_secs(150));

@@ -253,20 +253,7 @@ fn disks_refused_while_an_overlay_uses_the_image() {
     let g = s.guest("vm");
     // A hand-made linked clone that no domain names.
     let overlay = s.dir.join("handmade-overlay.qcow2");
-    sh(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            g.disk.to_str().unwrap(),
-            "-F",
-            "qcow2",
-            overlay.to_str().unwrap(),
-        ],
-    );
+    qemu_img_overlay(&g.disk, "qcow2", &overlay);
     let new = s.name("Tpl");
     run("tpl-rename", &["--disks", &g.name, &new], None)
         .fails(3)
