@@ -159,6 +159,7 @@ fn run(args: &Args, ctx: &mut Ctx) -> Result<()> {
             macs.add_from(&x);
         }
     }
+    let mut made_any = false;
     for (name, host) in names.iter().zip(&hostnames) {
         if intr.signal().is_some() {
             break;
@@ -173,12 +174,21 @@ fn run(args: &Args, ctx: &mut Ctx) -> Result<()> {
             &mut jrnl,
             &intr,
         );
+        made_any |= res.is_ok();
         match res.and_then(|dom| Dom::new(&s, dom)?.describe()) {
-            Ok(rec) => ctx.emit(&rec)?,
+            Ok(rec) => {
+                if let Err(e) = ctx.emit(&rec) {
+                    plan.refresh_pools(&s);
+                    return Err(e);
+                }
+            }
             Err(e) => ctx.fail(&e),
         }
     }
     jrnl.close();
+    if made_any {
+        plan.refresh_pools(&s);
+    }
     if let Some(sig) = intr.signal() {
         eprintln!(
             "{TOOL}: stopped by {}; the clones finished before it stay",
@@ -570,11 +580,16 @@ impl Plan {
                 ctx.warn(format!("while removing the unfinished clone '{name}': {p}"));
             }
         }
-        let dom = res?;
+        res
+    }
+
+    /// Let the storage pools over the clones' directories list the new files. Once per
+    /// run: a refresh reads every image in the pool, and one per clone made 100 clones
+    /// in a pool directory quadratic (make bench).
+    fn refresh_pools(&self, s: &Session) {
         for d in self.dirs() {
             s.refresh_pools_for(&d);
         }
-        Ok(dom)
     }
 
     #[allow(clippy::too_many_arguments)]
