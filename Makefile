@@ -76,10 +76,11 @@ refresh: libvirtd build
 # A benchmark, not a test: tpl-clone against virt-clone, cp, qemu-img and a shell loop on a
 # generated 10 GiB template (scripts/bench.py says how); a table on stdout, about 5 minutes.
 bench: deps libvirtd
-	@command -v virt-clone >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	  --no-install-recommends virtinst >/dev/null
-	$(CARGO) build --release --workspace --bins
-	TPL_BIN_DIR=$(CURDIR)/target/release URI=$(URI) python3 scripts/bench.py
+	@command -v virt-clone >/dev/null && [ -x /usr/bin/time ] || \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	  virtinst time >/dev/null
+	@$(CARGO) build --release --workspace --bins
+	@TPL_BIN_DIR=$(CURDIR)/target/release URI=$(URI) python3 scripts/bench.py
 
 clean:
 	$(CARGO) clean
