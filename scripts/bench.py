@@ -4,7 +4,8 @@
 A benchmark, not a test. On a generated template (a qcow2 image of 10 GiB virtual size
 holding 1 GiB of random data in 1 MiB pieces spread every 10 MiB, defined as a libvirt
 domain, marked generalized and locked with the real tpl-lock) it measures, alternating
-the contenders run by run (A B C D A B C D ...), RUNS runs each (default 3), medians:
+the contenders run by run (A B C D, B C D A, C D A B, ...), RUNS runs each (default 3),
+medians:
 
   full clone     tpl-clone --full, virt-clone, cp --sparse=always, qemu-img convert
                  on the machine's disk and on a btrfs loop file system (reflink):
@@ -254,8 +255,11 @@ def full_clones(where, tpl, tpl_disk, out_dir, btrfs, results):
         "qemu-img convert": lambda n, f: ["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2",
                                           tpl_disk, f],
     }
+    order = list(enumerate(contenders.items()))
     for r in range(RUNS):
-        for i, (label, argv) in enumerate(contenders.items()):
+        # Each round starts with the next contender, so none is always first after the
+        # setup or always after the same one.
+        for i, (label, argv) in order[r % len(order):] + order[:r % len(order)]:
             name = f"{TAG}-full{i}-{r}"
             f = os.path.join(out_dir, f"{name}.qcow2")
             say(f"{where}: {label} (run {r + 1}/{RUNS})")
