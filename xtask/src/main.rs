@@ -73,7 +73,10 @@ mod tests {
         write_docs(&d).unwrap();
         for t in ["tpl-generalize", "tpl-lock", "tpl-rename", "tpl-clone"] {
             let page = std::fs::read_to_string(d.join(format!("man/man1/{t}.1"))).unwrap();
-            assert!(page.contains(".TH") && page.contains("connect"), "{t}: {page}");
+            assert!(
+                page.contains(".TH") && page.contains("connect"),
+                "{t}: {page}"
+            );
             let bash = std::fs::read_to_string(d.join(format!("completions/bash/{t}"))).unwrap();
             assert!(bash.contains("--connect"), "{t}");
             assert!(d.join(format!("completions/zsh/_{t}")).is_file());
