@@ -37,33 +37,10 @@ say "building the demo guest (a busybox root that looks like Debian)"
 "$here/tests/guest/build-guest.sh" "$dir/$vm.qcow2"
 kernel=$(ls /boot/vmlinuz-* | sort | tail -n1)
 initrd=/boot/initrd.img-${kernel#/boot/vmlinuz-}
-cat > "$dir/$vm.xml" <<XML
-<domain type='qemu'>
-  <name>$vm</name>
-  <memory unit='MiB'>512</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>$kernel</kernel>
-    <initrd>$initrd</initrd>
-    <cmdline>root=/dev/vda rw console=ttyS0 panic=-1</cmdline>
-    <smbios mode='sysinfo'/>
-  </os>
-  <sysinfo type='smbios'><system><entry name='manufacturer'>tpl demo</entry></system></sysinfo>
-  <features><acpi/></features>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>destroy</on_reboot>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='$dir/$vm.qcow2'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <interface type='user'><model type='virtio'/></interface>
-    <serial type='file'><source path='$dir/$vm.console.log'/><target port='0'/></serial>
-  </devices>
-</domain>
-XML
+# The same small TCG domain the tests boot (direct kernel boot, serial console to a file).
+sed -e "s|@NAME@|$vm|; s|@KERNEL@|$kernel|; s|@INITRD@|$initrd|; s|@DISK@|$dir/$vm.qcow2|" \
+    -e "s|@CONSOLE@|$dir/$vm.console.log|; s|@EXTRA@||; s|tpl tests|tpl demo|" \
+    "$here/tests/guest/domain.xml" > "$dir/$vm.xml"
 v define "$dir/$vm.xml" >/dev/null
 
 # Boot domains once (in parallel) and wait until their init powers them off.

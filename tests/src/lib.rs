@@ -24,6 +24,8 @@ pub const IMAGES: &str = "/var/lib/libvirt/images";
 
 const GUEST_SCRIPT: &str = include_str!("../guest/build-guest.sh");
 const GUEST_INIT: &str = include_str!("../guest/init.sh");
+/// The tiny guest's domain definition, shared with the demo (scripts/demo.sh).
+const GUEST_DOMAIN: &str = include_str!("../guest/domain.xml");
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -435,39 +437,14 @@ pub fn host_kernel() -> (PathBuf, PathBuf) {
 /// console to a file. It powers itself off when its init is done.
 pub fn guest_xml(name: &str, disk: &Path, console: &Path, extra_devices: &str) -> String {
     let (kernel, initrd) = host_kernel();
-    format!(
-        r#"<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>512</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{k}</kernel>
-    <initrd>{i}</initrd>
-    <cmdline>root=/dev/vda rw console=ttyS0 panic=-1</cmdline>
-    <smbios mode='sysinfo'/>
-  </os>
-  <sysinfo type='smbios'><system><entry name='manufacturer'>tpl tests</entry></system></sysinfo>
-  <features><acpi/></features>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>destroy</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='{d}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <interface type='user'><model type='virtio'/></interface>
-    <serial type='file'><source path='{c}'/><target port='0'/></serial>
-    {extra_devices}
-  </devices>
-</domain>"#,
-        k = kernel.display(),
-        i = initrd.display(),
-        d = disk.display(),
-        c = console.display(),
-    )
+    GUEST_DOMAIN
+        .trim_end()
+        .replace("@NAME@", name)
+        .replace("@KERNEL@", p(&kernel))
+        .replace("@INITRD@", p(&initrd))
+        .replace("@DISK@", p(disk))
+        .replace("@CONSOLE@", p(console))
+        .replace("@EXTRA@", extra_devices)
 }
 
 /// The one record a run printed.
