@@ -1,6 +1,7 @@
 //! Tests for tpl-lock on the real libvirtd: locked templates do not start, their files are read-only (and immutable on a loop-mounted ext4), linked clones still boot, and `--unlock` refuses while anything backs onto the template.
 
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -16,6 +17,11 @@ fn template(s: &mut Scratch, tag: &str) -> Guest {
 
 /// A generalized guest that also has an NVRAM file (and a dummy loader: it is never started).
 fn template_with_nvram(s: &mut Scratch, tag: &str) -> (Guest, PathBuf) {
+    template_with_nvram_as(s, tag, "<nvram>@</nvram>")
+}
+
+/// As `template_with_nvram`, with the `<nvram>` element written as `form` (`@` is the path).
+fn template_with_nvram_as(s: &mut Scratch, tag: &str, form: &str) -> (Guest, PathBuf) {
     let name = s.name(tag);
     let disk = s.disk(&format!("{name}.qcow2"));
     let console = s.dir.join(format!("{name}.console.log"));
@@ -27,9 +33,9 @@ fn template_with_nvram(s: &mut Scratch, tag: &str) -> (Guest, PathBuf) {
     let xml = guest_xml(&name, &disk, &console, "").replacen(
         "<kernel>",
         &format!(
-            "<loader readonly='yes' type='pflash'>{}</loader>\n    <nvram>{}</nvram>\n    <kernel>",
+            "<loader readonly='yes' type='pflash'>{}</loader>\n    {}\n    <kernel>",
             loader.display(),
-            nvram.display()
+            form.replace('@', p(&nvram))
         ),
         1,
     );
@@ -248,6 +254,53 @@ fn unlock_is_refused_while_an_overlay_no_domain_names_backs_onto_the_template() 
     run_lock(&["--unlock", "--force", &g.name])
         .ok(1)
         .says(&["warning", overlay.to_str().unwrap()]);
+    assert_eq!(mode(&g.disk), 0o644);
+}
+
+#[test]
+fn nvram_in_libvirt_source_form_is_locked_too() {
+    let mut s = Scratch::new();
+    let (g, nvram) = template_with_nvram_as(
+        &mut s,
+        "nvsrc",
+        "<nvram type='file'><source file='@'/></nvram>",
+    );
+    assert!(virsh(&["dumpxml", "--inactive", &g.name]).contains("<source file"));
+    let rec = run_lock(&[&g.name]).ok(1);
+    assert_eq!(only(&rec).nvram.as_deref(), Some(nvram.as_path()));
+    assert_eq!(mode(&nvram), 0o444);
+    run_lock(&["--unlock", &g.name]).ok(1);
+    assert_eq!(mode(&nvram), 0o644);
+}
+
+#[test]
+fn unlock_is_refused_while_a_file_next_to_the_template_cannot_be_checked() {
+    let mut s = Scratch::new();
+    let g = template(&mut s, "tpl");
+    run_lock(&[&g.name]).ok(1);
+    // A qcow2 whose backing file name is not UTF-8: qemu would follow it, tpl cannot
+    // tell where it leads, so it may be a linked clone of the template.
+    let odd = s.dir.join("odd.qcow2");
+    let name = std::ffi::OsStr::from_bytes(b"/var/lib/libvirt/images/\xff.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b"])
+        .arg(name)
+        .args([p(&odd), "1M"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    run_lock(&["--unlock", &g.name]).fails(3).says(&[
+        &format!("'{}', which could not be checked", odd.display()),
+        "not UTF-8",
+    ]);
+    assert_eq!(mode(&g.disk), 0o444);
+    fs::remove_file(&odd).unwrap();
+    run_lock(&["--unlock", &g.name]).ok(1);
     assert_eq!(mode(&g.disk), 0o644);
 }
 

@@ -200,7 +200,11 @@ fn refuses_invalid_names() {
     ] {
         run("tpl-rename", &["--", &g.name, bad], None)
             .fails(2)
-            .says(&["invalid new domain name", why]);
+            .says(&[
+                &format!("cannot rename domain '{}'", g.name),
+                "invalid new domain name",
+                why,
+            ]);
     }
     let long = "x".repeat(300);
     run("tpl-rename", &[&g.name, &long], None)
@@ -262,6 +266,27 @@ fn disks_refused_while_an_overlay_uses_the_image() {
     // Without --disks the domain alone may be renamed: the overlay names a file, not a domain.
     run("tpl-rename", &[&g.name, &new], None).ok(1);
     assert!(g.disk.is_file());
+}
+
+#[test]
+fn disks_refused_for_a_disk_that_is_not_a_file() {
+    let mut s = Scratch::new();
+    let name = s.name("vm");
+    let disk = s.disk(&format!("{name}.qcow2"));
+    // A network disk has no file to rename: --disks must say so, not skip it.
+    let extra = "<disk type='network' device='disk'><driver name='qemu' type='raw'/>\
+        <source protocol='nbd' name='data'><host name='192.0.2.1' port='10809'/></source>\
+        <target dev='vdb' bus='virtio'/></disk>";
+    s.define(&guest_xml(&name, &disk, &s.dir.join("c.log"), extra));
+    let new = s.name("Tpl");
+    run("tpl-rename", &["--disks", &name, &new], None)
+        .fails(3)
+        .says(&[
+            &name,
+            "disk vdb is a network disk",
+            "rename without --disks",
+        ]);
+    assert!(domain_exists(&name) && !domain_exists(&new) && disk.is_file());
 }
 
 #[test]

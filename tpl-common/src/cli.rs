@@ -53,17 +53,17 @@ impl Ctx {
     /// A progress or status line for people, unless `--quiet`.
     pub fn info(&self, msg: impl std::fmt::Display) {
         if !self.common.quiet {
-            eprintln!("{}: {msg}", self.tool);
+            say(format_args!("{}: {msg}", self.tool));
         }
     }
 
     pub fn warn(&self, msg: impl std::fmt::Display) {
-        eprintln!("{}: warning: {msg}", self.tool);
+        say(format_args!("{}: warning: {msg}", self.tool));
     }
 
     /// Report a failure and remember its exit code; the run carries on.
     pub fn fail(&mut self, e: &Error) {
-        eprintln!("{}: error: {e}", self.tool);
+        say(format_args!("{}: error: {e}", self.tool));
         self.failures.push(e.exit_code());
     }
 
@@ -75,8 +75,8 @@ impl Ctx {
     /// The connection for a domain reference: `-c` or `LIBVIRT_DEFAULT_URI` when given,
     /// else the URI the record came from, else qemu:///system. Connections are reused.
     pub fn session(&mut self, r: &DomainRef) -> Result<Rc<Session>> {
-        let explicit =
-            self.common.connect.is_some() || std::env::var_os("LIBVIRT_DEFAULT_URI").is_some();
+        let explicit = self.common.connect.is_some()
+            || std::env::var_os("LIBVIRT_DEFAULT_URI").is_some_and(|u| !u.is_empty());
         let uri = match (&r.uri, explicit) {
             (Some(u), false) if !u.is_empty() => u.clone(),
             _ => resolve_uri(self.common.connect.as_deref()),
@@ -183,6 +183,34 @@ pub fn not_implemented(tool: &'static str) -> ExitCode {
     ExitCode::from(1)
 }
 
+/// One line for people on stderr. A closed stderr must not stop a step halfway (eprintln!
+/// panics on EPIPE), so a line that cannot be written is dropped.
+pub fn say(line: std::fmt::Arguments) {
+    let _ = writeln!(io::stderr(), "{line}");
+}
+
+/// Run `f` with SIGINT, SIGTERM, SIGHUP, SIGQUIT and SIGPIPE held back, for a step that must
+/// not stop halfway; one that arrived meanwhile takes effect when `f` is done.
+pub fn uninterrupted<T>(f: impl FnOnce() -> T) -> T {
+    use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
+    let mut held = SigSet::empty();
+    for s in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGPIPE,
+    ] {
+        held.add(s);
+    }
+    let mut before = SigSet::empty();
+    // Blocking signals in our own thread cannot fail with a valid set.
+    let _ = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&held), Some(&mut before));
+    let out = f();
+    let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&before), None);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,5 +241,26 @@ mod tests {
             .collect::<Result<_>>()
             .unwrap();
         assert_eq!(got, vec![DomainRef::by_arg("VM")]);
+    }
+
+    #[test]
+    fn uninterrupted_holds_the_stopping_signals_and_restores_the_mask() {
+        use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
+        let mask = || {
+            let mut m = SigSet::empty();
+            pthread_sigmask(SigmaskHow::SIG_BLOCK, None, Some(&mut m)).unwrap();
+            m
+        };
+        assert!(!mask().contains(Signal::SIGINT));
+        let inside = uninterrupted(mask);
+        for s in [
+            Signal::SIGINT,
+            Signal::SIGTERM,
+            Signal::SIGHUP,
+            Signal::SIGPIPE,
+        ] {
+            assert!(inside.contains(s), "{s} not held");
+        }
+        assert!(!mask().contains(Signal::SIGINT) && !mask().contains(Signal::SIGPIPE));
     }
 }

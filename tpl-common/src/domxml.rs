@@ -85,14 +85,21 @@ impl DomainXml {
         Ok(())
     }
 
-    /// The NVRAM file (`<os><nvram>PATH</nvram>`), when the domain has one.
+    /// The NVRAM file, when the domain has one: `<os><nvram>PATH</nvram>`, or the form
+    /// libvirt 8.5 added and keeps when a definition uses it,
+    /// `<nvram type='file'><source file='PATH'/></nvram>`.
     pub fn nvram(&self) -> Option<PathBuf> {
         let nv = self.root.get_child("os")?.get_child("nvram")?;
+        if let Some(source) = nv.get_child("source") {
+            let file = source.attributes.get("file")?;
+            return (!file.is_empty()).then(|| PathBuf::from(file));
+        }
         let text = nv.get_text()?;
         let text = text.trim();
         (!text.is_empty()).then(|| PathBuf::from(text))
     }
 
+    /// Point the NVRAM at a new file, in the form the definition already uses.
     pub fn set_nvram(&mut self, path: &Path) -> Result<()> {
         let nv = self
             .root
@@ -101,7 +108,13 @@ impl DomainXml {
             .ok_or_else(|| {
                 Error::failed("the definition has no <nvram>", "it changed meanwhile?")
             })?;
-        nv.children = vec![XMLNode::Text(path.display().to_string())];
+        let path = path.display().to_string();
+        match nv.get_mut_child("source") {
+            Some(source) => {
+                source.attributes.insert("file".into(), path);
+            }
+            None => nv.children = vec![XMLNode::Text(path)],
+        }
         Ok(())
     }
 }
@@ -207,5 +220,26 @@ mod tests {
         );
         assert_eq!(y.nvram().unwrap(), Path::new("/nv/New_VARS.fd"));
         assert!(x.set_disk_path("vdz", Path::new("/x")).is_err());
+    }
+
+    #[test]
+    fn nvram_in_the_source_form_is_read_and_edited_in_place() {
+        let xml = XML.replace(
+            "<nvram>/var/lib/libvirt/qemu/nvram/VM_VARS.fd</nvram>",
+            "<nvram type='file' template='/usr/share/OVMF/OVMF_VARS.fd'>\
+             <source file='/nv/VM_VARS.fd'/></nvram>",
+        );
+        let mut x = DomainXml::parse(&xml).unwrap();
+        assert_eq!(x.nvram().unwrap(), Path::new("/nv/VM_VARS.fd"));
+        x.set_nvram(Path::new("/nv/New_VARS.fd")).unwrap();
+        let out = x.to_xml();
+        assert!(
+            out.contains("<source file=\"/nv/New_VARS.fd\"") && !out.contains("VM_VARS"),
+            "{out}"
+        );
+        assert_eq!(
+            DomainXml::parse(&out).unwrap().nvram().unwrap(),
+            Path::new("/nv/New_VARS.fd")
+        );
     }
 }

@@ -1,9 +1,9 @@
 //! Disk images: the backing file named in a qcow2 header, backing chains, and the images that depend on a template's.
 
 use std::fmt;
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{IoContext, Result};
@@ -28,9 +28,22 @@ pub struct Qcow2Backing {
     pub format: Option<String>,
 }
 
+/// Open an image to read its header. The path may come from a header a guest could have
+/// written, so a FIFO must not block the open and nothing but a file or block device is read.
+fn open_image(path: &Path) -> io::Result<Option<File>> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let t = f.metadata()?.file_type();
+    Ok((t.is_file() || t.is_block_device()).then_some(f))
+}
+
 /// Whether the file starts with the qcow2 magic.
 pub fn is_qcow2(path: &Path) -> Result<bool> {
-    let mut f = File::open(path).ctx("cannot open image", path)?;
+    let Some(mut f) = open_image(path).ctx("cannot open image", path)? else {
+        return Ok(false);
+    };
     let mut magic = [0u8; 4];
     match f.read_exact(&mut magic) {
         Ok(()) => Ok(u32::from_be_bytes(magic) == QCOW2_MAGIC),
@@ -42,7 +55,9 @@ pub fn is_qcow2(path: &Path) -> Result<bool> {
 /// Read the backing file of a qcow2 image from its header; `Ok(None)` for a qcow2 without
 /// one and for any file that is not qcow2.
 pub fn qcow2_backing(path: &Path) -> Result<Option<Qcow2Backing>> {
-    let f = File::open(path).ctx("cannot open image", path)?;
+    let Some(f) = open_image(path).ctx("cannot open image", path)? else {
+        return Ok(None);
+    };
     read_backing(&f).ctx("cannot read the qcow2 header of", path)
 }
 
@@ -125,25 +140,50 @@ pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
     }
 }
 
-/// The images below `path`, nearest first. Stops at a non-qcow2 image.
+/// The images below `path`, nearest first. Stops at a non-qcow2 image, and below a link
+/// its overlay names with a format other than qcow2 (a raw image's first bytes are the
+/// guest's, and qemu does not read them as a header either).
 pub fn backing_chain(path: &Path) -> Result<Vec<BackingImage>> {
-    let mut chain = Vec::new();
+    match readable_chain(path) {
+        (chain, None) => Ok(chain),
+        (_, Some(e)) => Err(e),
+    }
+}
+
+/// As much of the backing chain of `path` as can be read, and the error that cut it short.
+/// Callers that must not miss a dependent treat that error as "cannot tell".
+pub fn readable_chain(path: &Path) -> (Vec<BackingImage>, Option<crate::Error>) {
+    let mut chain: Vec<BackingImage> = Vec::new();
     let mut cur = path.to_path_buf();
-    while let Some(b) = qcow2_backing(&cur)? {
+    loop {
+        let b = match qcow2_backing(&cur) {
+            Ok(Some(b)) => b,
+            Ok(None) => return (chain, None),
+            Err(e) => return (chain, Some(e)),
+        };
         let next = resolve_backing(&cur, &b.name);
+        let follow = b.format.as_deref().is_none_or(|f| f == "qcow2");
         chain.push(BackingImage {
             path: next.clone(),
             format: b.format,
         });
         if chain.len() > MAX_CHAIN {
-            return Err(crate::Error::failed(
+            let e = crate::Error::failed(
                 format!("backing chain of '{}' is too long", path.display()),
                 "more than 64 images, or a loop",
-            ));
+            );
+            return (chain, Some(e));
+        }
+        if !follow {
+            return (chain, None);
         }
         cur = next;
     }
-    Ok(chain)
+}
+
+/// Whether an error reading an image means the file is not there (nothing to depend on).
+pub fn is_not_found(e: &crate::Error) -> bool {
+    matches!(e, crate::Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
 }
 
 /// The canonical form of a path for comparisons: symlinks and `..` resolved where the file exists.
@@ -162,6 +202,9 @@ pub enum Dependent {
     },
     /// A qcow2 file on disk whose backing file is the image, whether or not a domain uses it.
     Overlay { path: PathBuf, backing: PathBuf },
+    /// A file or directory that could not be read, so whether it depends on the image is
+    /// unknown; counted as a dependent, because guessing "no" could break a linked clone.
+    Unchecked { path: PathBuf, reason: String },
 }
 
 impl fmt::Display for Dependent {
@@ -178,12 +221,19 @@ impl fmt::Display for Dependent {
                     backing.display()
                 )
             }
+            Dependent::Unchecked { path, reason } => {
+                write!(
+                    f,
+                    "'{}', which could not be checked ({reason})",
+                    path.display()
+                )
+            }
         }
     }
 }
 
 /// The qcow2 files under `dirs` (not following symlinks) whose backing file resolves to one
-/// of `images`. Unreadable files and directories are skipped: they cannot be ours to break.
+/// of `images`, and what could not be read there. A file that vanished meanwhile is skipped.
 pub fn overlays_in(dirs: &[PathBuf], images: &[PathBuf]) -> Vec<Dependent> {
     let images: Vec<PathBuf> = images.iter().map(|p| canonical(p)).collect();
     let mut seen = std::collections::BTreeSet::new();
@@ -193,19 +243,40 @@ pub fn overlays_in(dirs: &[PathBuf], images: &[PathBuf]) -> Vec<Dependent> {
             .follow_links(false)
             .max_depth(4)
             .same_file_system(true);
-        for entry in walk.into_iter().filter_map(|e| e.ok()) {
+        for entry in walk {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    let gone = e.io_error().map(io::Error::kind) == Some(io::ErrorKind::NotFound);
+                    if !gone {
+                        out.push(Dependent::Unchecked {
+                            path: e.path().unwrap_or(dir).to_path_buf(),
+                            reason: e.to_string(),
+                        });
+                    }
+                    continue;
+                }
+            };
             if !entry.file_type().is_file() || !seen.insert(entry.path().to_path_buf()) {
                 continue;
             }
             let path = entry.path();
-            if let Ok(Some(b)) = qcow2_backing(path) {
-                let backing = canonical(&resolve_backing(path, &b.name));
-                if images.contains(&backing) {
-                    out.push(Dependent::Overlay {
-                        path: path.to_path_buf(),
-                        backing,
-                    });
+            match qcow2_backing(path) {
+                Ok(Some(b)) => {
+                    let backing = canonical(&resolve_backing(path, &b.name));
+                    if images.contains(&backing) {
+                        out.push(Dependent::Overlay {
+                            path: path.to_path_buf(),
+                            backing,
+                        });
+                    }
                 }
+                Ok(None) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => out.push(Dependent::Unchecked {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                }),
             }
         }
     }
@@ -311,5 +382,91 @@ mod tests {
         let b = qcow2_backing(&top).unwrap().unwrap();
         assert_eq!(b.format.as_deref(), Some("raw"));
         assert_eq!(PathBuf::from(b.name), base);
+    }
+
+    #[test]
+    fn a_link_named_raw_is_not_read_as_a_header_and_a_fifo_does_not_block() {
+        let d = tempfile::tempdir().unwrap();
+        let (base, guest, top) = (
+            d.path().join("base.qcow2"),
+            d.path().join("guest.img"),
+            d.path().join("top.qcow2"),
+        );
+        qemu_img(&["create", "-q", "-f", "qcow2", p(&base), "1M"]);
+        // A "raw" disk whose guest wrote a qcow2 header naming a backing file.
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            p(&base),
+            "-F",
+            "qcow2",
+            p(&guest),
+        ]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            p(&guest),
+            "-F",
+            "raw",
+            p(&top),
+        ]);
+        let chain = backing_chain(&top).unwrap();
+        assert_eq!(chain.len(), 1, "{chain:?}");
+        assert_eq!(chain[0].path, guest);
+
+        let fifo = d.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let over = d.path().join("over.qcow2");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            p(&fifo),
+            "-F",
+            "qcow2",
+            p(&over),
+            "1M",
+        ]);
+        let (chain, err) = readable_chain(&over);
+        assert_eq!(chain.len(), 1);
+        assert!(err.is_none(), "{err:?}");
+        assert!(!is_qcow2(&fifo).unwrap());
+    }
+
+    #[test]
+    fn a_missing_link_ends_the_chain_with_not_found() {
+        let d = tempfile::tempdir().unwrap();
+        let top = d.path().join("top.qcow2");
+        let gone = d.path().join("gone.qcow2");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            p(&gone),
+            "-F",
+            "qcow2",
+            p(&top),
+            "1M",
+        ]);
+        let (chain, err) = readable_chain(&top);
+        assert_eq!(chain.len(), 1);
+        assert!(is_not_found(&err.unwrap()));
+        assert!(backing_chain(&top).is_err());
+    }
+
+    fn p(path: &Path) -> &str {
+        path.to_str().unwrap()
     }
 }

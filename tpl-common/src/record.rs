@@ -131,10 +131,22 @@ pub fn parse_line(line: &str, lineno: usize) -> Result<DomainRef> {
 }
 
 /// The records on a reader, one per non-blank line, each parsed or its error.
+/// A line that is not UTF-8 is reported and reading goes on; any other read error (stdin
+/// a directory, EIO) is reported once and ends the input, since reading again fails again.
 pub fn read_records(input: impl BufRead) -> impl Iterator<Item = Result<DomainRef>> {
+    let mut broken = false;
     input
         .lines()
         .enumerate()
+        .map_while(move |(i, l)| {
+            if broken {
+                return None;
+            }
+            broken = l
+                .as_ref()
+                .is_err_and(|e| e.kind() != std::io::ErrorKind::InvalidData);
+            Some((i, l))
+        })
         .filter(|(_, l)| l.as_ref().map_or(true, |l| !l.trim().is_empty()))
         .map(|(i, l)| match l {
             Ok(l) => parse_line(&l, i + 1),
@@ -184,5 +196,18 @@ mod tests {
             assert_eq!(err.exit_code(), 2, "{line}");
             assert!(err.to_string().contains("line 7"));
         }
+    }
+
+    #[test]
+    fn a_read_error_that_repeats_is_reported_once() {
+        // What `tpl-lock < /` reads: EISDIR, every time.
+        let dir = std::fs::File::open("/").unwrap();
+        let got: Vec<_> = read_records(std::io::BufReader::new(dir)).collect();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].as_ref().unwrap_err().exit_code(), 2);
+        // A line that is not UTF-8 is one bad line among good ones.
+        let input: &[u8] = b"\xff\xfe\n{\"name\":\"VM\"}\n";
+        let got: Vec<_> = read_records(input).collect();
+        assert!(got[0].is_err() && got[1].is_ok());
     }
 }

@@ -334,9 +334,11 @@ impl<'a> Dom<'a> {
         let m = self.meta()?;
         let mut disks = x.disks();
         for d in &mut disks {
-            if let (Some(p), "file") = (&d.path, d.kind.as_str()) {
-                // A missing or unreadable image still describes; its chain is just unknown.
-                d.backing = image::backing_chain(p).unwrap_or_default();
+            if let (Some(p), "file", Some("qcow2")) =
+                (&d.path, d.kind.as_str(), d.format.as_deref())
+            {
+                // A missing or unreadable image still describes, with what could be read.
+                d.backing = image::readable_chain(p).0;
             }
         }
         Ok(Record {
@@ -378,18 +380,33 @@ impl<'a> Dom<'a> {
                     continue;
                 };
                 let mut chain = vec![path.clone()];
-                chain.extend(
-                    image::backing_chain(&path)
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|b| b.path),
-                );
+                // qemu reads a header only from a disk it is told is qcow2.
+                let mut unreadable = None;
+                if disk.format.as_deref() == Some("qcow2") {
+                    let (links, err) = image::readable_chain(&path);
+                    chain.extend(links.into_iter().map(|b| b.path));
+                    // A chain too long or looping is one qemu refuses to open: nothing
+                    // runs on it. A file that could not be read may hide one that does.
+                    unreadable =
+                        err.filter(|e| matches!(e, Error::Io { .. }) && !image::is_not_found(e));
+                }
                 if chain.iter().any(|p| wanted.contains(&canonical(p))) {
                     domain_paths.push(canonical(&path));
                     out.push(Dependent::Domain {
                         name: other.name.clone(),
                         target: disk.target.clone(),
                         path,
+                    });
+                } else if let Some(e) = unreadable {
+                    // Part of the chain could not be read: it may reach the images below.
+                    domain_paths.push(canonical(&path));
+                    out.push(Dependent::Unchecked {
+                        path,
+                        reason: format!(
+                            "disk {} of domain '{}': {e}",
+                            disk.target,
+                            shown(&other.name)
+                        ),
                     });
                 }
             }
@@ -493,5 +510,57 @@ mod tests {
         );
         assert!(s.name_taken("test").unwrap());
         assert!(!s.name_taken("free-name").unwrap());
+    }
+
+    #[test]
+    fn a_domain_disk_that_cannot_be_read_through_is_an_unchecked_dependent() {
+        use std::os::unix::ffi::OsStrExt;
+        let s = session();
+        let d = tempfile::tempdir().unwrap();
+        let (image, disk) = (d.path().join("tpl.qcow2"), d.path().join("odd.qcow2"));
+        let qemu_img = |args: &[&std::ffi::OsStr]| {
+            let out = std::process::Command::new("qemu-img").args(args).output();
+            assert!(out.expect("qemu-img (make deps)").status.success());
+        };
+        qemu_img(&[
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            image.as_os_str(),
+            "1M".as_ref(),
+        ]);
+        // Its backing file name is not UTF-8: where the chain leads is unknown.
+        let odd = std::ffi::OsStr::from_bytes(b"/nowhere/\xff.qcow2");
+        qemu_img(&[
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-u".as_ref(),
+            "-F".as_ref(),
+            "qcow2".as_ref(),
+            "-b".as_ref(),
+            odd,
+            disk.as_os_str(),
+            "1M".as_ref(),
+        ]);
+        let xml = format!(
+            "<domain type='test'><name>odd-disk</name><memory>65536</memory>\
+             <os><type>hvm</type></os><devices><disk type='file' device='disk'>\
+             <driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda'/>\
+             </disk></devices></domain>",
+            disk.display()
+        );
+        let odd_dom = s.conn.define_domain_xml(&xml).unwrap();
+        let tpl = Dom::lookup(&s, &DomainRef::by_arg("test")).unwrap();
+        let deps = tpl.dependents(std::slice::from_ref(&image)).unwrap();
+        odd_dom.undefine().unwrap();
+        assert!(
+            deps.iter()
+                .any(|x| matches!(x, Dependent::Unchecked { path, reason }
+                if path == &disk && reason.contains("odd-disk"))),
+            "{deps:?}"
+        );
     }
 }

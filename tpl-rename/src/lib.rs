@@ -75,7 +75,12 @@ fn rename_one(
     let mut dom = Dom::lookup(s, r)?;
     let old = dom.name.clone();
     let new = pattern.replace("{name}", &old);
-    validate_name("new domain name", &new)?;
+    validate_name("new domain name", &new).map_err(|e| match e {
+        Error::Usage { what, why } => {
+            Error::usage(format!("cannot rename domain '{old}': {what}"), why)
+        }
+        e => e,
+    })?;
     if new == old {
         ctx.info(format!(
             "domain '{old}' already has that name; nothing to do"
@@ -108,15 +113,20 @@ fn rename_one(
         return dom.describe();
     }
 
-    let mut undo = Undo::default();
-    let res = apply(ctx, &mut dom, &old, &new, &moves, &mut undo);
-    if let Err(e) = res {
-        let problems = undo.roll_back(&dom, &old);
-        for p in &problems {
-            ctx.warn(format!("while undoing the rename of '{old}': {p}"));
+    // Ctrl-C, a closed terminal or a broken pipe between the domain rename and the file
+    // moves would leave a definition naming files that moved: they wait until the domain
+    // and its files agree again, renamed or rolled back.
+    let res = tpl_common::cli::uninterrupted(|| {
+        let mut undo = Undo::default();
+        let res = apply(ctx, &mut dom, &old, &new, &moves, &mut undo);
+        if res.is_err() {
+            for p in undo.roll_back(&dom, &old) {
+                ctx.warn(format!("while undoing the rename of '{old}': {p}"));
+            }
         }
-        return Err(e);
-    }
+        res
+    });
+    res?;
     for dir in moves.iter().filter_map(|m| m.to.parent()) {
         s.refresh_pools_for(dir);
     }
@@ -129,7 +139,6 @@ fn plan_moves(dom: &Dom, new: &str) -> Result<Vec<Move>> {
     let disks: Vec<_> = x.disks().into_iter().filter(|d| d.is_writable()).collect();
     let mut moves = Vec::new();
     for d in &disks {
-        let Some(path) = d.path.clone() else { continue };
         if d.kind != "file" {
             return Err(Error::refused(
                 format!("cannot rename the files of domain '{}'", dom.name),
@@ -139,6 +148,8 @@ fn plan_moves(dom: &Dom, new: &str) -> Result<Vec<Move>> {
                 ),
             ));
         }
+        // A file disk without a source (an empty drive) has nothing to rename.
+        let Some(path) = d.path.clone() else { continue };
         let suffix = (disks.len() > 1).then_some(d.target.as_str());
         let to = renamed(&path, &dom.name, new, suffix);
         moves.push(Move {
