@@ -627,3 +627,30 @@ pub fn same_content(a: &Path, b: &Path) -> bool {
         ),
     }
 }
+
+/// This host's name as tpl-clone puts it in temporary file names.
+pub fn host_tag() -> String {
+    let h = fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let t: String = h
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    if t.is_empty() {
+        "localhost".into()
+    } else {
+        t
+    }
+}
+
+/// The temporary name under which run `pid` writes `dir/file`.
+pub fn tmp_of(dir: &Path, file: &str, pid: u32) -> PathBuf {
+    dir.join(format!(".{file}.tpl-tmp-{}-{pid}", host_tag()))
+}

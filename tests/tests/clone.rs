@@ -95,11 +95,21 @@ fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// tpl-clone's journal of a run (the tools run as root here: state in /var/lib/tpl).
-fn journal_of(pid: u32) -> PathBuf {
-    PathBuf::from(format!(
-        "/var/lib/tpl/clone-journal/tpl-clone-{pid}.journal"
-    ))
+/// tpl-clone's journal files of a run that exist now (the tools run as root here: state
+/// in /var/lib/tpl): `tpl-clone-<pid>-<random>.journal`, or `.journal-new` while it is
+/// being created.
+fn journals_of(pid: u32) -> Vec<PathBuf> {
+    let Ok(rd) = fs::read_dir("/var/lib/tpl/clone-journal") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("tpl-clone-{pid}-"))
+        })
+        .map(|e| e.path())
+        .collect()
 }
 
 fn spawn_clone(args: &[&str]) -> Child {
@@ -110,6 +120,33 @@ fn spawn_clone(args: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
+}
+
+/// Start tpl-clone in a session of its own whose controlling terminal is a new pty, with
+/// stdin and stderr on it (as in an ssh session), stdout piped. Dropping the returned
+/// master end hangs the terminal up: the kernel sends SIGHUP to the run, and its writes
+/// to stderr fail from then on.
+fn spawn_on_terminal(args: &[&str]) -> (Child, std::os::fd::OwnedFd) {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    use std::os::fd::AsRawFd;
+    let pty = nix::pty::openpty(None, None).unwrap();
+    // openpty leaves both ends inheritable: a master the run inherited would keep the
+    // terminal from ever hanging up.
+    for fd in [&pty.master, &pty.slave] {
+        fcntl(fd.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).unwrap();
+    }
+    let child = {
+        let mut c = Command::new("setsid");
+        test_env(&mut c)
+            .arg("--ctty")
+            .arg(bin(TOOL))
+            .args(args)
+            .stdin(Stdio::from(pty.slave.try_clone().unwrap()))
+            .stderr(Stdio::from(pty.slave))
+            .stdout(Stdio::piped());
+        c.spawn().unwrap()
+    };
+    (child, pty.master)
 }
 
 /// A libvirt dir pool, removed on drop.
@@ -428,12 +465,16 @@ fn signals_and_kill_leave_nothing_behind() {
     s.define(&guest_xml(&name, &disk, &console, ""));
     mark_generalized(&name);
 
-    // SIGINT and SIGTERM in the middle of the copy: the run removes what it made.
-    for (tag, sig, code) in [("int", Signal::SIGINT, 130), ("term", Signal::SIGTERM, 143)] {
+    // SIGINT, SIGTERM and SIGHUP in the middle of the copy: the run removes what it made.
+    for (tag, sig, code) in [
+        ("int", Signal::SIGINT, 130),
+        ("term", Signal::SIGTERM, 143),
+        ("hup", Signal::SIGHUP, 129),
+    ] {
         let c = s.name(tag);
         let child = spawn_clone(&[&name, &c, "--full"]);
         let pid = child.id();
-        let tmp = s.dir.join(format!(".{c}.qcow2.tpl-tmp-{pid}"));
+        let tmp = tmp_of(&s.dir, &format!("{c}.qcow2"), pid);
         wait_until(60, "the copy to start", || tmp.exists());
         kill(Pid::from_raw(pid as i32), sig).unwrap();
         let out = child.wait_with_output().unwrap();
@@ -447,20 +488,35 @@ fn signals_and_kill_leave_nothing_behind() {
         assert!(!tmp.exists(), "temporary file left");
         assert!(!s.dir.join(format!("{c}.qcow2")).exists());
         assert!(!domain_exists(&c));
-        assert!(!journal_of(pid).exists());
+        assert!(journals_of(pid).is_empty());
     }
+
+    // A dropped ssh session: the terminal the run writes to hangs up under it.
+    let c = s.name("hangup");
+    let (child, master) = spawn_on_terminal(&[&name, &c, "--full"]);
+    let pid = child.id();
+    let tmp = tmp_of(&s.dir, &format!("{c}.qcow2"), pid);
+    wait_until(60, "the copy to start", || tmp.exists());
+    drop(master);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(129), "exit status {:?}", out.status);
+    assert!(out.stdout.is_empty());
+    assert!(!tmp.exists(), "temporary file left after a hang-up");
+    assert!(!s.dir.join(format!("{c}.qcow2")).exists());
+    assert!(!domain_exists(&c));
+    assert!(journals_of(pid).is_empty());
 
     // kill -9 leaves its temporary file and journal; the next run removes them.
     let c = s.name("killed");
     let child = spawn_clone(&[&name, &c, "--full"]);
     let pid = child.id();
-    let tmp = s.dir.join(format!(".{c}.qcow2.tpl-tmp-{pid}"));
+    let tmp = tmp_of(&s.dir, &format!("{c}.qcow2"), pid);
     wait_until(60, "the copy to start", || tmp.exists());
     kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), None);
     assert!(
-        tmp.exists() && journal_of(pid).exists(),
+        tmp.exists() && !journals_of(pid).is_empty(),
         "kill -9 cannot clean up"
     );
 
@@ -470,10 +526,112 @@ fn signals_and_kill_leave_nothing_behind() {
         !tmp.exists(),
         "the next run removes the killed run's temporary file"
     );
-    assert!(!journal_of(pid).exists());
+    assert!(journals_of(pid).is_empty());
     assert!(!s.dir.join(format!("{c}.qcow2")).exists());
     assert!(!domain_exists(&c));
     assert!(leftovers(&s.dir).is_empty());
+}
+
+#[test]
+fn a_finished_clone_undefined_after_a_kill_keeps_its_image() {
+    let mut s = Scratch::new();
+    let t = locked_template(&mut s, "tpl");
+    let prefix = s.name("k");
+    let name = |i: u32| format!("{prefix}{i:03}");
+    let file = |i: u32| s.dir.join(format!("{}.qcow2", name(i)));
+    let mut child = spawn_clone(&[&t.name, "--count", "200", "--prefix", &prefix]);
+    let pid = child.id();
+    // The second clone's file is made after the first clone is defined and marked done.
+    wait_until(60, "the second clone's file", || file(2).exists());
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    child.wait().unwrap();
+    assert!(
+        !journals_of(pid).is_empty(),
+        "the run finished before the kill"
+    );
+    assert!(domain_exists(&name(1)));
+    // The user removes the finished clone and keeps its image.
+    virsh(&["undefine", &name(1)]);
+
+    clone(&[&t.name, &s.name("next")]).ok(1);
+    assert!(
+        journals_of(pid).is_empty(),
+        "the killed run's journal is cleaned"
+    );
+    assert!(
+        file(1).exists(),
+        "the next run deleted the image of a clone that was finished"
+    );
+    let defined: HashSet<String> = virsh(&["list", "--all", "--name"])
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect();
+    for i in 2..=200 {
+        assert_eq!(file(i).exists(), defined.contains(&name(i)), "{}", name(i));
+    }
+    assert!(leftovers(&s.dir).is_empty());
+}
+
+#[test]
+fn writable_disks_that_are_not_files_are_refused() {
+    let mut s = Scratch::new();
+    let volume = "<disk type='volume' device='disk'><driver name='qemu' type='qcow2'/>\
+                  <source pool='tpltest-nopool' volume='data.qcow2'/><target dev='vdb' bus='virtio'/></disk>";
+    let network = "<disk type='network' device='disk'><driver name='qemu' type='raw'/>\
+                   <source protocol='nbd' name='data'><host name='127.0.0.1' port='10809'/></source>\
+                   <target dev='vdc' bus='virtio'/></disk>";
+    let templates: Vec<(Guest, &str, &str)> = [
+        ("vol", volume, "vdb", "volume"),
+        ("net", network, "vdc", "network"),
+    ]
+    .into_iter()
+    .map(|(tag, extra, target, kind)| {
+        let g = s.guest_with(tag, extra);
+        mark_generalized(&g.name);
+        (g, target, kind)
+    })
+    .collect();
+    let files = |s: &Scratch| -> HashSet<_> {
+        fs::read_dir(&s.dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect()
+    };
+    let before = files(&s);
+    for (g, target, kind) in &templates {
+        let c = format!("{}-c", g.name);
+        clone(&[&g.name, &c, "--full"])
+            .fails(3)
+            .says(&[&g.name, &format!("disk {target} is a '{kind}' disk")]);
+        lock(g);
+        clone(&[&g.name, &c, "--linked"])
+            .fails(3)
+            .says(&[&g.name, target, kind]);
+        assert!(!domain_exists(&c));
+    }
+    assert_eq!(files(&s), before, "a refused run created files");
+
+    // Shared ones are fine: a read-only network disk stays the template's, and an empty
+    // drive has nothing to copy.
+    let shared = "<disk type='network' device='cdrom'><driver name='qemu' type='raw'/>\
+                  <source protocol='nbd' name='iso'><host name='127.0.0.1' port='10809'/></source>\
+                  <target dev='hdc' bus='ide'/><readonly/></disk>\
+                  <disk type='file' device='floppy'><target dev='fda' bus='fdc'/></disk>";
+    let g = s.guest_with("shared", shared);
+    mark_generalized(&g.name);
+    let c = s.name("shared-c");
+    let r = clone(&[&g.name, &c, "--full"]).ok(1);
+    let vda = only(&r).disks.iter().find(|d| d.target == "vda").unwrap();
+    assert_eq!(
+        vda.path.as_deref(),
+        Some(s.dir.join(format!("{c}.qcow2")).as_path())
+    );
+    let x = dom_xml(&c);
+    let hdc = x.disks().into_iter().find(|d| d.target == "hdc").unwrap();
+    assert_eq!(hdc.kind, "network");
+    let fda = x.disks().into_iter().find(|d| d.target == "fda").unwrap();
+    assert_eq!(fda.path, None);
 }
 
 #[test]

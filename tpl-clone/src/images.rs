@@ -354,7 +354,8 @@ impl<'a> Progress<'a> {
         if self.label.is_some() && self.last.is_some() {
             self.last = None;
             self.add(0);
-            eprintln!();
+            // Not eprintln!: it panics when the terminal hung up (SIGHUP) meanwhile.
+            let _ = writeln!(io::stderr());
         }
     }
 }

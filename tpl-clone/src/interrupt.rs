@@ -1,6 +1,9 @@
-//! SIGINT and SIGTERM as a flag the long steps check, and child processes that stop when it is raised.
+//! SIGINT, SIGTERM and SIGHUP as a flag the long steps check, and child processes that stop when it is raised.
 //!
 //! A signal must not kill the run in the middle of a copy: what it created would stay.
+//! SIGHUP is among them because a long full clone is often run over ssh, and a dropped
+//! session hangs up the terminal; the messages written after that are lost, the cleanup
+//! is not.
 //! The handler only records which signal came; the copy loops, the waits on qemu-img and
 //! the steps between them check it and unwind through the normal error path, which
 //! removes the unfinished clone. kill -9 cannot be caught; the journal handles that.
@@ -20,12 +23,19 @@ use tpl_common::error::{Error, Result};
 pub struct Interrupt(Arc<AtomicUsize>);
 
 impl Interrupt {
-    /// Catch SIGINT and SIGTERM from now on.
+    /// Catch SIGINT, SIGTERM and SIGHUP from now on.
     pub fn install() -> Result<Interrupt> {
         let flag = Arc::new(AtomicUsize::new(0));
-        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        for sig in [
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGHUP,
+        ] {
             signal_hook::flag::register_usize(sig, flag.clone(), sig as usize).map_err(|e| {
-                Error::failed("cannot install the SIGINT/SIGTERM handler", e.to_string())
+                Error::failed(
+                    format!("cannot install the {} handler", signal_name(sig)),
+                    e.to_string(),
+                )
             })?;
         }
         Ok(Interrupt(flag))
@@ -55,6 +65,7 @@ pub fn signal_name(sig: i32) -> &'static str {
     match sig {
         libc::SIGINT => "SIGINT",
         libc::SIGTERM => "SIGTERM",
+        libc::SIGHUP => "SIGHUP",
         _ => "a signal",
     }
 }

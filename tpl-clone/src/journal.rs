@@ -1,32 +1,46 @@
 //! The journal of what a run creates, so that whatever a run killed with -9 left behind is removed by the next one.
 //!
-//! Each run appends JSON lines to `<state>/clone-journal/tpl-clone-<pid>.journal`, each
-//! synced before the step it announces:
+//! Each run appends JSON lines to `<state>/clone-journal/tpl-clone-<pid>-<random>.journal`
+//! (the random part because pids are reused, and a dead run's journal that could not be
+//! cleaned yet must not be replaced), each synced before the step it announces:
 //!
 //! - `clone`: a clone is started (its name, UUID and libvirt URI);
-//! - `tmp`: a temporary file is about to be created (its name also carries the pid);
+//! - `tmp`: a temporary file is about to be created (its name carries this host's name and
+//!   our pid, see [`tmp_name`]);
 //! - `file`: a finished temporary file is about to be renamed to its final name, with
 //!   its device and inode, so the final file is removed only if it is still that file
-//!   (a run that lost a race for a name never removes the winner's file).
+//!   (a run that lost a race for a name never removes the winner's file);
+//! - `done`: the clone's domain is defined: its files are the domain's from now on;
+//! - `undone`: a defined clone is being removed again (its start failed, say), so its
+//!   files are the run's to remove once more.
 //!
 //! A clone is finished when its domain is defined: that is the commit point. Cleaning a
-//! dead run's journal removes the temporary files and final files of every clone whose
-//! domain (by UUID) does not exist, then the journal. A normal run removes its journal
-//! at the end.
+//! dead run's journal removes the temporary files and final files of every clone not
+//! marked done whose domain (by UUID) does not exist, then the journal. The mark matters
+//! once the domain is gone: a user may undefine a finished clone and keep its image, and
+//! that image must not be taken for an unfinished clone's. The domain check covers a run
+//! killed between the definition and the mark. A normal run removes its journal at the
+//! end.
 //!
 //! A run holds an exclusive flock on its journal for its whole life, and the kernel drops
 //! it when the process dies however it dies: a journal whose lock can be taken belongs to
 //! a dead run. Unlike a pid check this survives pid reuse and renamed binaries, and two
 //! cleaners never clean one journal at once (the second cannot take the lock).
+//!
+//! Journals of earlier versions (`tpl-clone-<pid>.journal`) are read and cleaned the same way.
 
+use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime};
 
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use tpl_common::error::{Error, IoContext, Result};
+use tpl_common::fsutil::rename_noreplace;
 
 /// One line of the journal.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,6 +60,12 @@ pub enum Entry {
         path: PathBuf,
         dev: u64,
         ino: u64,
+    },
+    Done {
+        uuid: String,
+    },
+    Undone {
+        uuid: String,
     },
 }
 
@@ -79,25 +99,46 @@ pub struct Journal {
 
 impl Journal {
     /// Create this run's journal in `dir`. It is locked under a temporary name and only
-    /// then renamed to its own, so a cleaner never sees it unlocked.
+    /// then renamed to its own, so a cleaner never sees it unlocked. Neither step ever
+    /// replaces a file: an older journal under the same name is a dead run's that a
+    /// cleaner kept on purpose (libvirt could not tell what it finished).
     pub fn create(dir: &Path) -> Result<Journal> {
         fs::create_dir_all(dir).ctx("cannot create the journal directory", dir)?;
-        let path = dir.join(format!("tpl-clone-{}.journal", std::process::id()));
-        let new = path.with_extension("journal-new");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&new)
-            .ctx("cannot create the journal", &new)?;
-        let file = Flock::lock(file, FlockArg::LockExclusiveNonblock)
-            .map_err(|(_, e)| e)
-            .ctx("cannot lock the journal", &new)?;
-        // A journal left under our pid is a dead run's (pids are reused) and was cleaned
-        // before; replacing it is right.
-        fs::rename(&new, &path).ctx("cannot create the journal", &path)?;
-        tpl_common::fsutil::fsync_dir(dir)?;
-        Ok(Journal { path, file })
+        let pid = std::process::id();
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let rand = &uuid::Uuid::new_v4().simple().to_string()[..8];
+            let path = dir.join(format!("tpl-clone-{pid}-{rand}.journal"));
+            let new = path.with_extension("journal-new");
+            let file = match OpenOptions::new().create_new(true).write(true).open(&new) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 8 => continue,
+                Err(e) => return Err(e).ctx("cannot create the journal", &new),
+            };
+            // Blocking: a cleaner may hold the lock for a moment to look (only when it
+            // takes our pid for a dead one's, e.g. from another pid namespace).
+            let file = match Flock::lock(file, FlockArg::LockExclusive) {
+                Ok(f) => f,
+                Err((_, e)) => {
+                    let _ = fs::remove_file(&new);
+                    return Err(e).ctx("cannot lock the journal", &new);
+                }
+            };
+            match rename_noreplace(&new, &path) {
+                Ok(()) => {}
+                Err(Error::Refused { .. }) if tries < 8 => {
+                    let _ = fs::remove_file(&new);
+                    continue;
+                }
+                Err(e) => {
+                    let _ = fs::remove_file(&new);
+                    return Err(e);
+                }
+            }
+            tpl_common::fsutil::fsync_dir(dir)?;
+            return Ok(Journal { path, file });
+        }
     }
 
     /// Append one entry and make it durable before the step it announces.
@@ -133,24 +174,21 @@ fn pid_exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// The pid in a journal's name, or None for anything else in the directory.
-fn journal_pid(p: &Path) -> Option<u32> {
-    p.file_name()?
-        .to_str()?
-        .strip_prefix("tpl-clone-")?
-        .strip_suffix(".journal")?
-        .parse()
-        .ok()
-}
-
-/// The pid in the name of a journal being created (`tpl-clone-<pid>.journal-new`).
-fn new_journal_pid(p: &Path) -> Option<u32> {
-    p.file_name()?
-        .to_str()?
-        .strip_prefix("tpl-clone-")?
-        .strip_suffix(".journal-new")?
-        .parse()
-        .ok()
+/// What a file in the journal directory is: a journal (`tpl-clone-<pid>-<random>.journal`,
+/// or `tpl-clone-<pid>.journal` from earlier versions) or one being created
+/// (`.journal-new`), and the pid of its run. None for anything else.
+fn journal_name(p: &Path) -> Option<(u32, bool)> {
+    let name = p.file_name()?.to_str()?.strip_prefix("tpl-clone-")?;
+    let (id, new) = match name.strip_suffix(".journal") {
+        Some(id) => (id, false),
+        None => (name.strip_suffix(".journal-new")?, true),
+    };
+    let pid = match id.split_once('-') {
+        Some((pid, rand)) if !rand.is_empty() && rand.chars().all(|c| c.is_ascii_hexdigit()) => pid,
+        Some(_) => return None,
+        None => id,
+    };
+    Some((pid.parse().ok()?, new))
 }
 
 /// The journal's lock, if its run is dead (nobody holds it).
@@ -175,13 +213,13 @@ pub fn clean_dead(
         // A run killed while creating its journal left it under the new name, before any
         // entry: nothing to clean but the file (the pid check keeps a run that has
         // created it and not yet locked it).
-        if let Some(pid) = new_journal_pid(&path) {
+        let Some((pid, new)) = journal_name(&path) else {
+            continue;
+        };
+        if new {
             if !pid_exists(pid) && lock_if_dead(&path).is_some() && fs::remove_file(&path).is_ok() {
                 done.push(format!("empty journal '{}'", path.display()));
             }
-            continue;
-        }
-        if journal_pid(&path).is_none() {
             continue;
         }
         let Some(_lock) = lock_if_dead(&path) else {
@@ -207,11 +245,27 @@ fn clean_one(
         .map_while(|l| l.ok())
         .filter_map(|l| serde_json::from_str(&l).ok())
         .collect();
+    // In journal order: a clone undone after it was done is unfinished again.
+    let mut finished = BTreeSet::new();
+    for e in &entries {
+        match e {
+            Entry::Done { uuid } => {
+                finished.insert(uuid.as_str());
+            }
+            Entry::Undone { uuid } => {
+                finished.remove(uuid.as_str());
+            }
+            _ => {}
+        }
+    }
     let mut removed = Vec::new();
     for e in &entries {
         let Entry::Clone { name, uuid, uri } = e else {
             continue;
         };
+        if finished.contains(uuid.as_str()) {
+            continue;
+        }
         match domain_exists(uri, uuid) {
             Some(true) => continue, // finished: its files are the domain's now
             Some(false) => {}
@@ -252,36 +306,126 @@ fn clean_one(
     Ok(removed)
 }
 
+/// This host's name as it goes into temporary file names: the characters a file name
+/// and the parsing in [`sweep_tmp`] are safe with, at most 64 of them.
+fn host_tag() -> &'static str {
+    static TAG: OnceLock<String> = OnceLock::new();
+    TAG.get_or_init(|| {
+        let h = nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        sanitize_host(&h)
+    })
+}
+
+fn sanitize_host(h: &str) -> String {
+    let t: String = h
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    if t.is_empty() {
+        "localhost".into()
+    } else {
+        t
+    }
+}
+
 /// The temporary name of a file this run writes: hidden, in the target's directory (so
-/// the final rename stays on one file system), and carrying our pid.
+/// the final rename stays on one file system), and carrying this host's name and our pid
+/// (`.FILE.tpl-tmp-HOST-PID`). The host name because the directory may be shared (an NFS
+/// pool): a pid means nothing on another host, whose runs' files are not ours to judge.
 pub fn tmp_name(final_path: &Path) -> PathBuf {
     let file = final_path
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_default();
-    final_path.with_file_name(format!(".{file}.tpl-tmp-{}", std::process::id()))
+    final_path.with_file_name(format!(
+        ".{file}.tpl-tmp-{}-{}",
+        host_tag(),
+        std::process::id()
+    ))
 }
 
-/// Remove temporary files of dead runs in `dir` that no journal accounted for (a journal
-/// directory someone wiped, say): their pid has no live journal in `jdir` and no process.
-/// Returns what was removed.
+/// How long a temporary file named in the earlier form (`.FILE.tpl-tmp-PID`, no host)
+/// must have gone unwritten before a sweep takes it for a dead run's: it may be another
+/// host's, and a run that is alive writes its file all the time.
+const OLD_TMP_IDLE: Duration = Duration::from_secs(3600);
+
+/// Whose a temporary file name says it is.
+#[derive(Debug, PartialEq)]
+enum TmpOwner {
+    /// A run on this host with this pid.
+    Here(u32),
+    /// A run on another host.
+    Elsewhere,
+    /// The earlier form, without a host: a run with this pid somewhere.
+    Unknown(u32),
+}
+
+fn tmp_owner(name: &str, host: &str) -> Option<TmpOwner> {
+    let (_, tag) = name.strip_prefix('.')?.rsplit_once(".tpl-tmp-")?;
+    if let Ok(pid) = tag.parse::<u32>() {
+        return Some(TmpOwner::Unknown(pid));
+    }
+    let (h, pid) = tag.rsplit_once('-')?;
+    let pid = pid.parse::<u32>().ok()?;
+    Some(if h == host {
+        TmpOwner::Here(pid)
+    } else {
+        TmpOwner::Elsewhere
+    })
+}
+
+/// The pids without a process here whose runs' journals in `jdir` are still locked (a
+/// run in another pid namespace sharing the state directory). Only those: trying the
+/// lock of a live local run's journal could get between its creation and its locking.
+fn foreign_live_pids(jdir: &Path) -> BTreeSet<u32> {
+    let Ok(rd) = fs::read_dir(jdir) else {
+        return BTreeSet::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let path = e.path();
+            let (pid, _) = journal_name(&path)?;
+            (!pid_exists(pid) && lock_if_dead(&path).is_none()).then_some(pid)
+        })
+        .collect()
+}
+
+/// Remove temporary files of dead runs of this host in `dir` that no journal accounted
+/// for (a journal directory someone wiped, say): their pid has no live journal in `jdir`
+/// and no process. Another host's files are never touched; those in the earlier form
+/// without a host only once nobody has written them for a long while. Returns what was
+/// removed.
 pub fn sweep_tmp(dir: &Path, jdir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     let Ok(rd) = fs::read_dir(dir) else {
         return out;
     };
+    let live = foreign_live_pids(jdir);
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix('.')
-            .and_then(|n| n.rsplit_once(".tpl-tmp-"))
-            .and_then(|(_, pid)| pid.parse::<u32>().ok())
-        else {
-            continue;
+        let dead = |pid: u32| !live.contains(&pid) && !pid_exists(pid);
+        let gone = match tmp_owner(&name, host_tag()) {
+            None | Some(TmpOwner::Elsewhere) => false,
+            Some(TmpOwner::Here(pid)) => dead(pid),
+            Some(TmpOwner::Unknown(pid)) => {
+                dead(pid)
+                    && e.metadata()
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| SystemTime::now().duration_since(t).ok())
+                        .is_some_and(|idle| idle > OLD_TMP_IDLE)
+            }
         };
-        let journal = jdir.join(format!("tpl-clone-{pid}.journal"));
-        let live_journal = journal.exists() && lock_if_dead(&journal).is_none();
-        if !live_journal && !pid_exists(pid) && e.file_type().is_ok_and(|t| t.is_file()) {
+        if gone && e.file_type().is_ok_and(|t| t.is_file()) {
             let p = e.path();
             if fs::remove_file(&p).is_ok() {
                 out.push(format!("temporary file '{}'", p.display()));
@@ -304,23 +448,33 @@ mod tests {
         pid
     }
 
+    fn ino(p: &Path) -> (u64, u64) {
+        let m = fs::metadata(p).unwrap();
+        (m.dev(), m.ino())
+    }
+
+    fn write_journal(path: &Path, entries: &[Entry], tail: &str) {
+        let mut text: String = entries
+            .iter()
+            .map(|e| serde_json::to_string(e).unwrap() + "\n")
+            .collect();
+        text.push_str(tail);
+        fs::write(path, text).unwrap();
+    }
+
     #[test]
     fn cleans_unfinished_clones_only_and_never_a_replaced_file() {
         let d = tempfile::tempdir().unwrap();
         let jdir = d.path().join("j");
         fs::create_dir(&jdir).unwrap();
         let pid = dead_pid();
-        let tmp = d.path().join(format!(".a.qcow2.tpl-tmp-{pid}"));
+        let tmp = d.path().join(format!(".a.qcow2.tpl-tmp-h-{pid}"));
         let a = d.path().join("a.qcow2"); // renamed into place, domain never defined
         let b = d.path().join("b.qcow2"); // another run's file that took the name
         let c = d.path().join("c.qcow2"); // a finished clone's file
         for p in [&tmp, &a, &b, &c] {
             fs::write(p, "x").unwrap();
         }
-        let ino = |p: &Path| {
-            let m = fs::metadata(p).unwrap();
-            (m.dev(), m.ino())
-        };
         let entries = [
             Entry::Clone {
                 name: "a".into(),
@@ -355,27 +509,81 @@ mod tests {
                 ino: ino(&c).1,
             },
         ];
-        let mut text: String = entries
-            .iter()
-            .map(|e| serde_json::to_string(e).unwrap() + "\n")
-            .collect();
-        text.push_str("{\"op\":\"tmp\",\"uu"); // cut short by kill -9
-        let jpath = jdir.join(format!("tpl-clone-{pid}.journal"));
-        fs::write(&jpath, text).unwrap();
-        // A run killed while creating its journal left it under the new name.
-        let new = jdir.join(format!("tpl-clone-{pid}.journal-new"));
+        let jpath = jdir.join(format!("tpl-clone-{pid}-0badf00d.journal"));
+        // The last line was cut short by kill -9.
+        write_journal(&jpath, &entries, "{\"op\":\"tmp\",\"uu");
+        // Runs killed while creating their journals left them under the new name, in
+        // this version's form and the earlier one's.
+        let new = jdir.join(format!("tpl-clone-{pid}-1234abcd.journal-new"));
+        let old_new = jdir.join(format!("tpl-clone-{pid}.journal-new"));
         fs::write(&new, "").unwrap();
+        fs::write(&old_new, "").unwrap();
         // A live run's journal (ours) is left alone.
         let mine = Journal::create(&jdir).unwrap();
 
         let removed = clean_dead(&jdir, |_, uuid| Some(uuid == "u2"));
-        assert_eq!(removed.len(), 3, "{removed:?}");
-        assert!(!tmp.exists() && !a.exists() && !new.exists());
+        assert_eq!(removed.len(), 4, "{removed:?}");
+        assert!(!tmp.exists() && !a.exists() && !new.exists() && !old_new.exists());
         assert!(b.exists(), "a file that is not the one journaled stays");
         assert!(c.exists(), "a finished clone's file stays");
         assert!(!jpath.exists());
         assert!(mine.path.exists());
         mine.close();
+    }
+
+    #[test]
+    fn a_clone_marked_done_keeps_its_files_when_its_domain_is_gone() {
+        let d = tempfile::tempdir().unwrap();
+        let pid = dead_pid();
+        // u1 finished, and the user undefined it since, keeping its image; u2 was defined
+        // and then removed again (its start failed) when the run was killed; u3 never got
+        // as far as its domain.
+        let (a, b) = (d.path().join("a.qcow2"), d.path().join("b.qcow2"));
+        let t3 = d.path().join(format!(".c.qcow2.tpl-tmp-h-{pid}"));
+        for p in [&a, &b, &t3] {
+            fs::write(p, "x").unwrap();
+        }
+        let clone = |n: &str, u: &str| Entry::Clone {
+            name: n.into(),
+            uuid: u.into(),
+            uri: "test:///x".into(),
+        };
+        let file = |u: &str, p: &Path| Entry::File {
+            uuid: u.into(),
+            path: p.to_path_buf(),
+            dev: ino(p).0,
+            ino: ino(p).1,
+        };
+        let entries = [
+            clone("a", "u1"),
+            file("u1", &a),
+            Entry::Done { uuid: "u1".into() },
+            clone("b", "u2"),
+            file("u2", &b),
+            Entry::Done { uuid: "u2".into() },
+            Entry::Undone { uuid: "u2".into() },
+            clone("c", "u3"),
+            Entry::Tmp {
+                uuid: "u3".into(),
+                path: t3.clone(),
+            },
+        ];
+        // An old-format name: journals of earlier versions are still cleaned.
+        let jpath = d.path().join(format!("tpl-clone-{pid}.journal"));
+        write_journal(&jpath, &entries, "");
+        let mut asked = Vec::new();
+        let removed = clean_dead(d.path(), |_, uuid| {
+            asked.push(uuid.to_string());
+            Some(false)
+        });
+        assert_eq!(removed.len(), 2, "{removed:?}");
+        assert!(
+            a.exists(),
+            "a finished clone's image stays after its domain went"
+        );
+        assert!(!b.exists() && !t3.exists());
+        assert_eq!(asked, ["u2", "u3"], "a clone marked done needs no libvirt");
+        assert!(!jpath.exists());
     }
 
     #[test]
@@ -388,21 +596,102 @@ mod tests {
             uuid: "u".into(),
             uri: "x".into(),
         };
-        fs::write(&jpath, serde_json::to_string(&e).unwrap() + "\n").unwrap();
+        write_journal(&jpath, &[e], "");
         assert!(clean_dead(d.path(), |_, _| None).is_empty());
         assert!(jpath.exists());
     }
 
     #[test]
-    fn sweeps_only_dead_runs_temporaries() {
+    fn create_never_replaces_a_journal_of_the_same_pid() {
         let d = tempfile::tempdir().unwrap();
-        let dead = d.path().join(format!(".x.qcow2.tpl-tmp-{}", dead_pid()));
+        let pid = std::process::id();
+        // A journal a cleaner kept under our pid (pid reuse), in the earlier form.
+        let kept = d.path().join(format!("tpl-clone-{pid}.journal"));
+        fs::write(&kept, "kept\n").unwrap();
+        let j1 = Journal::create(d.path()).unwrap();
+        let j2 = Journal::create(d.path()).unwrap();
+        assert_ne!(j1.path, j2.path);
+        assert_eq!(fs::read_to_string(&kept).unwrap(), "kept\n");
+        for j in [&j1.path, &j2.path] {
+            assert_eq!(journal_name(j), Some((pid, false)), "{j:?}");
+        }
+        assert!(fs::read_dir(d.path())
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().ends_with("-new")));
+        j1.close();
+        j2.close();
+        assert!(kept.exists());
+    }
+
+    #[test]
+    fn journal_and_temporary_names() {
+        let j = |n: &str| journal_name(Path::new(n));
+        assert_eq!(j("tpl-clone-12-0badf00d.journal"), Some((12, false)));
+        assert_eq!(j("tpl-clone-12-0badf00d.journal-new"), Some((12, true)));
+        assert_eq!(j("tpl-clone-12.journal"), Some((12, false)));
+        assert_eq!(j("tpl-clone-12.journal-new"), Some((12, true)));
+        for bad in [
+            "tpl-clone-x.journal",
+            "tpl-clone-12-.journal",
+            "tpl-clone-12-zz.journal",
+            "tpl-clone-12.log",
+            "other-12.journal",
+        ] {
+            assert_eq!(j(bad), None, "{bad}");
+        }
+        let o = |n: &str| tmp_owner(n, "web-01.lan");
+        assert_eq!(
+            o(".a.qcow2.tpl-tmp-web-01.lan-42"),
+            Some(TmpOwner::Here(42))
+        );
+        assert_eq!(
+            o(".a.qcow2.tpl-tmp-web-02.lan-42"),
+            Some(TmpOwner::Elsewhere)
+        );
+        assert_eq!(o(".a.qcow2.tpl-tmp-42"), Some(TmpOwner::Unknown(42)));
+        assert_eq!(o(".a.qcow2.tpl-tmp-web-01.lan-x"), None);
+        assert_eq!(o("a.qcow2.tpl-tmp-42"), None);
+        assert_eq!(sanitize_host("a b/c-d.e"), "a_b_c-d.e");
+        assert_eq!(sanitize_host(""), "localhost");
+        let t = tmp_name(Path::new("/d/x.qcow2"));
+        let name = t.file_name().unwrap().to_str().unwrap();
+        assert_eq!(
+            tmp_owner(name, host_tag()),
+            Some(TmpOwner::Here(std::process::id()))
+        );
+        assert_eq!(t.parent(), Some(Path::new("/d")));
+    }
+
+    #[test]
+    fn sweeps_only_dead_runs_temporaries_of_this_host() {
+        let d = tempfile::tempdir().unwrap();
+        let dpid = dead_pid();
+        let dead = d
+            .path()
+            .join(format!(".x.qcow2.tpl-tmp-{}-{dpid}", host_tag()));
         let live = tmp_name(&d.path().join("y.qcow2"));
-        let other = d.path().join(".x.qcow2.tpl-tmp-abc");
-        for p in [&dead, &live, &other] {
+        let other_host = d
+            .path()
+            .join(format!(".x.qcow2.tpl-tmp-{}x-{dpid}", host_tag()));
+        let old_busy = d.path().join(format!(".o1.qcow2.tpl-tmp-{dpid}"));
+        let old_idle = d.path().join(format!(".o2.qcow2.tpl-tmp-{dpid}"));
+        let garbage = d.path().join(".x.qcow2.tpl-tmp-abc");
+        for p in [&dead, &live, &other_host, &old_busy, &old_idle, &garbage] {
             fs::write(p, "x").unwrap();
         }
-        assert_eq!(sweep_tmp(d.path(), d.path()).len(), 1);
-        assert!(!dead.exists() && live.exists() && other.exists());
+        File::options()
+            .write(true)
+            .open(&old_idle)
+            .unwrap()
+            .set_modified(SystemTime::now() - 2 * OLD_TMP_IDLE)
+            .unwrap();
+        let removed = sweep_tmp(d.path(), d.path());
+        assert_eq!(removed.len(), 2, "{removed:?}");
+        assert!(!dead.exists() && !old_idle.exists());
+        assert!(live.exists(), "a live run's file stays");
+        assert!(other_host.exists(), "another host's file stays");
+        assert!(old_busy.exists(), "an old-form file written lately stays");
+        assert!(garbage.exists());
     }
 }

@@ -7,6 +7,7 @@ mod xml;
 
 use std::collections::BTreeSet;
 use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -49,10 +50,11 @@ const TOOL: &str = "tpl-clone";
 /// shared.
 ///
 /// Files are written under temporary names and renamed into place when complete; the
-/// domain is defined last. On an error, SIGINT or SIGTERM the unfinished clone's files
-/// and domain are removed, and what a killed run left is removed by the next run (from
-/// the journal each run keeps in $TPL_STATE_DIR, default /var/lib/tpl for root, under
-/// clone-journal/). Exit status: 0, 1 failed, 2 bad usage, 3 refused, 128+N for signal N.
+/// domain is defined last. On an error, SIGINT, SIGTERM or SIGHUP the unfinished clone's
+/// files and domain are removed, and what a killed run left is removed by the next run
+/// (from the journal each run keeps in $TPL_STATE_DIR, default /var/lib/tpl for root,
+/// under clone-journal/). Exit status: 0, 1 failed, 2 bad usage, 3 refused, 128+N for
+/// signal N.
 #[derive(Parser, Debug)]
 #[command(name = TOOL, version, about, long_about, verbatim_doc_comment)]
 pub struct Args {
@@ -190,7 +192,9 @@ fn run(args: &Args, ctx: &mut Ctx) -> Result<()> {
         plan.refresh_pools(&s);
     }
     if let Some(sig) = intr.signal() {
-        eprintln!(
+        // Not eprintln!: after SIGHUP the terminal is gone, and it would panic on that.
+        let _ = writeln!(
+            std::io::stderr(),
             "{TOOL}: stopped by {}; the clones finished before it stay",
             signal_name(sig)
         );
@@ -401,14 +405,19 @@ impl Plan {
             .filter(|d| d.is_writable())
             .collect();
         for d in &writable {
-            let Some(path) = d.path.clone() else { continue };
+            // The kind first: a volume, network, nvme or vhostuser disk has no path, and
+            // skipping it would leave the template's disk in every clone's definition, so
+            // that each clone wrote into the template.
             if d.kind != "file" {
                 return Err(refuse(format!(
-                    "disk {} is a '{}' disk; tpl-clone clones file disks only (make it \
-                     <readonly/> or <shareable/> to share it, or detach it)",
+                    "its disk {} is a '{}' disk, which every clone would share and write \
+                     to; tpl-clone clones file disks only (make it <readonly/> or \
+                     <shareable/> to share it, or detach it)",
                     d.target, d.kind
                 )));
             }
+            // An empty drive (a floppy without a medium, say): nothing to copy.
+            let Some(path) = d.path.clone() else { continue };
             // Never through a symbolic link, as tpl-lock: the clone's files would be
             // named and placed after the link while its contents came from elsewhere.
             if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
@@ -576,6 +585,13 @@ impl Plan {
             ctx, s, tpl, name, &uuid, hostname, macs, jrnl, intr, &mut made,
         );
         if res.is_err() {
+            // A defined clone is the run's to remove again: say so before it goes, or a
+            // kill in the middle would leave its files to nobody.
+            if made.domain.is_some() {
+                if let Err(e) = jrnl.log(&Entry::Undone { uuid: uuid.clone() }) {
+                    ctx.warn(format!("while removing the unfinished clone '{name}': {e}"));
+                }
+            }
             for p in made.undo() {
                 ctx.warn(format!("while removing the unfinished clone '{name}': {p}"));
             }
@@ -755,6 +771,7 @@ impl Plan {
             }
         })?;
         made.domain = Some(dom.clone());
+        jrnl.log(&Entry::Done { uuid: uuid.into() })?;
         ctx.info(format!(
             "defined {} clone '{name}' of '{}'",
             self.mode.as_str(),
@@ -782,17 +799,46 @@ impl Made {
     /// Remove it all, the domain first so it never points at a missing file. Returns
     /// what could not be removed.
     fn undo(&mut self) -> Vec<String> {
+        let undefined = match self.domain.take() {
+            None => Ok(()),
+            Some(d) => {
+                if d.is_active().unwrap_or(false) {
+                    let _ = d.destroy();
+                }
+                // Our NVRAM copy is in `finals` and removed with the files.
+                d.undefine_flags(virt::sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM)
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            }
+        };
+        self.remove_files(undefined)
+    }
+
+    /// Remove the files, but the final ones only when no domain is left to use them: a
+    /// domain on deleted files is worse than files left over.
+    fn remove_files(&mut self, undefined: std::result::Result<(), String>) -> Vec<String> {
         let mut problems = Vec::new();
-        if let Some(d) = self.domain.take() {
-            if d.is_active().unwrap_or(false) {
-                let _ = d.destroy();
+        let finals = std::mem::take(&mut self.finals);
+        let remove = match undefined {
+            Ok(()) => finals,
+            Err(e) => {
+                let kept: Vec<String> = finals
+                    .iter()
+                    .map(|p| format!("'{}'", p.display()))
+                    .collect();
+                problems.push(if kept.is_empty() {
+                    format!("cannot undefine the domain: {e}")
+                } else {
+                    format!(
+                        "cannot undefine the domain ({e}), so its files {} are kept; \
+                         remove the domain and them by hand",
+                        kept.join(", ")
+                    )
+                });
+                Vec::new()
             }
-            // Our NVRAM copy is in `finals` and removed below.
-            if let Err(e) = d.undefine_flags(virt::sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM) {
-                problems.push(format!("cannot undefine the domain: {e}"));
-            }
-        }
-        for p in self.finals.drain(..).chain(self.tmps.drain(..)) {
+        };
+        for p in remove.into_iter().chain(self.tmps.drain(..)) {
             match fs::remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -857,5 +903,30 @@ mod tests {
         assert_eq!(hostnames(&a, &["a".into()]).unwrap_err().exit_code(), 2);
         let a = args(&["T", "x", "--no-identity"]);
         assert_eq!(hostnames(&a, &["a".into()]).unwrap(), [None]);
+    }
+
+    #[test]
+    fn undo_keeps_the_files_of_a_domain_it_cannot_undefine() {
+        let d = tempfile::tempdir().unwrap();
+        let (fin, tmp) = (d.path().join("c.qcow2"), d.path().join(".c.tmp"));
+        let made = || {
+            fs::write(&fin, "x").unwrap();
+            fs::write(&tmp, "x").unwrap();
+            Made {
+                tmps: vec![tmp.clone()],
+                finals: vec![fin.clone()],
+                domain: None,
+            }
+        };
+        let problems = made().remove_files(Err("no way".into()));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("no way") && problems[0].contains(&*fin.to_string_lossy()),
+            "{problems:?}"
+        );
+        assert!(fin.exists(), "the domain still uses it");
+        assert!(!tmp.exists(), "no domain uses a temporary file");
+        assert!(made().remove_files(Ok(())).is_empty());
+        assert!(!fin.exists() && !tmp.exists());
     }
 }

@@ -167,14 +167,18 @@ pub fn clone_xml(tpl: &DomainXml, spec: &CloneSpec, macs: &mut Macs) -> Result<D
     for kind in ["serial", "console", "parallel", "channel"] {
         for c in children_named_mut(devices, kind) {
             let ty = c.attributes.get("type").cloned().unwrap_or_default();
-            if matches!(ty.as_str(), "file" | "unix" | "pipe") {
-                if let Some(p) = c
-                    .get_mut_child("source")
-                    .and_then(|s| s.attributes.get_mut("path"))
-                {
-                    *p = own_path(Path::new(p), spec.template_name, spec.name)
-                        .display()
-                        .to_string();
+            if let Some(src) = c.get_mut_child("source") {
+                // A socket QEMU connects to belongs to a program outside (a vhost-user
+                // back end, say), and is where the clone must connect too; only one QEMU
+                // listens on (binds) becomes the clone's.
+                let connects = ty == "unix"
+                    && src.attributes.get("mode").map(String::as_str) == Some("connect");
+                if matches!(ty.as_str(), "file" | "unix" | "pipe") && !connects {
+                    if let Some(p) = src.attributes.get_mut("path") {
+                        *p = own_path(Path::new(p), spec.template_name, spec.name)
+                            .display()
+                            .to_string();
+                    }
                 }
             }
             if let Some(p) = c
@@ -248,12 +252,25 @@ fn set_sysinfo(root: &mut Element, spec: &CloneSpec) {
         }
     };
     set_entry("uuid", spec.uuid, false);
-    if let Some(serial) = &spec.serial {
-        set_entry("serial", serial, true);
-        let os = child_mut(root, "os");
-        child_mut(os, "smbios")
-            .attributes
-            .insert("mode".into(), "sysinfo".into());
+    match &spec.serial {
+        Some(serial) => {
+            set_entry("serial", serial, true);
+            let os = child_mut(root, "os");
+            child_mut(os, "smbios")
+                .attributes
+                .insert("mode".into(), "sysinfo".into());
+        }
+        // A template that was itself a clone carries its own first-boot identity: copied,
+        // every clone would take the same host name and instance id. Another serial is
+        // the user's and stays.
+        None => system.children.retain(|c| {
+            c.as_element().is_none_or(|e| {
+                !(e.name == "entry"
+                    && e.attributes.get("name").map(String::as_str) == Some("serial")
+                    && e.get_text()
+                        .is_some_and(|t| t.trim_start().starts_with("ds=nocloud")))
+            })
+        }),
     }
 }
 
@@ -371,6 +388,88 @@ mod tests {
             .to_xml();
         assert!(!out.contains("serial\">ds="));
         assert!(out.contains(">99999999-0000-3333-4444-555555555555</entry>"));
+    }
+
+    fn spec_without_identity<'a>(meta: &'a Meta) -> CloneSpec<'a> {
+        CloneSpec {
+            name: "c3",
+            uuid: "99999999-0000-3333-4444-555555555555",
+            template_name: "Tpl",
+            disks: &[],
+            nvram: None,
+            serial: None,
+            meta,
+        }
+    }
+
+    #[test]
+    fn without_identity_a_copied_nocloud_serial_goes_and_another_stays() {
+        let meta = Meta::default();
+        let spec = spec_without_identity(&meta);
+        // A template that was itself a clone.
+        let tpl = TPL.replace(
+            "<entry name='manufacturer'>m</entry>",
+            "<entry name='manufacturer'>m</entry><entry name='serial'>ds=nocloud;h=old;i=old-id</entry>",
+        );
+        let out = clone_xml(
+            &DomainXml::parse(&tpl).unwrap(),
+            &spec,
+            &mut Macs::default(),
+        )
+        .unwrap()
+        .to_xml();
+        assert!(
+            !out.contains("ds=nocloud") && !out.contains("old-id"),
+            "{out}"
+        );
+        assert!(
+            out.contains("<entry name=\"manufacturer\">m</entry>"),
+            "{out}"
+        );
+        // A serial of the user's own is not ours to drop.
+        let tpl = TPL.replace(
+            "<entry name='manufacturer'>m</entry>",
+            "<entry name='serial'>ASSET-0042</entry>",
+        );
+        let out = clone_xml(
+            &DomainXml::parse(&tpl).unwrap(),
+            &spec,
+            &mut Macs::default(),
+        )
+        .unwrap()
+        .to_xml();
+        assert!(out.contains(">ASSET-0042</entry>"), "{out}");
+    }
+
+    #[test]
+    fn only_sockets_qemu_listens_on_become_the_clones() {
+        let meta = Meta::default();
+        let spec = spec_without_identity(&meta);
+        let tpl = TPL.replace(
+            "<graphics ",
+            "<channel type='unix'><source mode='connect' path='/run/vhost/Tpl.sock'/><target type='virtio' name='x.outside'/></channel>\
+             <serial type='unix'><source path='/run/Tpl.serial.sock'/><target port='1'/></serial>\
+             <graphics ",
+        );
+        let out = clone_xml(
+            &DomainXml::parse(&tpl).unwrap(),
+            &spec,
+            &mut Macs::default(),
+        )
+        .unwrap()
+        .to_xml();
+        assert!(
+            out.contains("path=\"/run/vhost/Tpl.sock\""),
+            "connect kept: {out}"
+        );
+        assert!(
+            out.contains("path=\"/run/c3-ga.sock\""),
+            "bind made own: {out}"
+        );
+        assert!(
+            out.contains("path=\"/run/c3.serial.sock\""),
+            "no mode (bind) made own: {out}"
+        );
     }
 
     #[test]
