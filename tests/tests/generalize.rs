@@ -2,7 +2,8 @@
 //! (and fails on a disk without an OS), its image is read without booting, then clones of it boot.
 //!
 //! virt-sysprep costs about a minute per domain under TCG, so this file runs it twice in all
-//! (one stream of two domains); every other test refuses or dry-runs before any appliance starts.
+//! (one stream of two domains); every other test refuses, dry-runs before any appliance starts,
+//! or runs a stand-in virt-sysprep.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -282,10 +283,10 @@ fn pipeline_seals_a_template_whose_clones_boot_fresh() {
             "the template's old id"
         );
         all_ids.push(mid[0].to_string());
-        assert!(
-            log.contains("tpl-firstboot: generating SSH host keys"),
-            "{log}"
-        );
+        // The hostname first, then the keys: their comments carry the clone's name.
+        let named = log.find(&format!("tpl-firstboot: setting the hostname to '{tag}'"));
+        let keyed = log.find("tpl-firstboot: generating SSH host keys");
+        assert!(named.is_some() && keyed.is_some() && named < keyed, "{log}");
         let keys = boot_values(&log, "hostkey");
         assert_eq!(keys.len(), 3, "fresh host keys expected: {log}");
         for k in &keys {
@@ -309,6 +310,11 @@ fn pipeline_seals_a_template_whose_clones_boot_fresh() {
             Vec::<String>::new()
         );
         assert_eq!(host_keys(&booted).len(), 6);
+        let pubkey = booted.cat("/etc/ssh/ssh_host_ed25519_key.pub");
+        assert!(
+            pubkey.trim_end().ends_with(&format!(" root@{tag}")),
+            "the key's comment names the template, not the clone: {pubkey}"
+        );
     }
     let unique: std::collections::BTreeSet<&String> = all_keys.iter().collect();
     assert_eq!(unique.len(), 6, "the clones share host keys: {all_keys:?}");
@@ -460,6 +466,61 @@ fn environment_reaches_virt_sysprep_and_its_failure_is_reported() {
         "{stderr}"
     );
     assert_eq!(read_meta(&g.name), Meta::default());
+}
+
+/// Nothing keeps a tpl-lock out while virt-sysprep runs on a shut-off domain: a template
+/// locked meanwhile may already have linked clones of a half-written image, so generalize
+/// fails (exit 1) and does not record it as generalized. A stand-in virt-sysprep does the
+/// locking at the moment the real one would be writing (and skips the appliance).
+#[test]
+fn a_domain_locked_while_virt_sysprep_runs_is_not_recorded_as_generalized() {
+    let mut sc = Scratch::new();
+    let g = sc.guest("raced");
+    let real = sh("sh", &["-c", "command -v virt-sysprep"]);
+    let dir = sc.dir.join("bin");
+    std::fs::create_dir_all(&dir).unwrap();
+    let fake = dir.join("virt-sysprep");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\n\
+             case $1 in --version|--list-operations) exec '{real}' \"$@\" ;; esac\n\
+             '{lock}' -q --force '{uuid}' >/dev/null || exit 9\n\
+             echo 'stand-in virt-sysprep: tpl-lock ran meanwhile' >&2\n",
+            real = real.trim(),
+            lock = bin("tpl-lock").display(),
+            uuid = g.uuid,
+        ),
+    )
+    .unwrap();
+    sh("chmod", &["755", p(&fake)]);
+    let out = tool_command("tpl-generalize")
+        .arg(&g.name)
+        .env(
+            "PATH",
+            format!("{}:{}", dir.display(), std::env::var("PATH").unwrap()),
+        )
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(out.stdout.is_empty());
+    assert!(stderr.contains("tpl-lock ran meanwhile"), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "tpl-generalize: error: domain '{}' ({}) was locked while virt-sysprep ran",
+            g.name, g.uuid
+        )) && stderr.contains("half-written"),
+        "{stderr}"
+    );
+    let m = read_meta(&g.name);
+    assert!(m.template.locked, "tpl-lock's record stays");
+    assert!(m.template.generalized.is_none(), "{m:?}");
+    assert!(
+        m.history.iter().all(|h| h.tool != "tpl-generalize"),
+        "{m:?}"
+    );
 }
 
 /// Bad options are usage errors (exit 2) before any domain is touched.

@@ -23,9 +23,9 @@ const TOOL: &str = "tpl-generalize";
 /// the way clones need it:
 ///
 ///   - /etc/machine-id empty (each clone makes its own at first boot);
-///   - no SSH host keys, and a first-boot action that makes fresh ones;
-///   - the same action sets the hostname from the SMBIOS serial when it reads
-///     `ds=nocloud;h=NAME;...` (tpl-clone writes it; cloud-init reads it itself);
+///   - no SSH host keys, and a first-boot action that sets the hostname from the SMBIOS
+///     serial when it reads `ds=nocloud;h=NAME;...` (tpl-clone writes it; cloud-init
+///     reads it itself), then makes fresh keys;
 ///   - cloud-init's instance state removed, so cloud-init runs again in every clone;
 ///   - logs, shell histories, DHCP leases, /tmp and the rest cleaned by virt-sysprep.
 ///
@@ -132,7 +132,9 @@ pub fn main() -> ExitCode {
 }
 
 /// A hostname virt-sysprep and the guest accept: dot-separated labels of letters, digits
-/// and '-', none empty, none starting or ending with '-', at most 63 and 253 characters.
+/// and '-', none empty, none starting or ending with '-', at most 63 characters each and
+/// 64 in all: virt-sysprep writes it to /etc/hostname as it is, and the kernel (and
+/// systemd, which ignores a longer /etc/hostname) takes no more than 64.
 pub fn validate_hostname(h: &str) -> Result<()> {
     let label_ok = |l: &str| {
         !l.is_empty()
@@ -141,12 +143,13 @@ pub fn validate_hostname(h: &str) -> Result<()> {
             && !l.ends_with('-')
             && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
     };
-    if h.len() <= 253 && h.split('.').all(label_ok) {
+    if h.len() <= 64 && h.split('.').all(label_ok) {
         Ok(())
     } else {
         Err(Error::usage(
             format!("invalid hostname '{h}'"),
-            "use letters, digits and '-' in dot-separated labels of at most 63 characters",
+            "use letters, digits and '-' in dot-separated labels of at most 63 characters, \
+             64 in all",
         ))
     }
 }
@@ -315,6 +318,19 @@ fn generalize_one(
 
     // Re-read: the run took a while and the metadata is the source of truth.
     let mut meta = dom.meta()?;
+    // The domain was shut off and unlocked when the run began, but nothing stops a tpl-lock
+    // (and then linked clones) while virt-sysprep writes: such a template is not fit to use,
+    // and recording it as generalized would hide that.
+    if meta.template.locked {
+        return Err(Error::failed(
+            format!(
+                "domain '{name}' ({}) was locked while virt-sysprep ran",
+                dom.uuid
+            ),
+            "linked clones made meanwhile may hold a half-written image; not recording it \
+             as generalized: remove such clones, tpl-lock --unlock it and generalize it again",
+        ));
+    }
     let g = Generalized {
         at: tpl_common::now_rfc3339(),
         method: "virt-sysprep".into(),
@@ -375,7 +391,14 @@ mod tests {
 
     #[test]
     fn hostnames() {
-        for ok in ["TplVM", "web-1", "a.b.example.com", &"a".repeat(63)] {
+        let long_fqdn = format!("{}.example.org", "a".repeat(53));
+        for ok in [
+            "TplVM",
+            "web-1",
+            "a.b.example.com",
+            &"a".repeat(63),
+            &long_fqdn[1..],
+        ] {
             assert!(validate_hostname(ok).is_ok(), "{ok}");
         }
         for bad in [
@@ -388,6 +411,7 @@ mod tests {
             "a_b",
             "ä",
             &"a".repeat(64),
+            &long_fqdn,
         ] {
             assert_eq!(validate_hostname(bad).unwrap_err().exit_code(), 2, "{bad}");
         }

@@ -12,8 +12,8 @@ use crate::ops::{Catalog, Plan};
 
 pub const PROGRAM: &str = "virt-sysprep";
 
-/// The first-boot script every clone runs once (fresh SSH host keys, hostname from the
-/// SMBIOS serial). virt-sysprep names it in the guest after its host path, ending in
+/// The first-boot script every clone runs once (hostname from the SMBIOS serial, then
+/// fresh SSH host keys). virt-sysprep names it in the guest after its host path, ending in
 /// `-tpl-firstboot`, under /usr/lib/virt-sysprep/scripts/.
 pub const FIRSTBOOT: &str = include_str!("firstboot.sh");
 pub const FIRSTBOOT_NAME: &str = "tpl-firstboot";
@@ -475,17 +475,39 @@ mod tests {
 
     #[test]
     fn firstboot_script_checks_hostnames() {
-        let check = |name: &str| {
-            Command::new("sh")
-                .args(["-c", FIRSTBOOT, FIRSTBOOT_NAME, "--valid-hostname", name])
-                .status()
-                .unwrap()
-                .success()
+        let script = |opt: &str, name: &str| {
+            let out = Command::new("sh")
+                .args(["-c", FIRSTBOOT, FIRSTBOOT_NAME, opt, name])
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout).trim_end().to_string();
+            (out.status.success(), stdout)
         };
-        assert!(check("clone1"));
-        assert!(check("web-1.example.com"));
-        for bad in ["", "-x", ".x", "a b", "a;rm -rf /", "x/y", &"a".repeat(254)] {
-            assert!(!check(bad), "{bad:?}");
+        let valid = |name: &str| script("--valid-hostname", name).0;
+        assert!(valid("clone1"));
+        assert!(valid("web-1.example.com"));
+        assert!(valid(&"a".repeat(64)), "the kernel's limit");
+        for bad in ["", "-x", ".x", "a b", "a;rm -rf /", "x/y", &"a".repeat(65)] {
+            assert!(!valid(bad), "{bad:?}");
+        }
+        // What is set: the name when it fits in 64 characters, else a longer FQDN's first
+        // label (as cloud-init sets it); nothing for a name that has neither.
+        let fqdn64 = format!("web-1.{}.org", "d".repeat(54));
+        let fqdn65 = format!("web-1.{}.org", "d".repeat(55));
+        let cases = [
+            ("clone1", Some("clone1")),
+            ("web-1.example.com", Some("web-1.example.com")),
+            (fqdn64.as_str(), Some(fqdn64.as_str())),
+            (fqdn65.as_str(), Some("web-1")),
+            (&"a".repeat(65), None),
+            (&format!("{}.example.com", "a".repeat(65)), None),
+            (&format!("a.{}", "b".repeat(252)), None),
+            ("a b.example.com", None),
+            ("", None),
+        ];
+        for (name, want) in cases {
+            let (ok, out) = script("--hostname-for", name);
+            assert_eq!(ok.then_some(out.as_str()), want, "{name:?}");
         }
     }
 }
