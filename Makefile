@@ -1,6 +1,8 @@
 # tpl — make a libvirt VM into a template and stamp out clones.
 # `make demo` runs the whole job on a tiny guest; `make test` runs every test.
-# Both set up a fresh Debian 12 machine first (packages, libvirtd).
+# Both set up a fresh Debian 12 test machine first (packages, libvirtd), as does bench.
+# build, install and refresh never do: on an administrator's host they only run cargo
+# (and the refresh script) against the host's own packages and systemd's libvirtd.
 
 PREFIX ?= /usr/local
 CARGO  ?= cargo
@@ -42,10 +44,11 @@ libvirtd: deps
 	  sleep 0.2; done; \
 	echo "make libvirtd: libvirtd does not answer on $(URI)" >&2; exit 1
 
-build: deps
+build:
 	$(CARGO) build --workspace --all-targets
 
 # Every test: unit tests and the workspace tests against the real libvirtd.
+# Prerequisites run in this order: packages, libvirtd, then the build that needs them.
 test: deps libvirtd build
 	$(CARGO) test --workspace --no-fail-fast
 
@@ -53,7 +56,7 @@ demo: deps libvirtd build
 	./scripts/demo.sh
 
 # Binaries, man pages and bash/zsh/fish completions (generated from the clap definitions).
-install: deps
+install:
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) run -q --release -p xtask -- docs target/docs
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/man/man1 \
@@ -69,7 +72,7 @@ install: deps
 	install -m 755 scripts/tpl-refresh $(DESTDIR)$(PREFIX)/bin/tpl-refresh
 
 # A fresh template from a maintained VM, e.g. from cron (README: "Template refresh").
-refresh: libvirtd build
+refresh: build
 	@[ -n "$(SOURCE)" ] && [ -n "$(TEMPLATE)" ] || { echo "usage: make refresh SOURCE=vm TEMPLATE=Tpl" >&2; exit 2; }
 	./scripts/tpl-refresh -c $(URI) $(SOURCE) $(TEMPLATE)
 

@@ -5,7 +5,9 @@
 # machine, and that the template refuses to start.
 #
 # Records go to stdout; the story goes to stderr. Safe to run twice: it replaces its
-# own demo domains and directory, and touches nothing else.
+# own demo domains and directory, and touches nothing else. A domain in its way that it
+# did not make (one of its names, or one using files in its directory) stops it, with
+# nothing changed.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,10 +27,57 @@ clones=(demo-web1 demo-web2 demo-full1)
 say() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
 v() { virsh -q -c "$uri" "$@"; }
 
+# Which domains are the demo's: those with the demo's SMBIOS manufacturer ('tpl demo',
+# set below; clones keep it) whose files (disks, NVRAM) all lie in $dir. Prints "demo",
+# "uses-dir" (not the demo's, but it uses files in $dir) or "other", then a reason; or
+# "gone".
+classify() {
+  local xml
+  # A domain undefined since it was listed (another run's clean-up) is in nobody's way.
+  xml=$(v dumpxml --inactive "$1" 2>/dev/null) || { echo "gone"; return 0; }
+  python3 -c '
+import os, sys, xml.etree.ElementTree as ET
+d = ET.parse(sys.stdin).getroot()
+home = os.path.normpath(sys.argv[1]) + "/"
+maker = [e.text for e in d.iterfind("sysinfo/system/entry") if e.get("name") == "manufacturer"]
+files = [s.get("file") for s in d.iterfind("devices/disk/source") if s.get("file")]
+files += [n.text.strip() for n in d.iterfind("os/nvram") if (n.text or "").strip()]
+inside = [f for f in files if os.path.normpath(f).startswith(home)]
+outside = [f for f in files if f not in inside]
+if maker == ["tpl demo"] and not outside:
+    print("demo it uses " + (inside[0] if inside else "no files"))
+elif inside:
+    print("uses-dir it uses " + inside[0])
+elif maker != ["tpl demo"]:
+    print("other its SMBIOS manufacturer is not \"tpl demo\"")
+else:
+    print("other its disk " + outside[0] + " is outside " + home)' "$dir" <<<"$xml"
+}
+
 say "cleaning up any earlier demo"
-for d in "$vm" "$tpl" "${clones[@]}"; do
+# Look first, touch nothing until it is clear that every domain in the way is the demo's.
+ours=()
+while IFS= read -r d; do
+  [ -n "$d" ] || continue
+  c=$(classify "$d") || c="other its definition cannot be read"
+  [ "$c" != gone ] || continue
+  named=no
+  for n in "$vm" "$tpl" "${clones[@]}"; do [ "$d" = "$n" ] && named=yes; done
+  if [ $named = yes ]; then
+    if [ "${c%% *}" = demo ]; then ours+=("$d"); continue; fi
+    echo "demo: error: a domain named '$d' exists and is not the demo's (${c#* }); the demo needs that name. Nothing was changed: remove or rename '$d' yourself, then run the demo again." >&2
+    exit 1
+  fi
+  # Not one of the demo's names, yet in its directory: a clone of TplDemo made by hand, say.
+  if [ "${c%% *}" != other ]; then
+    echo "demo: error: domain '$d' is not one the demo made but uses files in $dir (${c#* }), which the demo deletes. Nothing was changed: remove '$d' or move its files, then run the demo again." >&2
+    exit 1
+  fi
+done < <(v list --all --name)
+for d in "${ours[@]}"; do
+  echo "  removing the earlier demo's domain '$d'" >&2
   v destroy "$d" >/dev/null 2>&1 || true
-  v undefine --nvram "$d" >/dev/null 2>&1 || v undefine "$d" >/dev/null 2>&1 || true
+  v undefine --nvram "$d" >/dev/null 2>&1 || v undefine "$d" >/dev/null
 done
 if [ -d "$dir" ]; then chattr -R -i "$dir" 2>/dev/null || true; chmod -R u+w "$dir"; rm -rf "$dir"; fi
 mkdir -p "$dir"; chmod 755 "$dir"
@@ -90,12 +139,27 @@ boot "${clones[@]}"
 say "identity of each machine, from its serial console"
 identity "$vm" "$dir/original.console.log"
 for c in "${clones[@]}"; do identity "$c"; done
-# Check what the table shows, so the demo fails loudly when a clone is not its own machine.
-ids=$(for c in "${clones[@]}"; do sed -n 's/^TPL-BOOT machine-id=//p' "$(console_of "$c")" | tr -d '\r'; done | sort -u | grep -c .)
-hosts=$(for c in "${clones[@]}"; do sed -n 's/^TPL-BOOT hostname=//p' "$(console_of "$c")" | tr -d '\r'; done | sort -u | grep -c .)
-if [ "$ids" = "${#clones[@]}" ] && [ "$hosts" = "${#clones[@]}" ]; then
-  say "done: each of the ${#clones[@]} clones has its own machine-id, hostname and SSH host keys; the template stays sealed"
+# Check what the table shows, so the demo fails loudly when a clone is not its own machine:
+# the original and every clone, each with its own machine-id, hostname and SSH host keys.
+logs=("$dir/original.console.log")
+for c in "${clones[@]}"; do logs+=("$(console_of "$c")"); done
+values() { sed -n "s/^TPL-BOOT $1=//p" "$2" | tr -d '\r'; }
+duplicated() { sort | uniq -d | grep -c . || true; }
+ids=$(for l in "${logs[@]}"; do values machine-id "$l"; done)
+hosts=$(for l in "${logs[@]}"; do values hostname "$l"; done)
+# As identity() reads them: 'hostkey=<md5 of the .pub file> <path>', or 'hostkey=none'.
+keys=$(for l in "${logs[@]}"; do values hostkey "$l"; done | awk '$1 != "none" { print $1 }')
+keyless=0
+for l in "${logs[@]}"; do
+  [ "$(values hostkey "$l" | awk '$1 != "none"' | wc -l)" -gt 0 ] || keyless=$((keyless + 1))
+done
+n=${#logs[@]}
+nids=$(grep -c . <<<"$ids" || true); nhosts=$(grep -c . <<<"$hosts" || true); nkeys=$(grep -c . <<<"$keys" || true)
+dup_ids=$(duplicated <<<"$ids"); dup_hosts=$(duplicated <<<"$hosts"); dup_keys=$(duplicated <<<"$keys")
+if [ "$nids" = "$n" ] && [ "$nhosts" = "$n" ] && [ "$keyless" = 0 ] &&
+   [ "$dup_ids" = 0 ] && [ "$dup_hosts" = 0 ] && [ "$dup_keys" = 0 ]; then
+  say "done: the original and each of the ${#clones[@]} clones has its own machine-id, hostname and SSH host keys ($nkeys distinct); the template stays sealed"
 else
-  echo "demo: the clones do not all have their own identity (machine-ids: $ids, hostnames: $hosts)" >&2
+  echo "demo: the clones do not all have their own identity: of $n machines, $nids report a machine-id ($dup_ids shared), $nhosts a hostname ($dup_hosts shared), $((n - keyless)) SSH host keys ($dup_keys of $nkeys keys shared)" >&2
   exit 1
 fi

@@ -1,12 +1,20 @@
 //! `tpl-refresh` (the cron recipe) on the real libvirtd: versions, the stable name, pruning
-//! of unused versions only, and the lock against overlapping runs.
+//! of unused versions only, the lock against overlapping runs, and a failed run that leaves
+//! the current template as it was.
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use tpl_tests::*;
 
-fn refresh(state: &std::path::Path, args: &[&str]) -> Run {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/tpl-refresh");
+fn refresh(state: &Path, args: &[&str]) -> Run {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/tpl-refresh");
+    refresh_with(&script, state, args)
+}
+
+/// Run a copy of the script: it puts the tools next to it first on PATH, so a test can
+/// put a stand-in for one of them there.
+fn refresh_with(script: &Path, state: &Path, args: &[&str]) -> Run {
     let dir = bin("tpl-clone").parent().unwrap().to_path_buf();
     let mut c = Command::new(script);
     test_env(&mut c)
@@ -78,24 +86,26 @@ fn refreshes_keep_used_versions_and_remove_unused_ones() {
     let v1 = title(&tpl);
     assert!(v1.starts_with(&format!("{tpl}-")), "{v1}");
 
-    // Second: the stable name moves; the first goes back to its version name.
-    let r2 = refresh(&state, &[&src.name, &tpl]).ok(1);
+    // Second, keeping one older version whether used or not (a version to roll back to):
+    // the stable name moves, the first goes back to its version name and stays.
+    let r2 = refresh(&state, &["--keep", "1", &src.name, &tpl])
+        .ok(1)
+        .says(&["keeping", "newest older"]);
     let v2 = title(&tpl);
     assert_ne!(v1, v2);
     assert_eq!(only(&r2).name, tpl);
-    assert!(
-        domain_exists(&v1),
-        "the previous version is kept by default (--keep 1)"
-    );
+    assert!(domain_exists(&v1), "--keep 1 keeps the previous version");
 
     // A linked clone of the first version.
     let clone = s.name("web1");
     run("tpl-clone", &[&v1, &clone, "--linked"], None).ok(1);
 
-    // Third, keeping no unused older version: v1 stays (used), v2 goes (unused).
-    let r3 = refresh(&state, &["--keep", "0", &src.name, &tpl])
-        .ok(1)
-        .says(&["keeping", "linked clones use it", "removing unused version"]);
+    // Third, with the default: v1 stays (a clone uses it), v2 goes (no clone uses it).
+    let r3 = refresh(&state, &[&src.name, &tpl]).ok(1).says(&[
+        "keeping",
+        "linked clones use it",
+        "removing unused version",
+    ]);
     let v3 = title(&tpl);
     assert!(
         domain_exists(&v1) && !domain_exists(&v2),
@@ -117,4 +127,85 @@ fn refreshes_keep_used_versions_and_remove_unused_ones() {
     // The source was only read.
     assert_eq!(sh("sha256sum", &[src.disk.to_str().unwrap()]), src_sum);
     assert!(read_meta(&src.name).template.generalized.is_none());
+}
+
+/// When the new version cannot take the stable name, the run fails (exit 1), removes the
+/// new version and gives the stable name back to the template that had it: clones of
+/// TEMPLATE keep working as before.
+#[test]
+fn a_failed_move_of_the_stable_name_leaves_the_current_template() {
+    let mut s = Scratch::new();
+    let src = s.guest("src");
+    let tpl = s.name("Tpl");
+    let state = s.dir.join("state");
+
+    // The current template as an earlier refresh left it: locked, its version as its title.
+    let cur = s.guest("Tpl");
+    let cur_version = format!("{tpl}-20200101-000000");
+    virsh(&[
+        "desc",
+        &tpl,
+        "--config",
+        "--title",
+        "--new-desc",
+        &cur_version,
+    ]);
+    mark_generalized(&tpl);
+    run("tpl-lock", &[&tpl], None).ok(1);
+
+    // A copy of the script whose tpl-rename fails once, the first time a domain is to be
+    // renamed to TEMPLATE: the new version's move to the stable name.
+    let bin_dir = s.dir.join("bin");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let script = bin_dir.join("tpl-refresh");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/tpl-refresh"),
+        &script,
+    )
+    .unwrap();
+    for tool in ["tpl-clone", "tpl-generalize", "tpl-lock"] {
+        std::os::unix::fs::symlink(bin(tool), bin_dir.join(tool)).unwrap();
+    }
+    let wrapper = format!(
+        "#!/bin/sh\n\
+         for a; do last=$a; done\n\
+         if [ \"$last\" = '{tpl}' ] && [ ! -e '{mark}' ]; then\n\
+         : > '{mark}'; echo 'tpl-rename: error: injected by the test' >&2; exit 1\n\
+         fi\n\
+         exec '{real}' \"$@\"\n",
+        mark = s.dir.join("rename-failed").display(),
+        real = bin("tpl-rename").display(),
+    );
+    std::fs::write(bin_dir.join("tpl-rename"), wrapper).unwrap();
+    sh("chmod", &["755", p(&bin_dir.join("tpl-rename"))]);
+
+    refresh_with(&script, &state, &[&src.name, &tpl])
+        .fails(1)
+        .says(&[
+            "injected by the test",
+            "removing the unfinished version",
+            &format!("renaming '{cur_version}' back to '{tpl}'"),
+        ]);
+    assert!(
+        s.dir.join("rename-failed").exists(),
+        "the failure was injected"
+    );
+    // The stable name is the same domain as before, locked, and nothing else is left.
+    assert_eq!(virsh(&["domuuid", &tpl]).trim(), cur.uuid);
+    assert_eq!(title(&tpl), cur_version);
+    assert!(read_meta(&tpl).template.locked);
+    assert_eq!(versions(&tpl), vec![tpl.clone()]);
+    let left: Vec<_> = std::fs::read_dir(&s.dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{tpl}-"))
+        })
+        .collect();
+    assert!(
+        left.is_empty(),
+        "the new version's files are gone: {left:?}"
+    );
 }
