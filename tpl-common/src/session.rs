@@ -419,12 +419,16 @@ impl<'a> Dom<'a> {
         dirs.sort();
         dirs.dedup();
         for o in image::overlays_in(&dirs, images) {
-            if let Dependent::Overlay { path, .. } = &o {
-                if domain_paths.contains(&canonical(path)) {
-                    continue;
+            // A file a domain uses is listed once, with the domain.
+            let listed = match &o {
+                Dependent::Overlay { path, .. } | Dependent::Unchecked { path, .. } => {
+                    domain_paths.contains(&canonical(path))
                 }
+                Dependent::Domain { .. } => false,
+            };
+            if !listed {
+                out.push(o);
             }
-            out.push(o);
         }
         Ok(out)
     }
