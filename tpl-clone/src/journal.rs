@@ -26,8 +26,6 @@
 //! it when the process dies however it dies: a journal whose lock can be taken belongs to
 //! a dead run. Unlike a pid check this survives pid reuse and renamed binaries, and two
 //! cleaners never clean one journal at once (the second cannot take the lock).
-//!
-//! Journals of earlier versions (`tpl-clone-<pid>.journal`) are read and cleaned the same way.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
@@ -35,7 +33,6 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::{Duration, SystemTime};
 
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
@@ -174,20 +171,18 @@ fn pid_exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// What a file in the journal directory is: a journal (`tpl-clone-<pid>-<random>.journal`,
-/// or `tpl-clone-<pid>.journal` from earlier versions) or one being created
-/// (`.journal-new`), and the pid of its run. None for anything else.
+/// What a file in the journal directory is: a journal (`tpl-clone-<pid>-<random>.journal`)
+/// or one being created (`.journal-new`), and the pid of its run. None for anything else.
 fn journal_name(p: &Path) -> Option<(u32, bool)> {
     let name = p.file_name()?.to_str()?.strip_prefix("tpl-clone-")?;
     let (id, new) = match name.strip_suffix(".journal") {
         Some(id) => (id, false),
         None => (name.strip_suffix(".journal-new")?, true),
     };
-    let pid = match id.split_once('-') {
-        Some((pid, rand)) if !rand.is_empty() && rand.chars().all(|c| c.is_ascii_hexdigit()) => pid,
-        Some(_) => return None,
-        None => id,
-    };
+    let (pid, rand) = id.split_once('-')?;
+    if rand.is_empty() || !rand.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
     Some((pid.parse().ok()?, new))
 }
 
@@ -353,34 +348,13 @@ pub fn tmp_name(final_path: &Path) -> PathBuf {
     ))
 }
 
-/// How long a temporary file named in the earlier form (`.FILE.tpl-tmp-PID`, no host)
-/// must have gone unwritten before a sweep takes it for a dead run's: it may be another
-/// host's, and a run that is alive writes its file all the time.
-const OLD_TMP_IDLE: Duration = Duration::from_secs(3600);
-
-/// Whose a temporary file name says it is.
-#[derive(Debug, PartialEq)]
-enum TmpOwner {
-    /// A run on this host with this pid.
-    Here(u32),
-    /// A run on another host.
-    Elsewhere,
-    /// The earlier form, without a host: a run with this pid somewhere.
-    Unknown(u32),
-}
-
-fn tmp_owner(name: &str, host: &str) -> Option<TmpOwner> {
+/// The pid of the run whose temporary file `name` is, if that run is on `host`. None for
+/// another host's file or anything that is not a temporary file.
+fn tmp_pid(name: &str, host: &str) -> Option<u32> {
     let (_, tag) = name.strip_prefix('.')?.rsplit_once(".tpl-tmp-")?;
-    if let Ok(pid) = tag.parse::<u32>() {
-        return Some(TmpOwner::Unknown(pid));
-    }
     let (h, pid) = tag.rsplit_once('-')?;
     let pid = pid.parse::<u32>().ok()?;
-    Some(if h == host {
-        TmpOwner::Here(pid)
-    } else {
-        TmpOwner::Elsewhere
-    })
+    (h == host).then_some(pid)
 }
 
 /// The pids without a process here whose runs' journals in `jdir` are still locked (a
@@ -401,9 +375,7 @@ fn foreign_live_pids(jdir: &Path) -> BTreeSet<u32> {
 
 /// Remove temporary files of dead runs of this host in `dir` that no journal accounted
 /// for (a journal directory someone wiped, say): their pid has no live journal in `jdir`
-/// and no process. Another host's files are never touched; those in the earlier form
-/// without a host only once nobody has written them for a long while. Returns what was
-/// removed.
+/// and no process. Another host's files are never touched. Returns what was removed.
 pub fn sweep_tmp(dir: &Path, jdir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     let Ok(rd) = fs::read_dir(dir) else {
@@ -412,19 +384,8 @@ pub fn sweep_tmp(dir: &Path, jdir: &Path) -> Vec<String> {
     let live = foreign_live_pids(jdir);
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let dead = |pid: u32| !live.contains(&pid) && !pid_exists(pid);
-        let gone = match tmp_owner(&name, host_tag()) {
-            None | Some(TmpOwner::Elsewhere) => false,
-            Some(TmpOwner::Here(pid)) => dead(pid),
-            Some(TmpOwner::Unknown(pid)) => {
-                dead(pid)
-                    && e.metadata()
-                        .and_then(|m| m.modified())
-                        .ok()
-                        .and_then(|t| SystemTime::now().duration_since(t).ok())
-                        .is_some_and(|idle| idle > OLD_TMP_IDLE)
-            }
-        };
+        let gone =
+            tmp_pid(&name, host_tag()).is_some_and(|pid| !live.contains(&pid) && !pid_exists(pid));
         if gone && e.file_type().is_ok_and(|t| t.is_file()) {
             let p = e.path();
             if fs::remove_file(&p).is_ok() {
@@ -512,18 +473,15 @@ mod tests {
         let jpath = jdir.join(format!("tpl-clone-{pid}-0badf00d.journal"));
         // The last line was cut short by kill -9.
         write_journal(&jpath, &entries, "{\"op\":\"tmp\",\"uu");
-        // Runs killed while creating their journals left them under the new name, in
-        // this version's form and the earlier one's.
+        // A run killed while creating its journal left it under the new name.
         let new = jdir.join(format!("tpl-clone-{pid}-1234abcd.journal-new"));
-        let old_new = jdir.join(format!("tpl-clone-{pid}.journal-new"));
         fs::write(&new, "").unwrap();
-        fs::write(&old_new, "").unwrap();
         // A live run's journal (ours) is left alone.
         let mine = Journal::create(&jdir).unwrap();
 
         let removed = clean_dead(&jdir, |_, uuid| Some(uuid == "u2"));
-        assert_eq!(removed.len(), 4, "{removed:?}");
-        assert!(!tmp.exists() && !a.exists() && !new.exists() && !old_new.exists());
+        assert_eq!(removed.len(), 3, "{removed:?}");
+        assert!(!tmp.exists() && !a.exists() && !new.exists());
         assert!(b.exists(), "a file that is not the one journaled stays");
         assert!(c.exists(), "a finished clone's file stays");
         assert!(!jpath.exists());
@@ -568,8 +526,7 @@ mod tests {
                 path: t3.clone(),
             },
         ];
-        // An old-format name: journals of earlier versions are still cleaned.
-        let jpath = d.path().join(format!("tpl-clone-{pid}.journal"));
+        let jpath = d.path().join(format!("tpl-clone-{pid}-0badf00d.journal"));
         write_journal(&jpath, &entries, "");
         let mut asked = Vec::new();
         let removed = clean_dead(d.path(), |_, uuid| {
@@ -590,7 +547,7 @@ mod tests {
     fn journal_kept_when_libvirt_cannot_tell() {
         let d = tempfile::tempdir().unwrap();
         let pid = dead_pid();
-        let jpath = d.path().join(format!("tpl-clone-{pid}.journal"));
+        let jpath = d.path().join(format!("tpl-clone-{pid}-0badf00d.journal"));
         let e = Entry::Clone {
             name: "a".into(),
             uuid: "u".into(),
@@ -605,8 +562,8 @@ mod tests {
     fn create_never_replaces_a_journal_of_the_same_pid() {
         let d = tempfile::tempdir().unwrap();
         let pid = std::process::id();
-        // A journal a cleaner kept under our pid (pid reuse), in the earlier form.
-        let kept = d.path().join(format!("tpl-clone-{pid}.journal"));
+        // A journal a cleaner kept under our pid (pid reuse).
+        let kept = d.path().join(format!("tpl-clone-{pid}-0badf00d.journal"));
         fs::write(&kept, "kept\n").unwrap();
         let j1 = Journal::create(d.path()).unwrap();
         let j2 = Journal::create(d.path()).unwrap();
@@ -629,8 +586,6 @@ mod tests {
         let j = |n: &str| journal_name(Path::new(n));
         assert_eq!(j("tpl-clone-12-0badf00d.journal"), Some((12, false)));
         assert_eq!(j("tpl-clone-12-0badf00d.journal-new"), Some((12, true)));
-        assert_eq!(j("tpl-clone-12.journal"), Some((12, false)));
-        assert_eq!(j("tpl-clone-12.journal-new"), Some((12, true)));
         for bad in [
             "tpl-clone-x.journal",
             "tpl-clone-12-.journal",
@@ -640,26 +595,16 @@ mod tests {
         ] {
             assert_eq!(j(bad), None, "{bad}");
         }
-        let o = |n: &str| tmp_owner(n, "web-01.lan");
-        assert_eq!(
-            o(".a.qcow2.tpl-tmp-web-01.lan-42"),
-            Some(TmpOwner::Here(42))
-        );
-        assert_eq!(
-            o(".a.qcow2.tpl-tmp-web-02.lan-42"),
-            Some(TmpOwner::Elsewhere)
-        );
-        assert_eq!(o(".a.qcow2.tpl-tmp-42"), Some(TmpOwner::Unknown(42)));
+        let o = |n: &str| tmp_pid(n, "web-01.lan");
+        assert_eq!(o(".a.qcow2.tpl-tmp-web-01.lan-42"), Some(42));
+        assert_eq!(o(".a.qcow2.tpl-tmp-web-02.lan-42"), None);
         assert_eq!(o(".a.qcow2.tpl-tmp-web-01.lan-x"), None);
-        assert_eq!(o("a.qcow2.tpl-tmp-42"), None);
+        assert_eq!(o("a.qcow2.tpl-tmp-web-01.lan-42"), None);
         assert_eq!(sanitize_host("a b/c-d.e"), "a_b_c-d.e");
         assert_eq!(sanitize_host(""), "localhost");
         let t = tmp_name(Path::new("/d/x.qcow2"));
         let name = t.file_name().unwrap().to_str().unwrap();
-        assert_eq!(
-            tmp_owner(name, host_tag()),
-            Some(TmpOwner::Here(std::process::id()))
-        );
+        assert_eq!(tmp_pid(name, host_tag()), Some(std::process::id()));
         assert_eq!(t.parent(), Some(Path::new("/d")));
     }
 
@@ -674,24 +619,15 @@ mod tests {
         let other_host = d
             .path()
             .join(format!(".x.qcow2.tpl-tmp-{}x-{dpid}", host_tag()));
-        let old_busy = d.path().join(format!(".o1.qcow2.tpl-tmp-{dpid}"));
-        let old_idle = d.path().join(format!(".o2.qcow2.tpl-tmp-{dpid}"));
         let garbage = d.path().join(".x.qcow2.tpl-tmp-abc");
-        for p in [&dead, &live, &other_host, &old_busy, &old_idle, &garbage] {
+        for p in [&dead, &live, &other_host, &garbage] {
             fs::write(p, "x").unwrap();
         }
-        File::options()
-            .write(true)
-            .open(&old_idle)
-            .unwrap()
-            .set_modified(SystemTime::now() - 2 * OLD_TMP_IDLE)
-            .unwrap();
         let removed = sweep_tmp(d.path(), d.path());
-        assert_eq!(removed.len(), 2, "{removed:?}");
-        assert!(!dead.exists() && !old_idle.exists());
+        assert_eq!(removed.len(), 1, "{removed:?}");
+        assert!(!dead.exists());
         assert!(live.exists(), "a live run's file stays");
         assert!(other_host.exists(), "another host's file stays");
-        assert!(old_busy.exists(), "an old-form file written lately stays");
         assert!(garbage.exists());
     }
 }

@@ -428,12 +428,16 @@ impl Plan {
                     path.display()
                 )));
             }
+            // Not a refusal: nothing unsafe was asked, the template is broken (exit 1).
             let m = fs::metadata(&path).map_err(|e| {
-                refuse(format!(
-                    "its disk {} image '{}' cannot be read: {e}",
-                    d.target,
-                    path.display()
-                ))
+                Error::failed(
+                    format!("cannot clone domain '{t}'"),
+                    format!(
+                        "its disk {} image '{}' cannot be read: {e}",
+                        d.target,
+                        path.display()
+                    ),
+                )
             })?;
             if mode == Mode::Linked
                 && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o222 != 0

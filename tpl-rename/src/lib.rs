@@ -173,8 +173,13 @@ fn plan_moves(dom: &Dom, new: &str) -> Result<Vec<Move>> {
         )
     };
     for (i, m) in moves.iter().enumerate() {
-        let meta = std::fs::symlink_metadata(&m.from)
-            .map_err(|e| refuse(format!("{} '{}': {e}", m.what, m.from.display())))?;
+        // A file that cannot be looked at is a failure, not a refusal (exit 1, as tpl-lock).
+        let meta = std::fs::symlink_metadata(&m.from).map_err(|e| {
+            Error::failed(
+                format!("cannot rename the files of domain '{}'", dom.name),
+                format!("{} '{}': {e}", m.what, m.from.display()),
+            )
+        })?;
         if !meta.file_type().is_file() {
             return Err(refuse(format!(
                 "{} '{}' is not a regular file (a symlink?)",
