@@ -628,29 +628,42 @@ pub fn same_content(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// This host's name as tpl-clone puts it in temporary file names.
-pub fn host_tag() -> String {
-    let h = fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
-    let t: String = h
-        .trim()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                c
-            } else {
-                '_'
-            }
+/// Where tpl-clone keeps its journals (the tools run as root here: state in /var/lib/tpl).
+pub const JOURNALS: &str = "/var/lib/tpl/clone-journal";
+
+/// tpl-clone's journal files of a run that exist now: `tpl-clone-<pid>-<random>.journal`,
+/// or `.journal-new` while it is being created.
+pub fn journals_of(pid: u32) -> Vec<PathBuf> {
+    let Ok(rd) = fs::read_dir(JOURNALS) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("tpl-clone-{pid}-"))
         })
-        .take(64)
-        .collect();
-    if t.is_empty() {
-        "localhost".into()
-    } else {
-        t
-    }
+        .map(|e| e.path())
+        .collect()
 }
 
-/// The temporary name under which run `pid` writes `dir/file`.
+/// The temporary name under which run `pid` of tpl-clone writes `dir/file`:
+/// `.FILE.tpl-tmp-HOST-PID`.
 pub fn tmp_of(dir: &Path, file: &str, pid: u32) -> PathBuf {
-    dir.join(format!(".{file}.tpl-tmp-{}-{pid}", host_tag()))
+    dir.join(format!(".{file}{}", tmp_suffix(pid)))
+}
+
+/// How the temporary names of run `pid` of tpl-clone end: `.tpl-tmp-HOST-PID`. tpl-clone
+/// replaces odd characters in the host name; the test machines' names have none, and one
+/// that had would fail here, loudly.
+pub fn tmp_suffix(pid: u32) -> String {
+    let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let host = host.trim();
+    assert!(
+        !host.is_empty()
+            && host.len() <= 64
+            && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'),
+        "host name {host:?} is one tpl-clone would rewrite in temporary names; this rig assumes a plain one"
+    );
+    format!(".tpl-tmp-{host}-{pid}")
 }

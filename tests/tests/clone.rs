@@ -95,23 +95,6 @@ fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// tpl-clone's journal files of a run that exist now (the tools run as root here: state
-/// in /var/lib/tpl): `tpl-clone-<pid>-<random>.journal`, or `.journal-new` while it is
-/// being created.
-fn journals_of(pid: u32) -> Vec<PathBuf> {
-    let Ok(rd) = fs::read_dir("/var/lib/tpl/clone-journal") else {
-        return Vec::new();
-    };
-    rd.flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with(&format!("tpl-clone-{pid}-"))
-        })
-        .map(|e| e.path())
-        .collect()
-}
-
 fn spawn_clone(args: &[&str]) -> Child {
     tool_command(TOOL)
         .args(args)

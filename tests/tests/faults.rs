@@ -133,25 +133,6 @@ fn leftovers(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-const JOURNALS: &str = "/var/lib/tpl/clone-journal";
-
-/// tpl-clone's journal files of a run that exist now (the tools run as root here: state
-/// in /var/lib/tpl): `tpl-clone-<pid>-<random>.journal`, or `.journal-new` while it is
-/// being created.
-fn journals_of(pid: u32) -> Vec<PathBuf> {
-    let Ok(rd) = fs::read_dir(JOURNALS) else {
-        return Vec::new();
-    };
-    rd.flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with(&format!("tpl-clone-{pid}-"))
-        })
-        .map(|e| e.path())
-        .collect()
-}
-
 fn spawn_clone(args: &[&str]) -> Child {
     tool_command(CLONE)
         .args(args)
@@ -332,7 +313,8 @@ fn kill_9_at_random_points_leaves_nothing_partial() {
         assert_eq!(sha256(&tdisk), sum, "trial {i}: the template image changed");
 
         let leftover = |s: &Scratch| {
-            let mine = format!(".tpl-tmp-{}-{pid}", host_tag());
+            // The killed run's temporary files: `.FILE.tpl-tmp-HOST-PID`.
+            let mine = tmp_suffix(pid);
             let mut v: Vec<String> = leftovers(&s.dir)
                 .into_iter()
                 .filter(|f| f.ends_with(&mine))
