@@ -274,6 +274,33 @@ fn nvram_in_libvirt_source_form_is_locked_too() {
 }
 
 #[test]
+fn an_nvram_that_is_not_a_file_is_refused_by_lock_clone_and_rename() {
+    let mut s = Scratch::new();
+    let (g, _) = template_with_nvram_as(
+        &mut s,
+        "nvblk",
+        "<nvram type='block'><source dev='/dev/tpltest-no-such-vars'/></nvram>",
+    );
+    assert!(virsh(&["dumpxml", "--inactive", &g.name]).contains("tpltest-no-such-vars"));
+    let before = virsh(&["dumpxml", "--inactive", &g.name]);
+    run_lock(&[&g.name])
+        .fails(3)
+        .says(&[&g.name, "its NVRAM is a block NVRAM, not a file"]);
+    assert_eq!(mode(&g.disk), 0o644);
+    let c = s.name("c");
+    run("tpl-clone", &[&g.name, &c, "--full"], None)
+        .fails(3)
+        .says(&[&g.name, "block NVRAM", "every clone would share"]);
+    assert!(!domain_exists(&c));
+    let new = s.name("new");
+    run("tpl-rename", &["--disks", &g.name, &new], None)
+        .fails(3)
+        .says(&[&g.name, "block NVRAM", "rename without --disks"]);
+    assert!(!domain_exists(&new) && g.disk.is_file());
+    assert_eq!(virsh(&["dumpxml", "--inactive", &g.name]), before);
+}
+
+#[test]
 fn unlock_is_refused_while_a_file_next_to_the_template_cannot_be_checked() {
     let mut s = Scratch::new();
     let g = template(&mut s, "tpl");

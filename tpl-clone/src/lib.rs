@@ -398,6 +398,13 @@ impl Plan {
                 )),
                 None => None,
             };
+        // Shared by every clone as it stands: the template's own firmware variables.
+        if let Some(why) = xml.nvram_not_a_file() {
+            return Err(refuse(format!(
+                "{why}, which every clone would share and write to; tpl-clone copies only an \
+                 NVRAM file"
+            )));
+        }
         let mut disks = Vec::new();
         let writable: Vec<_> = xml
             .disks()

@@ -99,6 +99,18 @@ impl DomainXml {
         (!text.is_empty()).then(|| PathBuf::from(text))
     }
 
+    /// What the NVRAM is when it is not a file (`<nvram type='block'|'network'>`), for the
+    /// tools to refuse: each clone would share it, and chmod cannot lock it.
+    pub fn nvram_not_a_file(&self) -> Option<String> {
+        let nv = self.root.get_child("os")?.get_child("nvram")?;
+        let ty = nv
+            .attributes
+            .get("type")
+            .map(String::as_str)
+            .unwrap_or("file");
+        (ty != "file").then(|| format!("its NVRAM is a {ty} NVRAM, not a file"))
+    }
+
     /// Point the NVRAM at a new file, in the form the definition already uses.
     pub fn set_nvram(&mut self, path: &Path) -> Result<()> {
         let nv = self
@@ -240,6 +252,17 @@ mod tests {
         assert_eq!(
             DomainXml::parse(&out).unwrap().nvram().unwrap(),
             Path::new("/nv/New_VARS.fd")
+        );
+        assert_eq!(x.nvram_not_a_file(), None);
+        let block = XML.replace(
+            "<nvram>/var/lib/libvirt/qemu/nvram/VM_VARS.fd</nvram>",
+            "<nvram type='block'><source dev='/dev/vg/vm-vars'/></nvram>",
+        );
+        let x = DomainXml::parse(&block).unwrap();
+        assert_eq!(x.nvram(), None);
+        assert_eq!(
+            x.nvram_not_a_file().as_deref(),
+            Some("its NVRAM is a block NVRAM, not a file")
         );
     }
 }

@@ -120,6 +120,11 @@ fn plan(ctx: &Ctx, dom: &Dom, action: &str) -> Result<Vec<Target>> {
             }
         }
     }
+    if let Some(why) = x.nvram_not_a_file() {
+        return Err(refuse(format!(
+            "{why}, and tpl-lock supports only an NVRAM file yet"
+        )));
+    }
     if let Some(nv) = x.nvram() {
         match std::fs::symlink_metadata(&nv) {
             // libvirt creates a missing NVRAM from its template at the first start, which

@@ -158,6 +158,12 @@ fn plan_moves(dom: &Dom, new: &str) -> Result<Vec<Move>> {
             to,
         });
     }
+    if let Some(why) = x.nvram_not_a_file() {
+        return Err(Error::refused(
+            format!("cannot rename the files of domain '{}'", dom.name),
+            format!("{why}; rename without --disks"),
+        ));
+    }
     if let Some(nv) = x.nvram() {
         let to = renamed(&nv, &dom.name, new, None);
         moves.push(Move {
