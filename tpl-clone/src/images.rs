@@ -355,7 +355,7 @@ impl<'a> Progress<'a> {
             self.last = None;
             self.add(0);
             // Not eprintln!: it panics when the terminal hung up (SIGHUP) meanwhile.
-            let _ = writeln!(io::stderr());
+            tpl_common::cli::say(format_args!(""));
         }
     }
 }

@@ -7,7 +7,6 @@ mod xml;
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -193,11 +192,10 @@ fn run(args: &Args, ctx: &mut Ctx) -> Result<()> {
     }
     if let Some(sig) = intr.signal() {
         // Not eprintln!: after SIGHUP the terminal is gone, and it would panic on that.
-        let _ = writeln!(
-            std::io::stderr(),
+        tpl_common::cli::say(format_args!(
             "{TOOL}: stopped by {}; the clones finished before it stay",
             signal_name(sig)
-        );
+        ));
         std::process::exit(128 + sig);
     }
     Ok(())
