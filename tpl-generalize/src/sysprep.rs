@@ -290,7 +290,7 @@ pub fn run(args: &[String], verbose: bool) -> Result<Outcome> {
         }
         let trace = line.starts_with(TRACE);
         if !trace || verbose {
-            eprintln!("{line}");
+            tpl_common::cli::say(format_args!("{line}"));
         }
         if is_err && !trace && !line.trim().is_empty() {
             if tail.len() == TAIL_LINES {
