@@ -390,34 +390,32 @@ mod tests {
         assert!(out.contains(">99999999-0000-3333-4444-555555555555</entry>"));
     }
 
-    fn spec_without_identity<'a>(meta: &'a Meta) -> CloneSpec<'a> {
-        CloneSpec {
+    /// The definition of clone "c3" of `tpl` made with --no-identity, as XML text.
+    fn cloned_without_identity(tpl: &str) -> String {
+        let meta = Meta::default();
+        let spec = CloneSpec {
             name: "c3",
             uuid: "99999999-0000-3333-4444-555555555555",
             template_name: "Tpl",
             disks: &[],
             nvram: None,
             serial: None,
-            meta,
-        }
+            meta: &meta,
+        };
+        let tpl = DomainXml::parse(tpl).unwrap();
+        clone_xml(&tpl, &spec, &mut Macs::default())
+            .unwrap()
+            .to_xml()
     }
 
     #[test]
     fn without_identity_a_copied_nocloud_serial_goes_and_another_stays() {
-        let meta = Meta::default();
-        let spec = spec_without_identity(&meta);
         // A template that was itself a clone.
         let tpl = TPL.replace(
             "<entry name='manufacturer'>m</entry>",
             "<entry name='manufacturer'>m</entry><entry name='serial'>ds=nocloud;h=old;i=old-id</entry>",
         );
-        let out = clone_xml(
-            &DomainXml::parse(&tpl).unwrap(),
-            &spec,
-            &mut Macs::default(),
-        )
-        .unwrap()
-        .to_xml();
+        let out = cloned_without_identity(&tpl);
         assert!(
             !out.contains("ds=nocloud") && !out.contains("old-id"),
             "{out}"
@@ -431,33 +429,19 @@ mod tests {
             "<entry name='manufacturer'>m</entry>",
             "<entry name='serial'>ASSET-0042</entry>",
         );
-        let out = clone_xml(
-            &DomainXml::parse(&tpl).unwrap(),
-            &spec,
-            &mut Macs::default(),
-        )
-        .unwrap()
-        .to_xml();
+        let out = cloned_without_identity(&tpl);
         assert!(out.contains(">ASSET-0042</entry>"), "{out}");
     }
 
     #[test]
     fn only_sockets_qemu_listens_on_become_the_clones() {
-        let meta = Meta::default();
-        let spec = spec_without_identity(&meta);
         let tpl = TPL.replace(
             "<graphics ",
             "<channel type='unix'><source mode='connect' path='/run/vhost/Tpl.sock'/><target type='virtio' name='x.outside'/></channel>\
              <serial type='unix'><source path='/run/Tpl.serial.sock'/><target port='1'/></serial>\
              <graphics ",
         );
-        let out = clone_xml(
-            &DomainXml::parse(&tpl).unwrap(),
-            &spec,
-            &mut Macs::default(),
-        )
-        .unwrap()
-        .to_xml();
+        let out = cloned_without_identity(&tpl);
         assert!(
             out.contains("path=\"/run/vhost/Tpl.sock\""),
             "connect kept: {out}"

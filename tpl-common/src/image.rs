@@ -309,28 +309,8 @@ mod tests {
         let top = d.path().join("top.qcow2");
         qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "1M"]);
         qemu_img(&["create", "-q", "-f", "raw", raw.to_str().unwrap(), "1M"]);
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            mid.to_str().unwrap(),
-        ]);
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            mid.to_str().unwrap(),
-            "-F",
-            "qcow2",
-            top.to_str().unwrap(),
-        ]);
+        overlay(&mid, "base.qcow2", "qcow2");
+        overlay(&top, p(&mid), "qcow2");
 
         assert!(is_qcow2(&base).unwrap());
         assert!(!is_qcow2(&raw).unwrap());
@@ -394,28 +374,8 @@ mod tests {
         );
         qemu_img(&["create", "-q", "-f", "qcow2", p(&base), "1M"]);
         // A "raw" disk whose guest wrote a qcow2 header naming a backing file.
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            p(&base),
-            "-F",
-            "qcow2",
-            p(&guest),
-        ]);
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            p(&guest),
-            "-F",
-            "raw",
-            p(&top),
-        ]);
+        overlay(&guest, p(&base), "qcow2");
+        overlay(&top, p(&guest), "raw");
         let chain = backing_chain(&top).unwrap();
         assert_eq!(chain.len(), 1, "{chain:?}");
         assert_eq!(chain[0].path, guest);
@@ -423,19 +383,7 @@ mod tests {
         let fifo = d.path().join("fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         let over = d.path().join("over.qcow2");
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            p(&fifo),
-            "-F",
-            "qcow2",
-            p(&over),
-            "1M",
-        ]);
+        overlay(&over, p(&fifo), "qcow2");
         let (chain, err) = readable_chain(&over);
         assert_eq!(chain.len(), 1);
         assert!(err.is_none(), "{err:?}");
@@ -447,6 +395,16 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let top = d.path().join("top.qcow2");
         let gone = d.path().join("gone.qcow2");
+        overlay(&top, p(&gone), "qcow2");
+        let (chain, err) = readable_chain(&top);
+        assert_eq!(chain.len(), 1);
+        assert!(is_not_found(&err.unwrap()));
+        assert!(backing_chain(&top).is_err());
+    }
+
+    /// `over`, a qcow2 overlay naming `backing` (as written) of format `fmt`, made without
+    /// opening the backing file (`-u`): it may be missing or not a file at all.
+    fn overlay(over: &Path, backing: &str, fmt: &str) {
         qemu_img(&[
             "create",
             "-q",
@@ -454,16 +412,12 @@ mod tests {
             "qcow2",
             "-u",
             "-b",
-            p(&gone),
+            backing,
             "-F",
-            "qcow2",
-            p(&top),
+            fmt,
+            p(over),
             "1M",
         ]);
-        let (chain, err) = readable_chain(&top);
-        assert_eq!(chain.len(), 1);
-        assert!(is_not_found(&err.unwrap()));
-        assert!(backing_chain(&top).is_err());
     }
 
     fn p(path: &Path) -> &str {
