@@ -372,20 +372,7 @@ mod tests {
 
     #[test]
     fn without_identity_only_the_uuid_entry_changes() {
-        let tpl = DomainXml::parse(TPL).unwrap();
-        let meta = Meta::default();
-        let spec = CloneSpec {
-            name: "c2",
-            uuid: "99999999-0000-3333-4444-555555555555",
-            template_name: "Tpl",
-            disks: &[],
-            nvram: None,
-            serial: None,
-            meta: &meta,
-        };
-        let out = clone_xml(&tpl, &spec, &mut Macs::default())
-            .unwrap()
-            .to_xml();
+        let out = cloned_without_identity(TPL);
         assert!(!out.contains("serial\">ds="));
         assert!(out.contains(">99999999-0000-3333-4444-555555555555</entry>"));
     }
