@@ -177,12 +177,6 @@ fn restore_sigpipe() {
     }
 }
 
-/// Stub body for the tools not built yet.
-pub fn not_implemented(tool: &'static str) -> ExitCode {
-    eprintln!("{tool}: error: not implemented yet");
-    ExitCode::from(1)
-}
-
 /// One line for people on stderr. A closed stderr must not stop a step halfway (eprintln!
 /// panics on EPIPE), so a line that cannot be written is dropped.
 pub fn say(line: std::fmt::Arguments) {
