@@ -485,7 +485,7 @@ pub fn mark_generalized(domain: &str) {
     let mut m = read_meta(domain);
     m.template.generalized = Some(tpl_common::record::Generalized {
         at: tpl_common::now_rfc3339(),
-        method: "virt-sysprep".into(),
+        method: tpl_common::record::Method::VirtSysprep,
         tool: Some("test rig".into()),
         operations: vec!["defaults".into()],
         hostname: None,

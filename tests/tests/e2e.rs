@@ -41,12 +41,12 @@ fn pipeline_then_linked_and_full_clones_boot_as_their_own_machines() {
     let full = s.name("full1");
     let l = run("tpl-clone", &[&tpl, &linked, "--linked"], None).ok(1);
     let lrec = only(&l);
-    assert_eq!(lrec.clone.as_ref().unwrap().mode, "linked");
+    assert_eq!(lrec.clone.as_ref().unwrap().mode.as_str(), "linked");
     assert_eq!(lrec.disks[0].backing[0].path, image);
     assert_eq!(lrec.disks[0].backing[0].format.as_deref(), Some("qcow2"));
     let f = run("tpl-clone", &[&tpl, &full, "--full"], None).ok(1);
     let frec = only(&f);
-    assert_eq!(frec.clone.as_ref().unwrap().mode, "full");
+    assert_eq!(frec.clone.as_ref().unwrap().mode.as_str(), "full");
     assert!(
         frec.disks[0].backing.is_empty(),
         "a full clone stands alone"

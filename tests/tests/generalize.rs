@@ -186,7 +186,7 @@ fn pipeline_seals_a_template_whose_clones_boot_fresh() {
     assert_eq!(rec.uuid, vm.uuid);
     assert!(rec.template.locked);
     let g = rec.template.generalized.as_ref().expect("generalized");
-    assert_eq!(g.method, "virt-sysprep");
+    assert_eq!(g.method.as_str(), "virt-sysprep");
     assert!(
         g.tool.as_deref().unwrap().starts_with("virt-sysprep 1."),
         "{g:?}"
@@ -406,7 +406,7 @@ fn refuses_running_locked_and_windows_guests() {
     let rec = only(&r);
     assert_eq!(rec.name, win);
     let g = rec.template.generalized.as_ref().unwrap();
-    assert_eq!(g.method, "external");
+    assert_eq!(g.method.as_str(), "external");
     assert!(g.operations.is_empty() && g.tool.is_none());
     assert_eq!(read_meta(&win).template.generalized.as_ref(), Some(g));
     assert_eq!(rec.history.last().unwrap().tool, "tpl-generalize");
@@ -432,7 +432,7 @@ fn dry_run_changes_nothing() {
     .ok(1)
     .says(&[
         &format!("virt-sysprep -c qemu:///system -d {}", g.uuid),
-        "--operations defaults,-tmp-files,-bash-history",
+        "--operations 'defaults,-tmp-files,-bash-history'",
         "--touch /etc/machine-id --root-password password:x --truncate /etc/machine-id --hostname TplVM --firstboot /",
         "/tpl-firstboot --delete",
         "--delete /var/lib/cloud/instances",
@@ -468,10 +468,12 @@ fn environment_reaches_virt_sysprep_and_its_failure_is_reported() {
     assert_eq!(read_meta(&g.name), Meta::default());
 }
 
-/// Nothing keeps a tpl-lock out while virt-sysprep runs on a shut-off domain: a template
-/// locked meanwhile may already have linked clones of a half-written image, so generalize
-/// fails (exit 1) and does not record it as generalized. A stand-in virt-sysprep does the
-/// locking at the moment the real one would be writing (and skips the appliance).
+/// tpl-generalize holds the domain's lock for its whole run: a tpl-lock meanwhile waits
+/// (saying for whom) or, with --wait 0, is refused (exit 3) and changes nothing. A lock
+/// written by hand around the tools (virsh metadata) while virt-sysprep ran is still
+/// caught: generalize fails (exit 1) and does not record it as generalized. A stand-in
+/// virt-sysprep does both at the moment the real one would be writing (and skips the
+/// appliance).
 #[test]
 fn a_domain_locked_while_virt_sysprep_runs_is_not_recorded_as_generalized() {
     let mut sc = Scratch::new();
@@ -480,20 +482,29 @@ fn a_domain_locked_while_virt_sysprep_runs_is_not_recorded_as_generalized() {
     let dir = sc.dir.join("bin");
     std::fs::create_dir_all(&dir).unwrap();
     let fake = dir.join("virt-sysprep");
+    let lock_err = sc.dir.join("lock.err");
+    let mut m = tpl_common::meta::Meta::default();
+    m.template.locked = true;
     std::fs::write(
         &fake,
         format!(
             "#!/bin/sh\n\
              case $1 in --version|--list-operations) exec '{real}' \"$@\" ;; esac\n\
-             '{lock}' -q --force '{uuid}' >/dev/null || exit 9\n\
-             echo 'stand-in virt-sysprep: tpl-lock ran meanwhile' >&2\n",
+             '{lock}' --wait 0 --force '{uuid}' >/dev/null 2>'{err}'; echo \"exit $?\" >>'{err}'\n\
+             virsh -q -c qemu:///system metadata '{uuid}' --uri {ns} --key {key} --set '{meta}' --config || exit 9\n\
+             echo 'stand-in virt-sysprep: locked by hand meanwhile' >&2\n",
             real = real.trim(),
             lock = bin("tpl-lock").display(),
             uuid = g.uuid,
+            err = lock_err.display(),
+            ns = tpl_common::meta::NS,
+            key = tpl_common::meta::PREFIX,
+            meta = m.to_xml(),
         ),
     )
     .unwrap();
     sh("chmod", &["755", p(&fake)]);
+    let before = std::fs::metadata(&g.disk).unwrap().permissions();
     let out = tool_command("tpl-generalize")
         .arg(&g.name)
         .env(
@@ -504,9 +515,21 @@ fn a_domain_locked_while_virt_sysprep_runs_is_not_recorded_as_generalized() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
+    let lock_said = std::fs::read_to_string(&lock_err).unwrap();
+    assert!(
+        lock_said.contains("busy")
+            && lock_said.contains("tpl-generalize (pid")
+            && lock_said.trim_end().ends_with("exit 3"),
+        "{lock_said}"
+    );
+    assert_eq!(
+        std::fs::metadata(&g.disk).unwrap().permissions(),
+        before,
+        "the refused tpl-lock changed nothing"
+    );
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(out.stdout.is_empty());
-    assert!(stderr.contains("tpl-lock ran meanwhile"), "{stderr}");
+    assert!(stderr.contains("locked by hand meanwhile"), "{stderr}");
     assert!(
         stderr.contains(&format!(
             "tpl-generalize: error: domain '{}' ({}) was locked while virt-sysprep ran",
@@ -515,7 +538,7 @@ fn a_domain_locked_while_virt_sysprep_runs_is_not_recorded_as_generalized() {
         "{stderr}"
     );
     let m = read_meta(&g.name);
-    assert!(m.template.locked, "tpl-lock's record stays");
+    assert!(m.template.locked, "the hand-made lock stays");
     assert!(m.template.generalized.is_none(), "{m:?}");
     assert!(
         m.history.iter().all(|h| h.tool != "tpl-generalize"),
@@ -541,7 +564,7 @@ fn bad_options_are_usage_errors() {
         (vec![n, "--enable", "tmp-files"], "keep 'customize' enabled"),
         (
             vec![n, "--hostname", "bad name"],
-            "invalid hostname 'bad name'",
+            "invalid host name \"bad name\"",
         ),
         (
             vec![n, "--operations", "defaults", "--enable", "customize"],

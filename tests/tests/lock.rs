@@ -219,7 +219,7 @@ fn symlinked_and_network_disks_are_refused_and_nothing_changes() {
     mark_generalized(&net.name);
     run_lock(&[&net.name])
         .fails(3)
-        .says(&["disk vdb is a network disk", "file-backed"]);
+        .says(&["disk vdb is a network disk", "tpl handles only file disks"]);
     assert_eq!(mode(&net.disk), 0o644);
     assert!(!read_meta(&net.name).template.locked);
 }
@@ -295,7 +295,7 @@ fn an_nvram_that_is_not_a_file_is_refused_by_lock_clone_and_rename() {
     let new = s.name("new");
     run("tpl-rename", &["--disks", &g.name, &new], None)
         .fails(3)
-        .says(&[&g.name, "block NVRAM", "rename without --disks"]);
+        .says(&[&g.name, "block NVRAM", "rename the domain without --disks"]);
     assert!(!domain_exists(&new) && g.disk.is_file());
     assert_eq!(virsh(&["dumpxml", "--inactive", &g.name]), before);
 }

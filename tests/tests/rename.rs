@@ -14,7 +14,7 @@ fn renames_by_argument_and_prints_the_record() {
     let rec = only(&r);
     assert_eq!(rec.name, new);
     assert_eq!(rec.uuid, g.uuid);
-    assert_eq!(rec.state, "shut off");
+    assert_eq!(rec.state.as_str(), "shut off");
     assert_eq!(rec.uri, URI);
     assert_eq!(rec.disks[0].path.as_deref(), Some(g.disk.as_path()));
     assert_eq!(rec.history.last().unwrap().tool, "tpl-rename");
@@ -284,7 +284,7 @@ fn disks_refused_for_a_disk_that_is_not_a_file() {
         .says(&[
             &name,
             "disk vdb is a network disk",
-            "rename without --disks",
+            "rename the domain without --disks",
         ]);
     assert!(domain_exists(&name) && !domain_exists(&new) && disk.is_file());
 }

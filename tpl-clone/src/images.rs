@@ -16,9 +16,14 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::unistd::{lseek, Whence};
+use tpl_common::child;
 use tpl_common::error::{Error, IoContext, Result};
+use tpl_common::fsutil::reflink;
+use tpl_common::signals::Interrupt;
+use tpl_common::text::shown_path;
 
-use crate::interrupt::{run_child, Interrupt};
+/// What to do when qemu-img cannot be run at all.
+const QEMU_IMG_HINT: &str = "is qemu-utils installed? try 'make deps'";
 
 /// Options of the linked clones' overlays. qcow2 subclusters (extended L2 entries) let
 /// a 4 KiB guest write allocate 4 KiB instead of copying a whole 64 KiB cluster from the
@@ -127,14 +132,15 @@ pub fn create_overlay(
         .args(["-F", backing_fmt, "-o", OVERLAY_OPTIONS])
         .arg(tmp)
         .stdout(Stdio::null());
-    run_child(
-        cmd,
-        intr,
+    child::run_quiet(
+        &mut cmd,
         &format!(
             "create the overlay '{}' on '{}'",
-            tmp.display(),
-            backing.display()
+            shown_path(tmp),
+            shown_path(backing)
         ),
+        QEMU_IMG_HINT,
+        intr,
     )?;
     sync_file(tmp)?;
     let o = Overlay::read(tmp)?;
@@ -163,10 +169,11 @@ pub fn flatten(
         cmd.stdout(Stdio::null());
     }
     cmd.arg(src).arg(tmp);
-    run_child(
-        cmd,
+    child::run_quiet(
+        &mut cmd,
+        &format!("flatten '{}' into '{}'", shown_path(src), shown_path(tmp)),
+        QEMU_IMG_HINT,
         intr,
-        &format!("flatten '{}' into '{}'", src.display(), tmp.display()),
     )?;
     sync_file(tmp)?;
     Ok(Method::Flatten)
@@ -188,7 +195,7 @@ pub fn copy_file(
         .open(tmp)
         .ctx("cannot create", tmp)?;
     intr.check()?;
-    let method = if ficlone(&to, &from).is_ok() {
+    let method = if reflink(&to, &from).is_ok() {
         Method::Reflink
     } else {
         // Nothing was shared; whatever FICLONE may have left is dropped.
@@ -198,19 +205,6 @@ pub fn copy_file(
     };
     to.sync_all().ctx("cannot sync", tmp)?;
     Ok(method)
-}
-
-/// FICLONE: make `dst` share all of `src`'s extents (btrfs, xfs with reflink, …).
-#[allow(unsafe_code)]
-fn ficlone(dst: &File, src: &File) -> io::Result<()> {
-    // SAFETY: FICLONE takes the source descriptor by value as its third argument; both
-    // descriptors are open for the whole call because we borrow their `File`s.
-    let r = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) };
-    if r == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
 }
 
 /// The data extents of `f` below `len`, as SEEK_DATA/SEEK_HOLE report them, one at a time.
@@ -275,7 +269,7 @@ fn sparse_copy(
                         continue;
                     }
                     Err(e) => {
-                        return Err(e).ctx(&format!("cannot copy '{}' to", src.display()), tmp)
+                        return Err(e).ctx(&format!("cannot copy '{}' to", shown_path(src)), tmp)
                     }
                 }
             } else {
@@ -283,7 +277,7 @@ fn sparse_copy(
             };
             if copied == 0 {
                 return Err(Error::failed(
-                    format!("cannot copy '{}' to '{}'", src.display(), tmp.display()),
+                    format!("cannot copy '{}' to '{}'", shown_path(src), shown_path(tmp)),
                     "the source became shorter while being copied; is the template in use?",
                 ));
             }
@@ -343,7 +337,8 @@ impl<'a> Progress<'a> {
         let mut e = io::stderr().lock();
         let _ = write!(
             e,
-            "\r{label}: {} of {} of data copied ({pct}%)   ",
+            "\r{}: {} of {} of data copied ({pct}%)   ",
+            tpl_common::text::escape(label),
             human(self.done),
             human(self.total)
         );
@@ -389,7 +384,7 @@ mod tests {
         f.write_all_at(&[0xab; 1 << 20], 8 << 20).unwrap();
         f.write_all_at(&[0xcd; 4096], (64 << 20) - 4096).unwrap();
         f.sync_all().unwrap();
-        let intr = Interrupt::install().unwrap();
+        let intr = Interrupt::default();
         copy_file(&src, &dst, None, &intr).unwrap();
         assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
         let (ms, md) = (src.metadata().unwrap(), dst.metadata().unwrap());
@@ -405,7 +400,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let base = d.path().join("base.raw");
         File::create(&base).unwrap().set_len(64 << 20).unwrap();
-        let intr = Interrupt::install().unwrap();
+        let intr = Interrupt::default();
         let made = Overlays::default();
         let (a, b) = (d.path().join("a.qcow2"), d.path().join("b.qcow2"));
         create_overlay(&base, "raw", &a, &made, &intr).unwrap();

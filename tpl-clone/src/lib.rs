@@ -1,30 +1,32 @@
 //! tpl-clone: make linked or full clones of a shut-off template, each with its own name, UUID, MACs, disks, NVRAM and first-boot identity, all or nothing.
 
 mod images;
-mod interrupt;
-mod journal;
+mod plan;
 mod xml;
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use tpl_common::cli::{self, Common, Ctx};
-use tpl_common::domxml::DomainXml;
 use tpl_common::error::{Error, Result};
 use tpl_common::fsutil::{fsync_dir, rename_noreplace};
-use tpl_common::image::{backing_chain, is_qcow2};
-use tpl_common::meta::Meta;
+use tpl_common::hostname::{hostname_for, validate_hostname};
+use tpl_common::journal::clone::{self as cj, Entry};
+use tpl_common::journal::Journal;
+use tpl_common::meta::{Meta, Registered};
 use tpl_common::names::validate_name;
-use tpl_common::record::{CloneOrigin, DomainRef};
+use tpl_common::ownfiles::Role;
+use tpl_common::record::{CloneMode, CloneOrigin, DomainRef};
 use tpl_common::session::{Dom, Session};
+use tpl_common::state;
+use tpl_common::text::{shown, shown_path};
 use virt::domain::Domain;
 
 use crate::images::Method;
-use crate::interrupt::{signal_name, Interrupt};
-use crate::journal::{Entry, Journal};
+use crate::plan::{Make, NewFile, Plan};
 use crate::xml::{CloneSpec, Macs, NewDisk};
 
 const TOOL: &str = "tpl-clone";
@@ -41,19 +43,22 @@ const TOOL: &str = "tpl-clone";
 ///
 /// Linked is the default for a locked template (tpl-lock), full otherwise; a linked clone
 /// always needs a locked template, since a writable backing file silently corrupts its
-/// clones. Each clone gets a new name, UUID and MAC addresses, its own disk files
-/// (NAME.qcow2, or NAME-TARGET.EXT when the template has several disks) in the template
+/// clones. Each clone gets a new name, UUID and MAC addresses, its own disk files (named
+/// as the template's are, with the clone's name in place of the template's: TPL.qcow2 ->
+/// NAME.qcow2; NAME.EXT or NAME-TARGET.EXT for files named otherwise) in the template
 /// image's directory or --dir, its own NVRAM copy, and its first-boot identity in the
-/// SMBIOS serial in cloud-init's NoCloud form `ds=nocloud;h=HOSTNAME;i=INSTANCE-ID`
-/// (the instance id is the clone's UUID). CD-ROMs, read-only and shareable disks stay
-/// shared.
+/// SMBIOS serial in cloud-init's NoCloud form `ds=nocloud;h=HOSTNAME;i=INSTANCE-ID` (the
+/// instance id is the clone's UUID). CD-ROMs, read-only and shareable disks stay shared.
+/// Each linked clone's overlay is registered in the template's metadata, so that
+/// `tpl-lock --unlock` finds it wherever it is, even once no domain uses it.
 ///
-/// Files are written under temporary names and renamed into place when complete; the
-/// domain is defined last. On an error, SIGINT, SIGTERM or SIGHUP the unfinished clone's
-/// files and domain are removed, and what a killed run left is removed by the next run
+/// The template is locked against other tpl tools from the first check to the last
+/// definition (see --wait). Files are written under temporary names and renamed into
+/// place when complete; the domain is defined last. On an error, SIGINT, SIGTERM or
+/// SIGHUP the unfinished clone's files and domain are removed (and the tool then dies by
+/// the signal), and what a killed run left is removed by the next run of any tpl tool
 /// (from the journal each run keeps in $TPL_STATE_DIR, default /var/lib/tpl for root,
-/// under clone-journal/). Exit status: 0, 1 failed, 2 bad usage, 3 refused, 128+N for
-/// signal N.
+/// under clone-journal/). Exit status: 0, 1 failed, 2 bad usage, 3 refused.
 #[derive(Parser, Debug)]
 #[command(name = TOOL, version, about, long_about, verbatim_doc_comment)]
 pub struct Args {
@@ -88,7 +93,7 @@ pub struct Args {
     start: bool,
 
     /// The guest host name of each clone; `{name}` stands for the clone's name
-    /// [default: the clone's name]
+    /// [default: the clone's name when it is a valid host name, else one made from it]
     #[arg(long, value_name = "PATTERN")]
     hostname: Option<String>,
 
@@ -101,6 +106,10 @@ pub struct Args {
     #[arg(long)]
     force: bool,
 
+    /// Say what would be made (names, files, how), and make nothing
+    #[arg(short = 'n', long)]
+    dry_run: bool,
+
     #[command(flatten)]
     common: Common,
 }
@@ -109,119 +118,120 @@ pub fn main() -> ExitCode {
     cli::run::<Args>(TOOL, |a| &a.common, run)
 }
 
+/// One clone to make: its name, its UUID (chosen up front so its overlays can be
+/// registered before they exist) and its host name.
+#[derive(Debug)]
+struct NewClone {
+    name: String,
+    uuid: String,
+    hostname: Option<String>,
+}
+
 fn run(args: &Args, ctx: &mut Ctx) -> Result<()> {
-    let intr = Interrupt::install()?;
     let (template, names) = split_args(args)?;
     let hostnames = hostnames(args, &names)?;
     let r = match template {
         Some(t) => DomainRef::by_arg(&t),
-        None => {
-            let mut recs: Vec<DomainRef> = ctx.inputs(None)?.collect::<Result<_>>()?;
-            match recs.len() {
-                1 => recs.remove(0),
-                0 => {
-                    return Err(Error::usage(
-                        "no template given",
-                        "name it before the clone names, or pipe its record in",
-                    ))
-                }
-                n => {
-                    return Err(Error::usage(
-                        format!("{n} records on stdin"),
-                        "tpl-clone clones one template per run; pipe in one record",
-                    ))
-                }
+        None => template_from_stdin(ctx)?,
+    };
+    let s = ctx.session()?;
+    r.check_uri(&s.uri)?;
+    let mut tpl = Dom::lookup(&s, &r)?;
+    // From the first look at the template to the last definition: no unlock, rename or
+    // generalize can come between.
+    let _held = ctx.lock(&mut tpl)?;
+    let plan = Plan::new(ctx, args, &tpl, &names);
+    // Whatever killed runs left in the clones' directories goes first: a final file of a
+    // clone they never defined would otherwise make this run refuse the name.
+    if let Ok(plan) = &plan {
+        let jdir = state::clone_journal_dir();
+        for d in plan.dirs() {
+            for what in cj::sweep_tmp(&d, &jdir) {
+                ctx.info(format!("removed {what}, left by a killed run"));
             }
         }
-    };
-    let s = ctx.session(&r)?;
-    let tpl = Dom::lookup(&s, &r)?;
-    // Whatever killed runs left goes first: a final file of a clone they never defined
-    // would otherwise make this run refuse the name.
-    let jdir = journal::journal_dir();
-    let mut removed = journal::clean_dead(&jdir, |uri, uuid| domain_exists(&s, uri, uuid));
-    let plan = Plan::new(args, &tpl, &names);
-    if let Ok(plan) = &plan {
-        removed.extend(
-            plan.dirs()
-                .iter()
-                .flat_map(|d| journal::sweep_tmp(d, &jdir)),
-        );
-    }
-    for what in &removed {
-        ctx.info(format!("removed {what}, left by a killed run"));
     }
     let plan = plan?;
-    let mut jrnl = Journal::create(&jdir)?;
-
-    let mut macs = Macs::default();
+    let clones: Vec<NewClone> = names
+        .into_iter()
+        .zip(hostnames)
+        .map(|(name, hostname)| NewClone {
+            name,
+            uuid: uuid::Uuid::new_v4().to_string(),
+            hostname,
+        })
+        .collect();
+    if args.dry_run {
+        plan.describe(
+            ctx,
+            &tpl,
+            &clones.iter().map(|c| c.name.clone()).collect::<Vec<_>>(),
+        );
+        return Ok(());
+    }
+    if plan.mode == CloneMode::Linked {
+        register_overlays(&tpl, &plan, &clones)?;
+    }
+    let mut job = Job {
+        ctx,
+        s: &s,
+        tpl: &tpl,
+        plan: &plan,
+        macs: Macs::default(),
+        jrnl: Journal::create(&state::clone_journal_dir(), cj::KIND)?,
+    };
     for d in s.all_domains()? {
         if let Ok(x) = Dom::new(&s, d).and_then(|d| d.xml()) {
-            macs.add_from(&x);
+            job.macs.add_from(&x);
         }
     }
-    let mut made_any = false;
-    for (name, host) in names.iter().zip(&hostnames) {
-        if intr.signal().is_some() {
-            break;
-        }
-        let res = plan.make(
-            ctx,
-            &s,
-            &tpl,
-            name,
-            host.as_deref(),
-            &mut macs,
-            &mut jrnl,
-            &intr,
-        );
-        made_any |= res.is_ok();
-        match res.and_then(|dom| Dom::new(&s, dom)?.describe()) {
-            Ok(rec) => {
-                if let Err(e) = ctx.emit(&rec) {
-                    plan.refresh_pools(&s);
-                    return Err(e);
-                }
-            }
-            Err(e) => ctx.fail(&e),
-        }
-    }
+    let res = job.make_all(&clones);
+    let Job { ctx, jrnl, .. } = job;
     jrnl.close();
-    if made_any {
-        plan.refresh_pools(&s);
+    plan.refresh_pools(&s);
+    if ctx.intr.signal().is_some() {
+        ctx.info("stopped; the clones finished before the signal stay");
     }
-    if let Some(sig) = intr.signal() {
-        // Not eprintln!: after SIGHUP the terminal is gone, and it would panic on that.
-        tpl_common::cli::say(format_args!(
-            "{TOOL}: stopped by {}; the clones finished before it stay",
-            signal_name(sig)
-        ));
-        std::process::exit(128 + sig);
-    }
-    Ok(())
+    res
 }
 
-/// Whether the domain with this UUID exists at `uri` (None: libvirt cannot tell).
-fn domain_exists(s: &Session, uri: &str, uuid: &str) -> Option<bool> {
-    let other;
-    let s = if uri == s.uri {
-        s
-    } else {
-        other = Session::open(uri).ok()?;
-        &other
-    };
-    match s.conn.lookup_domain_by_uuid_string(uuid) {
-        Ok(_) => Some(true),
-        Err(e)
-            if matches!(
-                e.code(),
-                virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoDomain)
-            ) =>
-        {
-            Some(false)
-        }
-        Err(_) => None,
+/// The template's record, when it comes on stdin: exactly one.
+fn template_from_stdin(ctx: &Ctx) -> Result<DomainRef> {
+    let mut recs: Vec<DomainRef> = ctx.inputs(None)?.collect::<Result<_>>()?;
+    match recs.len() {
+        1 => Ok(recs.remove(0)),
+        0 => Err(Error::usage(
+            "no template given",
+            "name it before the clone names, or pipe its record in",
+        )),
+        n => Err(Error::usage(
+            format!("{n} records on stdin"),
+            "tpl-clone clones one template per run; pipe in one record",
+        )),
     }
+}
+
+/// Register the overlays of this batch in the template's metadata before any exists, and
+/// drop registrations whose files are gone: `--unlock` then finds every overlay tpl-clone
+/// made, wherever it is, whether or not a domain still uses it. A registration whose
+/// overlay never got made (the run failed) is as good as gone, and is dropped next time.
+fn register_overlays(tpl: &Dom, plan: &Plan, clones: &[NewClone]) -> Result<()> {
+    let mut meta = tpl.meta()?;
+    meta.overlays.retain(|o| o.path.exists());
+    let at = tpl_common::now_rfc3339();
+    for c in clones {
+        for f in plan.files(&tpl.name, &c.name) {
+            if matches!(f.make, Make::Overlay { .. }) {
+                meta.overlays.push(Registered {
+                    path: f.dest,
+                    clone_uuid: c.uuid.clone(),
+                    clone_name: c.name.clone(),
+                    at: at.clone(),
+                });
+            }
+        }
+    }
+    tpl.set_meta(&meta)
 }
 
 /// The template argument (None: from stdin) and the clone names.
@@ -254,7 +264,7 @@ fn split_args(args: &Args) -> Result<(Option<String>, Vec<String>)> {
         validate_name("clone name", n)?;
         if !seen.insert(n) {
             return Err(Error::usage(
-                format!("clone name '{n}' is given twice"),
+                format!("clone name '{}' is given twice", shown(n)),
                 "each clone needs its own name",
             ));
         }
@@ -262,443 +272,200 @@ fn split_args(args: &Args) -> Result<(Option<String>, Vec<String>)> {
     Ok((template, names))
 }
 
-/// The guest host name for each clone (None with --no-identity).
+/// The guest host name for each clone (None with --no-identity): the --hostname pattern,
+/// else one made from the name ([`hostname_for`]). Two clones of one run never get the
+/// same host name (compared as DNS does, without case).
 fn hostnames(args: &Args, names: &[String]) -> Result<Vec<Option<String>>> {
+    if args.no_identity {
+        return Ok(vec![None; names.len()]);
+    }
+    let mut seen: std::collections::HashMap<String, &str> = Default::default();
     names
         .iter()
         .map(|n| {
-            if args.no_identity {
-                return Ok(None);
-            }
             let h = match &args.hostname {
                 Some(p) => p.replace("{name}", n),
-                // A domain name may hold what a host name cannot; the default makes do.
-                None => {
-                    let h: String = n
-                        .chars()
-                        .map(|c| {
-                            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                                c
-                            } else {
-                                '-'
-                            }
-                        })
-                        .collect();
-                    let h = h.trim_matches(['-', '.']).to_string();
-                    if h.is_empty() {
-                        "clone".into()
-                    } else {
-                        h
-                    }
-                }
+                None => hostname_for(n),
             };
-            xml::validate_hostname(&h)?;
+            validate_hostname(&h)?;
+            if let Some(other) = seen.insert(h.to_ascii_lowercase(), n) {
+                return Err(Error::usage(
+                    format!(
+                        "clones '{}' and '{}' would get the same host name '{h}'",
+                        shown(other),
+                        shown(n)
+                    ),
+                    "give a --hostname pattern with {name} in it, or other names",
+                ));
+            }
             Ok(Some(h))
         })
         .collect()
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Linked,
-    Full,
+/// A batch of clones in the making: the run's connection, template, plan, the MAC
+/// addresses taken so far and the journal.
+struct Job<'a> {
+    ctx: &'a mut Ctx,
+    s: &'a Session,
+    tpl: &'a Dom<'a>,
+    plan: &'a Plan,
+    macs: Macs,
+    jrnl: Journal,
 }
 
-impl Mode {
-    fn as_str(self) -> &'static str {
-        match self {
-            Mode::Linked => "linked",
-            Mode::Full => "full",
-        }
-    }
-}
-
-/// One template disk to clone.
-#[derive(Debug)]
-struct SrcDisk {
-    target: String,
-    path: PathBuf,
-    format: String,
-    /// The image has a backing chain: a full clone flattens it.
-    chained: bool,
-    dir: PathBuf,
-    ext: String,
-}
-
-/// Everything checked before anything is created.
-#[derive(Debug)]
-struct Plan {
-    mode: Mode,
-    xml: DomainXml,
-    disks: Vec<SrcDisk>,
-    nvram: Option<PathBuf>,
-    start: bool,
-    progress: bool,
-    /// The overlays made so far, which the next linked clones copy.
-    overlays: images::Overlays,
-}
-
-/// One file a clone gets: where it goes, and how it is made.
-#[derive(Debug)]
-struct NewFile {
-    what: String,
-    dest: PathBuf,
-    make: Make,
-}
-
-#[derive(Debug)]
-enum Make {
-    Overlay { backing: PathBuf, format: String },
-    Copy { src: PathBuf },
-    Flatten { src: PathBuf, format: String },
-}
-
-impl Plan {
-    fn new(args: &Args, tpl: &Dom, names: &[String]) -> Result<Plan> {
-        let t = &tpl.name;
-        tpl.require_shut_off("clone")?;
-        let meta = tpl.meta()?;
-        let xml = tpl.xml()?;
-        let locked = meta.template.locked;
-        let mode = if args.linked {
-            Mode::Linked
-        } else if args.full {
-            Mode::Full
-        } else if locked {
-            Mode::Linked
-        } else {
-            Mode::Full
-        };
-        let refuse = |why: String| Error::refused(format!("cannot clone domain '{t}'"), why);
-        if meta.template.generalized.is_none() && !args.force {
-            return Err(refuse(format!(
-                "it is not a generalized template, so its clones would share its machine-id, \
-                 SSH host keys and other identity; run 'tpl-generalize {t}' first, or clone \
-                 it anyway with --force"
-            )));
-        }
-        if mode == Mode::Linked && !locked {
-            return Err(refuse(format!(
-                "a linked clone needs a locked template, since a writable backing file \
-                 silently corrupts its clones, and --force does not change that; run \
-                 'tpl-lock {t}' first, or make a --full clone"
-            )));
-        }
-        // Absolute, because libvirt needs absolute disk paths whatever our cwd is.
-        let dir_opt =
-            match &args.dir {
-                Some(d) if d.is_dir() => {
-                    Some(fs::canonicalize(d).map_err(|e| Error::io("cannot resolve --dir", d, e))?)
+impl Job<'_> {
+    /// Make every clone, emitting each one's record; a failing clone is reported and the
+    /// next one made. A stopping signal or a closed stdout ends the batch.
+    fn make_all(&mut self, clones: &[NewClone]) -> Result<()> {
+        for c in clones {
+            self.ctx.intr.check()?;
+            let res = self
+                .make(c)
+                .and_then(|dom| Dom::new(self.s, dom)?.describe())
+                .and_then(|rec| self.ctx.emit(&rec));
+            match res {
+                Ok(()) => {}
+                Err(e @ (Error::StdoutClosed | Error::Interrupted { .. })) => {
+                    if let Error::Interrupted { .. } = e {
+                        self.ctx.fail(&e);
+                    }
+                    return Err(e);
                 }
-                Some(d) => return Err(Error::usage(
-                    format!("--dir '{}' is not a directory", d.display()),
-                    "create it first, or leave --dir out to put the clones next to the template",
-                )),
-                None => None,
-            };
-        // Shared by every clone as it stands: the template's own firmware variables.
-        if let Some(why) = xml.nvram_not_a_file() {
-            return Err(refuse(format!(
-                "{why}, which every clone would share and write to; tpl-clone copies only an \
-                 NVRAM file"
-            )));
-        }
-        let mut disks = Vec::new();
-        let writable: Vec<_> = xml
-            .disks()
-            .into_iter()
-            .filter(|d| d.is_writable())
-            .collect();
-        for d in &writable {
-            // The kind first: a volume, network, nvme or vhostuser disk has no path, and
-            // skipping it would leave the template's disk in every clone's definition, so
-            // that each clone wrote into the template.
-            if d.kind != "file" {
-                return Err(refuse(format!(
-                    "its disk {} is a '{}' disk, which every clone would share and write \
-                     to; tpl-clone clones file disks only (make it <readonly/> or \
-                     <shareable/> to share it, or detach it)",
-                    d.target, d.kind
-                )));
-            }
-            // An empty drive (a floppy without a medium, say): nothing to copy.
-            let Some(path) = d.path.clone() else { continue };
-            // Never through a symbolic link, as tpl-lock: the clone's files would be
-            // named and placed after the link while its contents came from elsewhere.
-            if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
-                return Err(refuse(format!(
-                    "its disk {} image '{}' is a symbolic link, and tpl-clone never follows \
-                     one; point the domain at the real file with 'virsh edit {t}'",
-                    d.target,
-                    path.display()
-                )));
-            }
-            // Not a refusal: nothing unsafe was asked, the template is broken (exit 1).
-            let m = fs::metadata(&path).map_err(|e| {
-                Error::failed(
-                    format!("cannot clone domain '{t}'"),
-                    format!(
-                        "its disk {} image '{}' cannot be read: {e}",
-                        d.target,
-                        path.display()
-                    ),
-                )
-            })?;
-            if mode == Mode::Linked
-                && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o222 != 0
-            {
-                return Err(refuse(format!(
-                    "its disk {} image '{}' is writable although the template is marked \
-                     locked, so linked clones would be corrupted by a write; run \
-                     'tpl-lock {t}' again",
-                    d.target,
-                    path.display()
-                )));
-            }
-            let format = match &d.format {
-                Some(f) => f.clone(),
-                None if is_qcow2(&path)? => "qcow2".into(),
-                None => "raw".into(),
-            };
-            let chained = !backing_chain(&path)?.is_empty();
-            let dir = match &dir_opt {
-                Some(d) => d.clone(),
-                None => path.parent().unwrap_or(Path::new("/")).to_path_buf(),
-            };
-            let ext = match mode {
-                Mode::Linked => "qcow2".to_string(),
-                Mode::Full => path
-                    .extension()
-                    .map(|e| e.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| format.clone()),
-            };
-            disks.push(SrcDisk {
-                target: d.target.clone(),
-                path,
-                format,
-                chained,
-                dir,
-                ext,
-            });
-        }
-        let plan = Plan {
-            mode,
-            nvram: xml.nvram(),
-            xml,
-            disks,
-            start: args.start,
-            progress: !args.common.quiet,
-            overlays: Default::default(),
-        };
-        // Every clone's name and files must be free before the first one is made.
-        for n in names {
-            if tpl.session.name_taken(n)? {
-                return Err(Error::refused(
-                    format!("cannot create clone '{n}'"),
-                    format!("a domain named '{n}' already exists"),
-                ));
-            }
-            for f in plan.files(t, n) {
-                if f.dest.symlink_metadata().is_ok() {
-                    return Err(Error::refused(
-                        format!("cannot create clone '{n}'"),
-                        format!(
-                            "its {} file '{}' already exists; nothing is ever overwritten",
-                            f.what,
-                            f.dest.display()
-                        ),
-                    ));
-                }
+                Err(e) => self.ctx.fail(&e),
             }
         }
-        Ok(plan)
-    }
-
-    /// The directories this run writes files to.
-    fn dirs(&self) -> BTreeSet<PathBuf> {
-        let mut d: BTreeSet<PathBuf> = self.disks.iter().map(|d| d.dir.clone()).collect();
-        d.extend(
-            self.nvram
-                .as_ref()
-                .and_then(|n| n.parent())
-                .map(Path::to_path_buf),
-        );
-        d
-    }
-
-    /// The files clone `name` gets, in the order they are renamed into place (by path, so
-    /// that two runs racing for one name contend for the same file first).
-    fn files(&self, template: &str, name: &str) -> Vec<NewFile> {
-        let several = self.disks.len() > 1;
-        let mut out: Vec<NewFile> = self
-            .disks
-            .iter()
-            .map(|d| {
-                let file = if several {
-                    format!("{name}-{}.{}", d.target, d.ext)
-                } else {
-                    format!("{name}.{}", d.ext)
-                };
-                let make = match (self.mode, d.chained) {
-                    (Mode::Linked, _) => Make::Overlay {
-                        backing: d.path.clone(),
-                        format: d.format.clone(),
-                    },
-                    (Mode::Full, false) => Make::Copy {
-                        src: d.path.clone(),
-                    },
-                    (Mode::Full, true) => Make::Flatten {
-                        src: d.path.clone(),
-                        format: d.format.clone(),
-                    },
-                };
-                NewFile {
-                    what: format!("disk {}", d.target),
-                    dest: d.dir.join(file),
-                    make,
-                }
-            })
-            .collect();
-        if let Some(nv) = &self.nvram {
-            out.push(NewFile {
-                what: "NVRAM".into(),
-                dest: xml::own_path(nv, template, name),
-                make: Make::Copy { src: nv.clone() },
-            });
-        }
-        out.sort_by(|a, b| a.dest.cmp(&b.dest));
-        out
+        Ok(())
     }
 
     /// Make one clone. On any error the files and domain made for it are removed.
-    #[allow(clippy::too_many_arguments)]
-    fn make(
-        &self,
-        ctx: &Ctx,
-        s: &Session,
-        tpl: &Dom,
-        name: &str,
-        hostname: Option<&str>,
-        macs: &mut Macs,
-        jrnl: &mut Journal,
-        intr: &Interrupt,
-    ) -> Result<Domain> {
-        let uuid = uuid::Uuid::new_v4().to_string();
-        jrnl.log(&Entry::Clone {
-            name: name.into(),
-            uuid: uuid.clone(),
-            uri: s.uri.clone(),
+    fn make(&mut self, c: &NewClone) -> Result<Domain> {
+        self.jrnl.log(&Entry::Clone {
+            name: c.name.clone(),
+            uuid: c.uuid.clone(),
+            uri: self.s.uri.clone(),
         })?;
         let mut made = Made::default();
-        let res = self.build(
-            ctx, s, tpl, name, &uuid, hostname, macs, jrnl, intr, &mut made,
-        );
+        let res = self.build(c, &mut made);
         if res.is_err() {
             // A defined clone is the run's to remove again: say so before it goes, or a
             // kill in the middle would leave its files to nobody.
             if made.domain.is_some() {
-                if let Err(e) = jrnl.log(&Entry::Undone { uuid: uuid.clone() }) {
-                    ctx.warn(format!("while removing the unfinished clone '{name}': {e}"));
+                if let Err(e) = self.jrnl.log(&Entry::Undone {
+                    uuid: c.uuid.clone(),
+                }) {
+                    self.ctx.warn(format!(
+                        "while removing the unfinished clone '{}': {e}",
+                        shown(&c.name)
+                    ));
                 }
             }
             for p in made.undo() {
-                ctx.warn(format!("while removing the unfinished clone '{name}': {p}"));
+                self.ctx.warn(format!(
+                    "while removing the unfinished clone '{}': {p}",
+                    shown(&c.name)
+                ));
             }
         }
         res
     }
 
-    /// Let the storage pools over the clones' directories list the new files. Once per
-    /// run: a refresh reads every image in the pool, and one per clone made 100 clones
-    /// in a pool directory quadratic (make bench).
-    fn refresh_pools(&self, s: &Session) {
-        for d in self.dirs() {
-            s.refresh_pools_for(&d);
+    fn build(&mut self, c: &NewClone, made: &mut Made) -> Result<Domain> {
+        let files = self.plan.files(&self.tpl.name, &c.name);
+        let ready = self.write_files(c, &files, made)?;
+        self.commit_files(c, &ready, made)?;
+        self.ctx.intr.check()?;
+        let dom = self.define(c, &files, made)?;
+        if self.plan.start {
+            self.ctx.intr.check()?;
+            dom.create().map_err(|e| {
+                Error::libvirt(format!("cannot start clone '{}'", shown(&c.name)), e)
+            })?;
+            self.ctx.info(format!("started '{}'", shown(&c.name)));
         }
+        Ok(dom)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn build(
-        &self,
-        ctx: &Ctx,
-        s: &Session,
-        tpl: &Dom,
-        name: &str,
-        uuid: &str,
-        hostname: Option<&str>,
-        macs: &mut Macs,
-        jrnl: &mut Journal,
-        intr: &Interrupt,
+    /// Write each file under its temporary name; returns (temporary, file) pairs.
+    fn write_files<'f, 'p>(
+        &mut self,
+        c: &NewClone,
+        files: &'f [NewFile<'p>],
         made: &mut Made,
-    ) -> Result<Domain> {
-        let files = self.files(&tpl.name, name);
-        let nvram_exists = self.nvram.as_ref().is_some_and(|n| n.exists());
+    ) -> Result<Vec<(PathBuf, &'f NewFile<'p>)>> {
+        let intr = &self.ctx.intr;
         let mut ready = Vec::new();
-        for f in &files {
+        for f in files {
             intr.check()?;
-            if f.what == "NVRAM" && !nvram_exists {
-                // libvirt makes the NVRAM from its template on the first start.
-                continue;
-            }
-            let tmp = journal::tmp_name(&f.dest);
+            let tmp = cj::tmp_name(&f.dest);
             // A file under our own pid can only be a dead run's (pids are reused).
             let _ = fs::remove_file(&tmp);
-            jrnl.log(&Entry::Tmp {
-                uuid: uuid.into(),
+            self.jrnl.log(&Entry::Tmp {
+                uuid: c.uuid.clone(),
                 path: tmp.clone(),
             })?;
             made.tmps.push(tmp.clone());
-            let label = format!("{TOOL}: {name}: {}", f.what);
-            let progress = (self.progress && f.what != "NVRAM").then_some(label.as_str());
-            match &f.make {
-                Make::Overlay { backing, format } => {
-                    images::create_overlay(backing, format, &tmp, &self.overlays, intr)?;
-                    ctx.info(format!(
-                        "{name}: {} is an overlay on '{}' ({format})",
-                        f.what,
-                        backing.display()
-                    ));
+            let label = format!("{TOOL}: {}: {}", c.name, f.role);
+            let progress = (self.plan.progress && f.role != Role::Nvram).then_some(label.as_str());
+            let how = match &f.make {
+                Make::Overlay { disk } => {
+                    images::create_overlay(
+                        &disk.path,
+                        &disk.format,
+                        &tmp,
+                        &self.plan.overlays,
+                        intr,
+                    )?;
+                    // Whatever wrote it (qemu-img, or the first overlay's bytes), it must
+                    // stand on the template's image as checked, still read-only.
+                    disk.check_still_the_template(&tmp)?;
+                    format!(
+                        "is an overlay on '{}' ({})",
+                        shown_path(&disk.path),
+                        disk.format
+                    )
                 }
                 Make::Copy { src } => {
                     let m = images::copy_file(src, &tmp, progress, intr)?;
-                    ctx.info(format!(
-                        "{name}: {} {} from '{}'",
-                        f.what,
-                        m.describe(),
-                        src.display()
-                    ));
+                    format!("{} from '{}'", m.describe(), shown_path(src))
                 }
                 Make::Flatten { src, format } => {
                     let m: Method = images::flatten(
                         src,
                         format,
                         &tmp,
-                        progress.is_some() && ctx.show_progress(),
+                        progress.is_some() && self.ctx.show_progress(),
                         intr,
                     )?;
-                    ctx.info(format!(
-                        "{name}: {} {} from '{}'",
-                        f.what,
-                        m.describe(),
-                        src.display()
-                    ));
+                    format!("{} from '{}'", m.describe(), shown_path(src))
                 }
-            }
+            };
+            self.ctx
+                .info(format!("{}: {} {how}", shown(&c.name), f.role));
             ready.push((tmp, f));
         }
-        intr.check()?;
-        // The commit of the files: each rename fails rather than replace, so a run that
-        // lost a race for this name stops here and removes only its own files.
-        for (tmp, f) in &ready {
-            jrnl.log_file(uuid, tmp, &f.dest)?;
+        Ok(ready)
+    }
+
+    /// The commit of the files: each rename fails rather than replace, so a run that lost
+    /// a race for this name stops here and removes only its own files.
+    fn commit_files(
+        &mut self,
+        c: &NewClone,
+        ready: &[(PathBuf, &NewFile)],
+        made: &mut Made,
+    ) -> Result<()> {
+        self.ctx.intr.check()?;
+        for (tmp, f) in ready {
+            cj::log_file(&mut self.jrnl, &c.uuid, tmp, &f.dest)?;
             rename_noreplace(tmp, &f.dest).map_err(|e| match e {
                 Error::Refused { .. } => Error::refused(
-                    format!("cannot create clone '{name}'"),
+                    format!("cannot create clone '{}'", shown(&c.name)),
                     format!(
-                        "its {} file '{}' appeared meanwhile, made by another run; \
-                         nothing is ever overwritten",
-                        f.what,
-                        f.dest.display()
+                        "its {} file '{}' appeared meanwhile, made by another run; nothing is \
+                         ever overwritten",
+                        f.role,
+                        shown_path(&f.dest)
                     ),
                 ),
                 e => e,
@@ -713,38 +480,40 @@ impl Plan {
         {
             fsync_dir(d)?;
         }
-        intr.check()?;
+        Ok(())
+    }
 
+    /// Define the clone: the commit point (libvirt refuses a second domain of one name).
+    fn define(&mut self, c: &NewClone, files: &[NewFile], made: &mut Made) -> Result<Domain> {
+        let (tpl, plan) = (self.tpl, self.plan);
         let new_disks: Vec<NewDisk> = files
             .iter()
             .filter_map(|f| {
-                let target = f.what.strip_prefix("disk ")?;
-                let format = match &f.make {
-                    Make::Overlay { .. } => "qcow2".to_string(),
-                    Make::Copy { src } => self
-                        .disks
-                        .iter()
-                        .find(|d| &d.path == src)
-                        .map(|d| d.format.clone())
-                        .unwrap_or_else(|| "raw".into()),
-                    Make::Flatten { format, .. } => format.clone(),
+                let Role::Disk { target } = &f.role else {
+                    return None;
+                };
+                let (format, backing) = match &f.make {
+                    Make::Overlay { disk } => ("qcow2".to_string(), disk.chain.clone()),
+                    Make::Copy { src } => (plan.format_of(src), Vec::new()),
+                    Make::Flatten { format, .. } => (format.clone(), Vec::new()),
                 };
                 Some(NewDisk {
-                    target: target.into(),
+                    target: target.clone(),
                     path: f.dest.clone(),
                     format,
+                    backing,
                 })
             })
             .collect();
         let nvram = files
             .iter()
-            .find(|f| f.what == "NVRAM")
+            .find(|f| f.role == Role::Nvram)
             .map(|f| f.dest.clone());
         let mut meta = Meta {
             clone: Some(CloneOrigin {
                 template_uuid: tpl.uuid.clone(),
                 template_name: tpl.name.clone(),
-                mode: self.mode.as_str().into(),
+                mode: plan.mode,
                 at: tpl_common::now_rfc3339(),
             }),
             ..Default::default()
@@ -753,45 +522,48 @@ impl Plan {
             TOOL,
             format!(
                 "{} clone of '{}' ({})",
-                self.mode.as_str(),
+                plan.mode.as_str(),
                 tpl.name,
                 tpl.uuid
             ),
         );
         let spec = CloneSpec {
-            name,
-            uuid,
+            name: &c.name,
+            uuid: &c.uuid,
             template_name: &tpl.name,
             disks: &new_disks,
             nvram: nvram.as_deref(),
-            serial: hostname.map(|h| xml::nocloud_serial(h, uuid)),
+            serial: c
+                .hostname
+                .as_deref()
+                .map(|h| xml::nocloud_serial(h, &c.uuid)),
             meta: &meta,
         };
-        let x = xml::clone_xml(&self.xml, &spec, macs)?;
-        // The commit of the clone: libvirt refuses a second domain of one name.
+        let x = xml::clone_xml(&plan.xml, &spec, &mut self.macs)?;
+        let s = self.s;
         let dom = s.conn.define_domain_xml(&x.to_xml()).map_err(|e| {
-            if s.name_taken(name).unwrap_or(false) {
+            if s.name_taken(&c.name).unwrap_or(false) {
                 Error::refused(
-                    format!("cannot create clone '{name}'"),
-                    format!("a domain named '{name}' appeared meanwhile, made by another run"),
+                    format!("cannot create clone '{}'", shown(&c.name)),
+                    format!(
+                        "a domain named '{}' appeared meanwhile, made by another run",
+                        shown(&c.name)
+                    ),
                 )
             } else {
-                Error::libvirt(format!("cannot define clone '{name}'"), e)
+                Error::libvirt(format!("cannot define clone '{}'", shown(&c.name)), e)
             }
         })?;
         made.domain = Some(dom.clone());
-        jrnl.log(&Entry::Done { uuid: uuid.into() })?;
-        ctx.info(format!(
-            "defined {} clone '{name}' of '{}'",
-            self.mode.as_str(),
-            tpl.name
+        self.jrnl.log(&Entry::Done {
+            uuid: c.uuid.clone(),
+        })?;
+        self.ctx.info(format!(
+            "defined {} clone '{}' of '{}'",
+            plan.mode.as_str(),
+            shown(&c.name),
+            shown(&tpl.name)
         ));
-        if self.start {
-            intr.check()?;
-            dom.create()
-                .map_err(|e| Error::libvirt(format!("cannot start clone '{name}'"), e))?;
-            ctx.info(format!("started '{name}'"));
-        }
         Ok(dom)
     }
 }
@@ -831,17 +603,16 @@ impl Made {
         let remove = match undefined {
             Ok(()) => finals,
             Err(e) => {
-                let kept: Vec<String> = finals
-                    .iter()
-                    .map(|p| format!("'{}'", p.display()))
-                    .collect();
-                problems.push(if kept.is_empty() {
+                problems.push(if finals.is_empty() {
                     format!("cannot undefine the domain: {e}")
                 } else {
                     format!(
-                        "cannot undefine the domain ({e}), so its files {} are kept; \
-                         remove the domain and them by hand",
-                        kept.join(", ")
+                        "cannot undefine the domain ({e}), so its files {} are kept; remove \
+                         the domain and them by hand",
+                        tpl_common::text::list(
+                            finals.iter().map(|p| format!("'{}'", shown_path(p))),
+                            ", "
+                        )
                     )
                 });
                 Vec::new()
@@ -851,7 +622,7 @@ impl Made {
             match fs::remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => problems.push(format!("cannot remove '{}': {e}", p.display())),
+                Err(e) => problems.push(format!("cannot remove '{}': {e}", shown_path(&p))),
             }
         }
         problems
@@ -887,6 +658,7 @@ mod tests {
         for bad in [
             &["T", "a", "a"][..],
             &["T", "a/b"],
+            &["T", "rt-\u{200b}tpl"],
             &["T", "x", "--count", "2", "--prefix", "p"],
         ] {
             assert_eq!(
@@ -900,9 +672,17 @@ mod tests {
     }
 
     #[test]
-    fn default_host_names_are_valid() {
-        let h = hostnames(&args(&["T", "x"]), &["web_1".into(), "_".into()]).unwrap();
-        assert_eq!(h, [Some("web-1".into()), Some("clone".into())]);
+    fn host_names_are_valid_and_distinct() {
+        let long = "x".repeat(64);
+        let h = hostnames(
+            &args(&["T", "x"]),
+            &["web_1".into(), "web-1".into(), "_".into(), long.clone()],
+        )
+        .unwrap();
+        let h: Vec<String> = h.into_iter().map(Option::unwrap).collect();
+        assert!(h[0].starts_with("web-1-") && h[1] == "web-1", "{h:?}");
+        assert!(h[2].starts_with("clone-"));
+        assert!(h[3].len() <= 63, "{h:?}");
         let a = args(&["T", "x", "--hostname", "{name}.lan"]);
         assert_eq!(
             hostnames(&a, &["a".into()]).unwrap(),
@@ -910,6 +690,13 @@ mod tests {
         );
         let a = args(&["T", "x", "--hostname", "a;b"]);
         assert_eq!(hostnames(&a, &["a".into()]).unwrap_err().exit_code(), 2);
+        // One pattern without {name} for two clones: the same host twice is refused.
+        let a = args(&["T", "x", "--hostname", "same"]);
+        let e = hostnames(&a, &["a".into(), "b".into()]).unwrap_err();
+        assert!(e.to_string().contains("same host name"), "{e}");
+        // Names that differ only in case would be one host name to DNS.
+        let e = hostnames(&args(&["T", "x"]), &["Web1".into(), "web1".into()]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
         let a = args(&["T", "x", "--no-identity"]);
         assert_eq!(hostnames(&a, &["a".into()]).unwrap(), [None]);
     }

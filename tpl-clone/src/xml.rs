@@ -6,14 +6,18 @@ use std::path::{Path, PathBuf};
 use tpl_common::domxml::{children_named_mut, disk_target, DomainXml};
 use tpl_common::error::{Error, Result};
 use tpl_common::meta::{Meta, NS};
+use tpl_common::ownfiles::{renamed_file, Naming};
 use xmltree::{Element, XMLNode};
 
-/// One cloned disk: which target, its new file, and that file's format.
+/// One cloned disk: which target, its new file, that file's format, and for a linked
+/// clone the images under it (the template's image first, then its own backing files),
+/// each with its format.
 #[derive(Debug, Clone)]
 pub struct NewDisk {
     pub target: String,
     pub path: PathBuf,
     pub format: String,
+    pub backing: Vec<(PathBuf, String)>,
 }
 
 /// What differs between the template and one clone.
@@ -62,45 +66,36 @@ pub fn nocloud_serial(hostname: &str, instance: &str) -> String {
     format!("ds=nocloud;h={hostname};i={instance}")
 }
 
-/// Check a host name for the clone: RFC 1123 labels, so it is valid for the guest and
-/// cannot break the `;`-separated serial.
-pub fn validate_hostname(h: &str) -> Result<()> {
-    let bad = |why: &str| {
-        Err(Error::usage(
-            format!("invalid host name {h:?}"),
-            format!("{why}; use --hostname with letters, digits, '-' and '.'"),
-        ))
-    };
-    if h.is_empty() || h.len() > 253 {
-        return bad("it must be 1 to 253 characters long");
-    }
-    for label in h.split('.') {
-        if label.is_empty() || label.len() > 63 {
-            return bad("each dot-separated part must be 1 to 63 characters long");
-        }
-        if label.starts_with('-') || label.ends_with('-') {
-            return bad("a part starts or ends with '-'");
-        }
-        if !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-            return bad("it holds a character other than letters, digits, '-' and '.'");
-        }
-    }
-    Ok(())
+/// A per-domain host file of the template (a serial log, a socket) made the clone's, by
+/// the one naming rule.
+pub fn own_path(path: &Path, template: &str, clone: &str) -> PathBuf {
+    renamed_file(path, template, clone, Naming::Host)
 }
 
-/// A per-domain host file of the template made the clone's: the template's name in the
-/// file name becomes the clone's, else the clone's name is put in front.
-pub fn own_path(path: &Path, template: &str, clone: &str) -> PathBuf {
-    let file = path
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let new = if !template.is_empty() && file.contains(template) {
-        file.replacen(template, clone, 1)
-    } else {
-        format!("{clone}-{file}")
+/// The explicit backing chain of a linked clone's disk: the template's image and what is
+/// under it, each marked for libvirt not to relabel (`<seclabel model='dac'
+/// relabel='no'/>`). Without that, libvirt chowns the template's image to its qemu user
+/// when the clone starts and does not give it back, and that user could then make the
+/// template writable again; tpl-lock leaves the image readable by that user without it.
+fn backing_store(chain: &[(PathBuf, String)]) -> Element {
+    let mut bs = Element::new("backingStore");
+    let Some(((path, format), rest)) = chain.split_first() else {
+        return bs; // the end of the chain: <backingStore/>
     };
-    path.with_file_name(new)
+    bs.attributes.insert("type".into(), "file".into());
+    let mut f = Element::new("format");
+    f.attributes.insert("type".into(), format.clone());
+    let mut src = Element::new("source");
+    src.attributes
+        .insert("file".into(), path.display().to_string());
+    let mut label = Element::new("seclabel");
+    label.attributes.insert("model".into(), "dac".into());
+    label.attributes.insert("relabel".into(), "no".into());
+    src.children.push(XMLNode::Element(label));
+    bs.children.push(XMLNode::Element(f));
+    bs.children.push(XMLNode::Element(src));
+    bs.children.push(XMLNode::Element(backing_store(rest)));
+    bs
 }
 
 fn set_text(e: &mut Element, text: &str) {
@@ -126,6 +121,13 @@ pub fn clone_xml(tpl: &DomainXml, spec: &CloneSpec, macs: &mut Macs) -> Result<D
     }
     set_metadata(root, spec.meta)?;
     set_sysinfo(root, spec);
+    // The template's title and description say what the template is (tpl-refresh puts its
+    // version there); a clone listed under them would pass for the template (virt-clone
+    // drops them too).
+    root.children.retain(|c| {
+        c.as_element()
+            .is_none_or(|e| e.name != "title" && e.name != "description")
+    });
 
     let devices = child_mut(root, "devices");
     for disk in children_named_mut(devices, "disk") {
@@ -139,15 +141,30 @@ pub fn clone_xml(tpl: &DomainXml, spec: &CloneSpec, macs: &mut Macs) -> Result<D
         let drv = child_mut(disk, "driver");
         drv.attributes.entry("name".into()).or_insert("qemu".into());
         drv.attributes.insert("type".into(), nd.format.clone());
-        // libvirt reads the new chain from the image header; the template's is not the clone's.
+        // The template's chain is not the clone's: a full clone has none, a linked one
+        // its own, given explicitly.
         disk.children
             .retain(|c| c.as_element().is_none_or(|e| e.name != "backingStore"));
+        if !nd.backing.is_empty() {
+            let at = disk
+                .children
+                .iter()
+                .position(|c| c.as_element().is_some_and(|e| e.name == "source"))
+                .map_or(disk.children.len(), |i| i + 1);
+            disk.children
+                .insert(at, XMLNode::Element(backing_store(&nd.backing)));
+        }
     }
     for iface in children_named_mut(devices, "interface") {
         let mac = macs.fresh();
         child_mut(iface, "mac")
             .attributes
             .insert("address".into(), mac);
+        // The host-side device name (vnet3, tap-tpl) is the template's: two domains
+        // cannot have it, and libvirt picks a free one when none is given.
+        iface
+            .children
+            .retain(|c| c.as_element().is_none_or(|e| e.name != "target"));
     }
     for g in children_named_mut(devices, "graphics") {
         // Fixed ports and sockets would clash with the template's; libvirt picks new ones.
@@ -309,7 +326,7 @@ mod tests {
             clone: Some(CloneOrigin {
                 template_uuid: "11111111-2222-3333-4444-555555555555".into(),
                 template_name: "Tpl".into(),
-                mode: "full".into(),
+                mode: tpl_common::record::CloneMode::Full,
                 at: "now".into(),
             }),
             ..Default::default()
@@ -318,6 +335,7 @@ mod tests {
             target: "vda".into(),
             path: "/img/c1.img".into(),
             format: "raw".into(),
+            backing: Vec::new(),
         }];
         let spec = CloneSpec {
             name: "c1",
@@ -444,14 +462,71 @@ mod tests {
     }
 
     #[test]
-    fn host_names_and_paths() {
-        validate_hostname("web-01.example.org").unwrap();
-        for bad in ["", "a;b", "-a", "a_b", "a..b", &"x".repeat(64)] {
-            assert_eq!(validate_hostname(bad).unwrap_err().exit_code(), 2, "{bad}");
-        }
+    fn host_paths() {
         assert_eq!(
             own_path(Path::new("/l/x.log"), "T", "c"),
             Path::new("/l/c-x.log")
+        );
+        assert_eq!(
+            own_path(Path::new("/l/debug.log"), "deb", "c1"),
+            Path::new("/l/c1-debug.log")
+        );
+    }
+
+    #[test]
+    fn title_description_and_interface_devices_are_not_the_clones() {
+        let tpl = TPL
+            .replace(
+                "<genid>",
+                "<title>Tpl-20261201-031700</title><description>the template</description><genid>",
+            )
+            .replace(
+                "<interface type='user'/>",
+                "<interface type='network'><source network='default'/><target dev='vnet7'/></interface>",
+            );
+        let out = cloned_without_identity(&tpl);
+        assert!(
+            !out.contains("<title>") && !out.contains("<description>"),
+            "{out}"
+        );
+        assert!(!out.contains("vnet7"), "{out}");
+    }
+
+    #[test]
+    fn a_linked_disk_names_its_chain_and_libvirt_leaves_it_alone() {
+        let tpl = DomainXml::parse(TPL).unwrap();
+        let meta = Meta::default();
+        let disks = [NewDisk {
+            target: "vda".into(),
+            path: "/img/c1.qcow2".into(),
+            format: "qcow2".into(),
+            backing: vec![
+                ("/img/Tpl.qcow2".into(), "qcow2".into()),
+                ("/img/base.raw".into(), "raw".into()),
+            ],
+        }];
+        let spec = CloneSpec {
+            name: "c1",
+            uuid: "99999999-2222-3333-4444-555555555555",
+            template_name: "Tpl",
+            disks: &disks,
+            nvram: None,
+            serial: None,
+            meta: &meta,
+        };
+        let out = clone_xml(&tpl, &spec, &mut Macs::default())
+            .unwrap()
+            .to_xml();
+        let flat: String = out.split_whitespace().collect();
+        assert!(
+            flat.contains(
+                "<sourcefile=\"/img/c1.qcow2\"/><backingStoretype=\"file\"><formattype=\"qcow2\"/>\
+                 <sourcefile=\"/img/Tpl.qcow2\"><seclabelmodel=\"dac\"relabel=\"no\"/></source>\
+                 <backingStoretype=\"file\"><formattype=\"raw\"/><sourcefile=\"/img/base.raw\">\
+                 <seclabelmodel=\"dac\"relabel=\"no\"/></source><backingStore/></backingStore>\
+                 </backingStore>"
+            ),
+            "{out}"
         );
     }
 }

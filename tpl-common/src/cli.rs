@@ -1,18 +1,35 @@
-//! The command-line harness every tool runs in: common options, input records, output, messages and exit codes.
+//! The command-line harness every tool runs in: common options, the connection, input records, output, messages, locks, signals and exit codes.
+//!
+//! Process behaviour lives here and nowhere else:
+//! - stdout carries only records; a closed stdout stops the tool quietly, which then dies
+//!   by SIGPIPE like any filter in a pipe;
+//! - stderr is for people, through [`say`] only, which escapes what it writes and never
+//!   fails (a closed stderr never kills a tool: SIGPIPE stays ignored while steps run);
+//! - SIGINT, SIGTERM and SIGHUP stop the tool at the next safe point, what was unfinished
+//!   is undone, and then the tool dies by the same signal ([`crate::signals`]);
+//! - only [`run`], that is `main`, ends the process.
 
-use std::collections::HashMap;
 use std::io::{self, IsTerminal, Write};
 use std::process::ExitCode;
 use std::rc::Rc;
+use std::time::Duration;
 
 use clap::Parser;
 
 use crate::error::{Error, Result};
+use crate::journal;
+use crate::lock::DomainLock;
 use crate::record::{read_records, DomainRef, Record};
-use crate::session::{resolve_uri, Session};
+use crate::session::{resolve_uri, Dom, Session};
+use crate::signals::{die_by_sigpipe, Interrupt};
+use crate::state;
+use crate::text::shown;
+
+/// How long a tool waits by default for another one to let go of a domain's lock.
+pub const DEFAULT_WAIT_SECS: u64 = 300;
 
 /// Options every tool takes, named as virsh names them.
-#[derive(clap::Args, Debug, Clone, Default)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct Common {
     /// Hypervisor connection URI, as for virsh [default: $LIBVIRT_DEFAULT_URI, else qemu:///system]
     #[arg(short = 'c', long = "connect", value_name = "URI")]
@@ -21,13 +38,30 @@ pub struct Common {
     /// Print only errors and warnings on stderr
     #[arg(short, long)]
     pub quiet: bool,
+
+    /// While another tpl tool works on the same domain, wait up to SECONDS for it (saying
+    /// which tool it is), then give up with exit status 3
+    #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_WAIT_SECS)]
+    pub wait: u64,
 }
 
-/// What a tool's step sees of the run: messages, connections, output, and the failures so far.
+impl Default for Common {
+    fn default() -> Self {
+        Common {
+            connect: None,
+            quiet: false,
+            wait: DEFAULT_WAIT_SECS,
+        }
+    }
+}
+
+/// What a tool's step sees of the run: messages, the connection, output, locks, the
+/// stop flag, and the failures so far.
 pub struct Ctx {
     pub tool: &'static str,
     pub common: Common,
-    sessions: HashMap<String, Rc<Session>>,
+    pub intr: Interrupt,
+    session: Option<Rc<Session>>,
     failures: Vec<u8>,
 }
 
@@ -41,11 +75,12 @@ impl std::fmt::Debug for Ctx {
 }
 
 impl Ctx {
-    pub fn new(tool: &'static str, common: Common) -> Ctx {
+    pub fn new(tool: &'static str, common: Common, intr: Interrupt) -> Ctx {
         Ctx {
             tool,
             common,
-            sessions: HashMap::new(),
+            intr,
+            session: None,
             failures: Vec::new(),
         }
     }
@@ -72,36 +107,96 @@ impl Ctx {
         !self.common.quiet && io::stderr().is_terminal()
     }
 
-    /// The connection for a domain reference: `-c` or `LIBVIRT_DEFAULT_URI` when given,
-    /// else the URI the record came from, else qemu:///system. Connections are reused.
-    pub fn session(&mut self, r: &DomainRef) -> Result<Rc<Session>> {
-        let explicit = self.common.connect.is_some()
-            || std::env::var_os("LIBVIRT_DEFAULT_URI").is_some_and(|u| !u.is_empty());
-        let uri = match (&r.uri, explicit) {
-            (Some(u), false) if !u.is_empty() => u.clone(),
-            _ => resolve_uri(self.common.connect.as_deref()),
-        };
-        if let Some(s) = self.sessions.get(&uri) {
+    /// The URI of this run's connection: `-c`, else `LIBVIRT_DEFAULT_URI`, else
+    /// qemu:///system. Never a record's: the input does not choose what to connect to.
+    pub fn uri(&self) -> String {
+        resolve_uri(self.common.connect.as_deref())
+    }
+
+    /// This run's one connection, opened at the first call. What killed runs left on it
+    /// (an unfinished clone, a rename half done) is finished or undone first.
+    pub fn session(&mut self) -> Result<Rc<Session>> {
+        if let Some(s) = &self.session {
             return Ok(s.clone());
         }
-        let s = Rc::new(Session::open(&uri)?);
-        self.sessions.insert(uri, s.clone());
+        let s = Rc::new(Session::open(&self.uri())?);
+        self.session = Some(s.clone());
+        self.recover(&s, None);
         Ok(s)
     }
 
-    /// The session for `-c`/the environment/the default, for tools that start from a name.
-    pub fn default_session(&mut self) -> Result<Rc<Session>> {
-        self.session(&DomainRef::default())
+    /// Finish or undo what dead runs left on this connection: their unfinished clones'
+    /// files, their half-done renames (of domain `held` only, whose lock the caller holds,
+    /// or of any domain whose lock is free).
+    pub fn recover(&self, s: &Session, held: Option<&str>) {
+        let removed = journal::clone::clean_dead(&state::clone_journal_dir(), &s.uri, |uuid| {
+            s.domain_exists(uuid)
+        });
+        for what in removed {
+            self.info(format!("removed {what}, left by a killed tpl-clone"));
+        }
+        let lockdir = state::lock_dir();
+        let notes =
+            journal::rename::recover_dead(
+                s,
+                &state::rename_journal_dir(),
+                held,
+                |uuid| match held {
+                    Some(h) if h.eq_ignore_ascii_case(uuid) => Some(None),
+                    _ => DomainLock::try_acquire(&lockdir, uuid, self.tool)
+                        .ok()
+                        .flatten()
+                        .map(Some),
+                },
+            );
+        for (warning, text) in notes {
+            if warning {
+                self.warn(text);
+            } else {
+                self.info(text);
+            }
+        }
     }
 
-    /// Write one record as a JSON line on stdout, flushed so pipes stream.
+    /// Take the lock of `dom` (see [`crate::lock`]), waiting up to `--wait` for the tool
+    /// that holds it and saying so; then finish or undo a rename of it that a killed run
+    /// left, and re-read its name (it may have changed while we waited). Everything a
+    /// tool decides from a domain's state and then changes happens under this lock.
+    pub fn lock(&self, dom: &mut Dom) -> Result<DomainLock> {
+        let name = dom.name.clone();
+        let lock = DomainLock::acquire(
+            &state::lock_dir(),
+            &dom.uuid,
+            self.tool,
+            Duration::from_secs(self.common.wait),
+            &self.intr,
+            |who| {
+                self.info(format!(
+                    "domain '{}' is busy: {who} is working on it; waiting up to {} s (--wait)",
+                    shown(&name),
+                    self.common.wait
+                ))
+            },
+        )
+        .map_err(|e| match e {
+            Error::Refused { why, .. } => {
+                Error::refused(format!("cannot work on domain '{}'", shown(&name)), why)
+            }
+            e => e,
+        })?;
+        self.recover(dom.session, Some(&dom.uuid));
+        dom.refresh_name()?;
+        Ok(lock)
+    }
+
+    /// Write one record as a JSON line on stdout, flushed so pipes stream. A closed stdout
+    /// is [`Error::StdoutClosed`]: the caller stops, and [`run`] ends the tool quietly.
     pub fn emit(&self, rec: &Record) -> Result<()> {
         let line = serde_json::to_string(rec).expect("a record always serializes");
         let mut out = io::stdout().lock();
         match writeln!(out, "{line}").and_then(|_| out.flush()) {
             Ok(()) => Ok(()),
-            // The reader went away: Unix tools stop quietly (SIGPIPE would have killed us).
-            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => std::process::exit(141),
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Err(Error::StdoutClosed),
             Err(e) => Err(Error::io("cannot write the record to", "stdout", e)),
         }
     }
@@ -123,19 +218,23 @@ impl Ctx {
     }
 
     /// Run `step` on every input domain, emitting the record it returns. A failing
-    /// record is reported and not passed on; the others carry on.
+    /// record is reported and not passed on; the others carry on. A stopping signal or a
+    /// closed stdout ends the loop.
     pub fn for_each_input(
         &mut self,
         arg: Option<&str>,
         mut step: impl FnMut(&mut Ctx, &Session, &DomainRef) -> Result<Record>,
     ) -> Result<()> {
         for r in self.inputs(arg)? {
+            self.intr.check()?;
             let res = r.and_then(|r| {
-                let s = self.session(&r)?;
+                let s = self.session()?;
+                r.check_uri(&s.uri)?;
                 step(self, &s, &r)
             });
             match res.and_then(|rec| self.emit(&rec)) {
                 Ok(()) => {}
+                Err(e @ (Error::StdoutClosed | Error::Interrupted { .. })) => return Err(e),
                 Err(e) => self.fail(&e),
             }
         }
@@ -152,57 +251,46 @@ impl Ctx {
     }
 }
 
-/// Parse the arguments, run the tool's body, and turn the outcome into an exit code.
+/// Parse the arguments, run the tool's body, and end the way the module says.
 pub fn run<A: Parser>(
     tool: &'static str,
     common: fn(&A) -> &Common,
     body: impl FnOnce(&A, &mut Ctx) -> Result<()>,
 ) -> ExitCode {
-    restore_sigpipe();
     virt::error::clear_error_callback();
     let args = A::parse();
-    let mut ctx = Ctx::new(tool, common(&args).clone());
-    if let Err(e) = body(&args, &mut ctx) {
-        ctx.fail(&e);
+    let intr = match Interrupt::install() {
+        Ok(i) => i,
+        Err(e) => {
+            say(format_args!("{tool}: error: {e}"));
+            return ExitCode::from(e.exit_code());
+        }
+    };
+    let mut ctx = Ctx::new(tool, common(&args).clone(), intr.clone());
+    match body(&args, &mut ctx) {
+        Ok(()) => {}
+        Err(Error::StdoutClosed) => {
+            drop(ctx);
+            die_by_sigpipe();
+            return ExitCode::from(Error::StdoutClosed.exit_code());
+        }
+        Err(e) => ctx.fail(&e),
     }
-    ExitCode::from(ctx.exit_code())
+    let code = ctx.exit_code();
+    // The connection is closed before the process ends by the signal.
+    drop(ctx);
+    intr.reraise();
+    ExitCode::from(code)
 }
 
-/// Rust ignores SIGPIPE; a Unix filter should die quietly when its reader goes away.
-#[allow(unsafe_code)]
-fn restore_sigpipe() {
-    // SAFETY: setting a signal disposition to the default touches no Rust state.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
-}
-
-/// One line for people on stderr. A closed stderr must not stop a step halfway (eprintln!
-/// panics on EPIPE), so a line that cannot be written is dropped.
+/// One line for people on stderr, with every hidden character escaped (see
+/// [`crate::text`]): nothing a message quotes can break a line or reach the terminal as a
+/// control sequence. A closed stderr must not stop a step halfway, so a line that cannot
+/// be written is dropped.
 pub fn say(line: std::fmt::Arguments) {
-    let _ = writeln!(io::stderr(), "{line}");
-}
-
-/// Run `f` with SIGINT, SIGTERM, SIGHUP, SIGQUIT and SIGPIPE held back, for a step that must
-/// not stop halfway; one that arrived meanwhile takes effect when `f` is done.
-pub fn uninterrupted<T>(f: impl FnOnce() -> T) -> T {
-    use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
-    let mut held = SigSet::empty();
-    for s in [
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-        Signal::SIGPIPE,
-    ] {
-        held.add(s);
-    }
-    let mut before = SigSet::empty();
-    // Blocking signals in our own thread cannot fail with a valid set.
-    let _ = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&held), Some(&mut before));
-    let out = f();
-    let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&before), None);
-    out
+    let text = line.to_string();
+    let mut err = io::stderr().lock();
+    let _ = writeln!(err, "{}", crate::text::escape(&text));
 }
 
 #[cfg(test)]
@@ -217,6 +305,7 @@ mod tests {
                 quiet: true,
                 ..Default::default()
             },
+            Interrupt::default(),
         );
         assert_eq!(c.exit_code(), 0);
         c.fail(&Error::refused("a", "b"));
@@ -228,33 +317,12 @@ mod tests {
 
     #[test]
     fn an_argument_wins_over_stdin() {
-        let c = Ctx::new("tpl-test", Common::default());
+        let c = Ctx::new("tpl-test", Common::default(), Interrupt::default());
         let got: Vec<_> = c
             .inputs(Some("VM"))
             .unwrap()
             .collect::<Result<_>>()
             .unwrap();
         assert_eq!(got, vec![DomainRef::by_arg("VM")]);
-    }
-
-    #[test]
-    fn uninterrupted_holds_the_stopping_signals_and_restores_the_mask() {
-        use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
-        let mask = || {
-            let mut m = SigSet::empty();
-            pthread_sigmask(SigmaskHow::SIG_BLOCK, None, Some(&mut m)).unwrap();
-            m
-        };
-        assert!(!mask().contains(Signal::SIGINT));
-        let inside = uninterrupted(mask);
-        for s in [
-            Signal::SIGINT,
-            Signal::SIGTERM,
-            Signal::SIGHUP,
-            Signal::SIGPIPE,
-        ] {
-            assert!(inside.contains(s), "{s} not held");
-        }
-        assert!(!mask().contains(Signal::SIGINT) && !mask().contains(Signal::SIGPIPE));
     }
 }

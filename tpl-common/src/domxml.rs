@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use xmltree::{Element, EmitterConfig, XMLNode};
 
 use crate::error::{Error, Result};
-use crate::record::Disk;
+use crate::record::{Device, Disk, DiskKind};
 
 /// A parsed domain definition. Edits go through the tree and are written back whole.
 #[derive(Debug, Clone)]
@@ -153,38 +153,34 @@ pub fn disk_target(disk: &Element) -> Option<String> {
 
 fn disk_of(d: &Element) -> Disk {
     let attr = |e: Option<&Element>, a: &str| e.and_then(|e| e.attributes.get(a).cloned());
-    let kind = d
-        .attributes
-        .get("type")
-        .cloned()
-        .unwrap_or_else(|| "file".into());
+    let kind = DiskKind::parse(d.attributes.get("type").map_or("file", String::as_str));
     let source = d.get_child("source");
-    let path = match kind.as_str() {
-        "file" => attr(source, "file"),
-        "block" => attr(source, "dev"),
-        "dir" => attr(source, "dir"),
+    let path = match kind {
+        DiskKind::File => attr(source, "file"),
+        DiskKind::Block => attr(source, "dev"),
+        DiskKind::Dir => attr(source, "dir"),
         _ => None,
     };
-    Disk {
+    let mut disk = Disk {
         target: disk_target(d).unwrap_or_default(),
-        device: d
-            .attributes
-            .get("device")
-            .cloned()
-            .unwrap_or_else(|| "disk".into()),
+        device: Device::parse(d.attributes.get("device").map_or("disk", String::as_str)),
         kind,
         path: path.map(PathBuf::from),
         format: attr(d.get_child("driver"), "type"),
         readonly: d.get_child("readonly").is_some(),
         shareable: d.get_child("shareable").is_some(),
+        own: false,
         backing: Vec::new(),
-    }
+    };
+    disk.own = disk.is_writable() && disk.kind == DiskKind::File && disk.path.is_some();
+    disk
 }
 
 impl Disk {
-    /// A disk the domain writes to: what lock makes read-only and clone copies.
+    /// A disk the domain writes to (not a CD-ROM, not read-only, not shareable): one of its
+    /// own, which lock makes read-only and clone copies, or a refusal when it is not a file.
     pub fn is_writable(&self) -> bool {
-        self.device != "cdrom" && !self.readonly && !self.shareable
+        self.device != Device::Cdrom && !self.readonly && !self.shareable
     }
 }
 
@@ -212,7 +208,8 @@ mod tests {
         assert_eq!(d[0].format.as_deref(), Some("qcow2"));
         assert!(d[0].is_writable());
         assert!(!d[1].is_writable() && d[1].readonly);
-        assert_eq!(d[2].kind, "block");
+        assert_eq!(d[2].kind, DiskKind::Block);
+        assert!(d[0].own && !d[1].own && !d[2].own);
         assert!(d[2].shareable && !d[2].is_writable());
         assert_eq!(
             x.nvram().unwrap(),

@@ -26,13 +26,20 @@ pub enum Error {
         source: virt::error::Error,
     },
     /// A file operation failed: exit 1.
-    #[error("{what} '{}' ({source})", path.display())]
+    #[error("{what} '{}' ({source})", crate::text::shown_path(path))]
     Io {
         what: String,
         path: PathBuf,
         #[source]
         source: io::Error,
     },
+    /// SIGINT, SIGTERM or SIGHUP asked the run to stop; the tool cleans up and then dies by
+    /// the signal (see [`crate::signals`]).
+    #[error("interrupted by {} (stopping; what was unfinished is undone)", crate::signals::signal_name(*signal))]
+    Interrupted { signal: i32 },
+    /// stdout was closed by its reader: the tool stops quietly and dies by SIGPIPE.
+    #[error("stdout was closed")]
+    StdoutClosed,
 }
 
 impl Error {
@@ -74,6 +81,10 @@ impl Error {
             Error::Usage { .. } => 2,
             Error::Refused { .. } => 3,
             Error::Failed { .. } | Error::Libvirt { .. } | Error::Io { .. } => 1,
+            // What a shell reports for a process killed by the signal, in case the tool
+            // cannot die by it.
+            Error::Interrupted { signal } => 128u8.saturating_add(*signal as u8),
+            Error::StdoutClosed => 128 + libc::SIGPIPE as u8,
         }
     }
 }

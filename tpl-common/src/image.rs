@@ -202,6 +202,9 @@ pub enum Dependent {
     },
     /// A qcow2 file on disk whose backing file is the image, whether or not a domain uses it.
     Overlay { path: PathBuf, backing: PathBuf },
+    /// An overlay tpl-clone registered in the template's metadata when it made a linked
+    /// clone, found where it was made whether or not a domain still uses it.
+    Registered { path: PathBuf, clone_name: String },
     /// A file or directory that could not be read, so whether it depends on the image is
     /// unknown; counted as a dependent, because guessing "no" could break a linked clone.
     Unchecked { path: PathBuf, reason: String },
@@ -209,27 +212,48 @@ pub enum Dependent {
 
 impl fmt::Display for Dependent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use crate::text::{shown, shown_path};
         match self {
-            Dependent::Domain { name, target, path } => {
-                write!(f, "domain '{name}' (disk {target}: {})", path.display())
-            }
-            Dependent::Overlay { path, backing } => {
-                write!(
-                    f,
-                    "overlay '{}' (backing file {})",
-                    path.display(),
-                    backing.display()
-                )
-            }
-            Dependent::Unchecked { path, reason } => {
-                write!(
-                    f,
-                    "'{}', which could not be checked ({reason})",
-                    path.display()
-                )
-            }
+            Dependent::Domain { name, target, path } => write!(
+                f,
+                "domain '{}' (disk {target}: {})",
+                shown(name),
+                shown_path(path)
+            ),
+            Dependent::Overlay { path, backing } => write!(
+                f,
+                "overlay '{}' (backing file {})",
+                shown_path(path),
+                shown_path(backing)
+            ),
+            Dependent::Registered { path, clone_name } => write!(
+                f,
+                "overlay '{}' of linked clone '{}' (registered by tpl-clone; no domain uses it \
+                 now)",
+                shown_path(path),
+                shown(clone_name)
+            ),
+            Dependent::Unchecked { path, reason } => write!(
+                f,
+                "'{}', which could not be checked ({reason})",
+                shown_path(path)
+            ),
         }
     }
+}
+
+/// The first image in the backing chain of `path` that can be written to by its owner,
+/// if any: a template whose image backs onto a writable file is not locked by locking
+/// its own files. An unreadable chain is an error (it cannot be checked).
+pub fn writable_backing(path: &Path) -> Result<Option<PathBuf>> {
+    use std::os::unix::fs::PermissionsExt;
+    for link in backing_chain(path)? {
+        let m = std::fs::metadata(&link.path).ctx("cannot read the backing file", &link.path)?;
+        if m.permissions().mode() & 0o222 != 0 {
+            return Ok(Some(link.path));
+        }
+    }
+    Ok(None)
 }
 
 /// The qcow2 files under `dirs` (not following symlinks) whose backing file resolves to one

@@ -1,14 +1,22 @@
-//! tpl-common: everything two or more tpl tools need — the record, the CLI harness, the libvirt session, domain XML, metadata, names and images.
+//! tpl-common: everything two or more tpl tools need — the record, the CLI harness, the libvirt session, domain XML, metadata, a domain's own files, locks, journals, names and images.
 
+pub mod child;
 pub mod cli;
 pub mod domxml;
 pub mod error;
 pub mod fsutil;
+pub mod hostname;
 pub mod image;
+pub mod journal;
+pub mod lock;
 pub mod meta;
 pub mod names;
+pub mod ownfiles;
 pub mod record;
 pub mod session;
+pub mod signals;
+pub mod state;
+pub mod text;
 
 pub use error::{Error, Result};
 pub use record::Record;

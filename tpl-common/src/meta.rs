@@ -2,14 +2,20 @@
 
 use xmltree::{Element, XMLNode};
 
+use std::path::PathBuf;
+
 use crate::domxml::children_named;
 use crate::error::{Error, Result};
-use crate::record::{CloneOrigin, Generalized, Step, TemplateState};
+use crate::record::{CloneMode, CloneOrigin, Generalized, Method, Step, TemplateState};
 
 /// Our XML namespace inside `<metadata>`; libvirt keys the element by it.
 pub const NS: &str = "urn:x-tpl:template:1";
 /// The prefix libvirt writes our element under.
 pub const PREFIX: &str = "tpl";
+
+/// How many steps the history keeps: the newest ones. A template cloned and unlocked
+/// every night would otherwise grow its definition without bound.
+pub const MAX_HISTORY: usize = 50;
 
 /// Everything tpl stores on a domain.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -17,16 +23,31 @@ pub struct Meta {
     pub template: TemplateState,
     pub clone: Option<CloneOrigin>,
     pub history: Vec<Step>,
+    /// The linked clones' overlays tpl-clone made on this template, registered when they
+    /// were made: where an overlay is can then be known even after its domain is gone
+    /// (undefined, its file kept) and it lies outside every directory a scan looks at.
+    pub overlays: Vec<Registered>,
+}
+
+/// One overlay tpl-clone made on a template's image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    pub path: PathBuf,
+    pub clone_uuid: String,
+    pub clone_name: String,
+    pub at: String,
 }
 
 impl Meta {
-    /// Append a step to the history.
+    /// Append a step to the history, keeping the newest [`MAX_HISTORY`].
     pub fn record_step(&mut self, tool: &str, detail: impl Into<String>) {
         self.history.push(Step {
             tool: tool.into(),
             at: crate::now_rfc3339(),
             detail: detail.into(),
         });
+        let extra = self.history.len().saturating_sub(MAX_HISTORY);
+        self.history.drain(..extra);
     }
 
     pub fn to_xml(&self) -> String {
@@ -37,9 +58,10 @@ impl Meta {
         root.namespaces = Some(ns);
         let t = &self.template;
         if let Some(g) = &t.generalized {
+            let method = g.method.as_str().to_string();
             let mut e = elem(
                 "generalized",
-                &[("at", Some(&g.at)), ("method", Some(&g.method))],
+                &[("at", Some(&g.at)), ("method", Some(&method))],
             );
             set_opt(&mut e, "tool", g.tool.as_deref());
             set_opt(&mut e, "hostname", g.hostname.as_deref());
@@ -56,15 +78,32 @@ impl Meta {
             root.children.push(XMLNode::Element(e));
         }
         if let Some(c) = &self.clone {
+            let mode = c.mode.as_str().to_string();
             root.children.push(XMLNode::Element(elem(
                 "clone",
                 &[
                     ("template-uuid", Some(&c.template_uuid)),
                     ("template-name", Some(&c.template_name)),
-                    ("mode", Some(&c.mode)),
+                    ("mode", Some(&mode)),
                     ("at", Some(&c.at)),
                 ],
             )));
+        }
+        if !self.overlays.is_empty() {
+            let mut o = Element::new("overlays");
+            for r in &self.overlays {
+                let path = r.path.to_string_lossy().into_owned();
+                o.children.push(XMLNode::Element(elem(
+                    "overlay",
+                    &[
+                        ("path", Some(&path)),
+                        ("clone-uuid", Some(&r.clone_uuid)),
+                        ("clone-name", Some(&r.clone_name)),
+                        ("at", Some(&r.at)),
+                    ],
+                )));
+            }
+            root.children.push(XMLNode::Element(o));
         }
         if !self.history.is_empty() {
             let mut h = Element::new("history");
@@ -92,9 +131,11 @@ impl Meta {
         let get = |e: &Element, a: &str| e.attributes.get(a).cloned();
         let mut m = Meta::default();
         if let Some(g) = root.get_child("generalized") {
+            let method = get(g, "method").unwrap_or_default();
             m.template.generalized = Some(Generalized {
                 at: get(g, "at").unwrap_or_default(),
-                method: get(g, "method").unwrap_or_default(),
+                method: Method::parse(&method)
+                    .ok_or_else(|| bad(format!("unknown generalization method {method:?}")))?,
                 tool: get(g, "tool"),
                 hostname: get(g, "hostname"),
                 operations: get(g, "operations")
@@ -113,12 +154,26 @@ impl Meta {
             m.template.immutable = get(l, "immutable").as_deref() == Some("yes");
         }
         if let Some(c) = root.get_child("clone") {
+            let mode = get(c, "mode").unwrap_or_default();
             m.clone = Some(CloneOrigin {
                 template_uuid: get(c, "template-uuid").unwrap_or_default(),
                 template_name: get(c, "template-name").unwrap_or_default(),
-                mode: get(c, "mode").unwrap_or_default(),
+                mode: CloneMode::parse(&mode)
+                    .ok_or_else(|| bad(format!("unknown clone mode {mode:?}")))?,
                 at: get(c, "at").unwrap_or_default(),
             });
+        }
+        if let Some(o) = root.get_child("overlays") {
+            m.overlays = children_named(o, "overlay")
+                .filter_map(|e| {
+                    Some(Registered {
+                        path: PathBuf::from(get(e, "path")?),
+                        clone_uuid: get(e, "clone-uuid").unwrap_or_default(),
+                        clone_name: get(e, "clone-name").unwrap_or_default(),
+                        at: get(e, "at").unwrap_or_default(),
+                    })
+                })
+                .collect();
         }
         if let Some(h) = root.get_child("history") {
             m.history = children_named(h, "step")
@@ -156,7 +211,7 @@ mod tests {
         let mut m = Meta::default();
         m.template.generalized = Some(Generalized {
             at: "2026-01-01T00:00:00Z".into(),
-            method: "virt-sysprep".into(),
+            method: Method::VirtSysprep,
             tool: Some("virt-sysprep 1.48.2".into()),
             operations: vec!["defaults".into(), "-lvm-uuids".into()],
             hostname: Some("Tpl".into()),
@@ -167,12 +222,32 @@ mod tests {
         m.clone = Some(CloneOrigin {
             template_uuid: "u".into(),
             template_name: "T & <x>".into(),
-            mode: "linked".into(),
+            mode: CloneMode::Linked,
+            at: "t".into(),
+        });
+        m.overlays.push(Registered {
+            path: "/other/c1.qcow2".into(),
+            clone_uuid: "u1".into(),
+            clone_name: "c1 & <x>".into(),
             at: "t".into(),
         });
         m.record_step("tpl-rename", "renamed 'a' to 'b'");
         let back = Meta::from_xml(&m.to_xml()).unwrap();
         assert_eq!(back, m);
+    }
+
+    #[test]
+    fn history_keeps_the_newest_steps() {
+        let mut m = Meta::default();
+        for i in 0..(MAX_HISTORY + 30) {
+            m.record_step("t", format!("step {i}"));
+        }
+        assert_eq!(m.history.len(), MAX_HISTORY);
+        assert_eq!(m.history[0].detail, "step 30");
+        assert_eq!(
+            m.history.last().unwrap().detail,
+            format!("step {}", MAX_HISTORY + 29)
+        );
     }
 
     #[test]

@@ -12,8 +12,10 @@ use virt::sys;
 use crate::domxml::DomainXml;
 use crate::error::{Error, Result};
 use crate::image::{self, canonical, Dependent};
-use crate::meta::{self, Meta};
-use crate::record::{DomainRef, Record, SCHEMA};
+use crate::meta::{self, Meta, Registered};
+use crate::ownfiles::OtherFiles;
+use crate::record::{Disk, DiskKind, DomainRef, Record, State, SCHEMA};
+use crate::text::{shown, shown_path};
 
 /// The URI used when neither `-c` nor `LIBVIRT_DEFAULT_URI` says otherwise.
 pub const DEFAULT_URI: &str = "qemu:///system";
@@ -27,24 +29,6 @@ pub fn resolve_uri(opt: Option<&str>) -> String {
                 .filter(|s| !s.is_empty())
         })
         .unwrap_or_else(|| DEFAULT_URI.to_string())
-}
-
-/// A name or UUID from the input as a message shows it: control characters escaped
-/// (no newline or terminal escape reaches the terminal), and cut short when very long.
-pub fn shown(s: &str) -> String {
-    const MAX: usize = 100;
-    let mut out = String::new();
-    for c in s.chars().take(MAX) {
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    if s.chars().nth(MAX).is_some() {
-        out.push_str(&format!("… ({} bytes)", s.len()));
-    }
-    out
 }
 
 /// An open libvirt connection.
@@ -63,17 +47,17 @@ fn is_code(e: &virt::error::Error, code: ErrorNumber) -> bool {
     matches!(e.code(), Enum::Known(c) if c == code)
 }
 
-/// A domain's run state in virsh's words.
-pub fn state_name(s: DomainState) -> &'static str {
+/// A domain's run state as the record says it.
+pub fn state_of(s: DomainState) -> State {
     match s {
-        DomainState::NoState => "no state",
-        DomainState::Running => "running",
-        DomainState::Blocked => "idle",
-        DomainState::Paused => "paused",
-        DomainState::Shutdown => "in shutdown",
-        DomainState::Shutoff => "shut off",
-        DomainState::Crashed => "crashed",
-        DomainState::PMSuspended => "pmsuspended",
+        DomainState::NoState => State::NoState,
+        DomainState::Running => State::Running,
+        DomainState::Blocked => State::Idle,
+        DomainState::Paused => State::Paused,
+        DomainState::Shutdown => State::InShutdown,
+        DomainState::Shutoff => State::ShutOff,
+        DomainState::Crashed => State::Crashed,
+        DomainState::PMSuspended => State::PmSuspended,
     }
 }
 
@@ -81,7 +65,13 @@ impl Session {
     pub fn open(uri: &str) -> Result<Session> {
         virt::error::clear_error_callback();
         let conn = Connect::open(Some(uri)).map_err(|e| {
-            Error::libvirt(format!("cannot connect to libvirt at '{uri}' (is libvirtd running? try 'make libvirtd')"), e)
+            Error::libvirt(
+                format!(
+                    "cannot connect to libvirt at '{}' (is libvirtd running? try 'make libvirtd')",
+                    shown(uri)
+                ),
+                e,
+            )
         })?;
         Ok(Session {
             conn,
@@ -95,7 +85,7 @@ impl Session {
         let not_found = |what: &str| {
             Error::usage(
                 format!("domain '{}' not found", shown(what)),
-                format!("no such domain on {}", self.uri),
+                format!("no such domain on {}", shown(&self.uri)),
             )
         };
         if let Some(uuid) = r.uuid.as_deref().filter(|u| !u.is_empty()) {
@@ -107,7 +97,11 @@ impl Session {
                 {
                     Err(Error::usage(
                         format!("domain '{}' not found", shown(&r.label())),
-                        format!("no domain with UUID {} on {}", shown(uuid), self.uri),
+                        format!(
+                            "no domain with UUID {} on {}",
+                            shown(uuid),
+                            shown(&self.uri)
+                        ),
                     ))
                 }
                 Err(e) => Err(Error::libvirt(
@@ -141,6 +135,15 @@ impl Session {
                 format!("cannot look up domain '{}'", shown(name)),
                 e,
             )),
+        }
+    }
+
+    /// Whether the domain with this UUID exists (None: libvirt cannot tell).
+    pub fn domain_exists(&self, uuid: &str) -> Option<bool> {
+        match self.conn.lookup_domain_by_uuid_string(uuid) {
+            Ok(_) => Some(true),
+            Err(e) if is_code(&e, ErrorNumber::NoDomain) => Some(false),
+            Err(_) => None,
         }
     }
 
@@ -192,6 +195,51 @@ impl Session {
             }
         }
     }
+}
+
+impl Session {
+    /// The user and group libvirt runs qemu as for domains of `domain_type` (`qemu`, `kvm`),
+    /// from the DAC security model in the host capabilities; None when libvirt does not
+    /// say (no DAC model, a remote driver that hides it).
+    pub fn qemu_ids(&self, domain_type: &str) -> Option<(u32, u32)> {
+        let caps = self.conn.capabilities().ok()?;
+        let x = DomainXml::parse(&caps).ok()?;
+        let host = x.root.get_child("host")?;
+        let ids = crate::domxml::children_named(host, "secmodel")
+            .filter(|m| {
+                m.get_child("model")
+                    .and_then(|e| e.get_text())
+                    .is_some_and(|t| t.trim() == "dac")
+            })
+            .flat_map(|m| crate::domxml::children_named(m, "baselabel"))
+            .find(|b| b.attributes.get("type").map(String::as_str) == Some(domain_type))
+            .and_then(|b| parse_dac_label(b.get_text()?.trim()));
+        ids
+    }
+}
+
+/// `+64055:+64055` (or `64055:64055`) as a uid and gid.
+fn parse_dac_label(l: &str) -> Option<(u32, u32)> {
+    let (u, g) = l.split_once(':')?;
+    let num = |s: &str| s.trim_start_matches('+').parse().ok();
+    Some((num(u)?, num(g)?))
+}
+
+/// Another domain of the connection, as the checks of a domain's files need it.
+#[derive(Debug, Clone)]
+pub struct OtherDomain {
+    pub uuid: String,
+    /// The files it names (for the sharing check).
+    pub files: OtherFiles,
+    /// Its disks, for the backing chains of the dependents check.
+    pub disks: Vec<Disk>,
+}
+
+/// What depends on a set of images, and where the search looked (for the messages).
+#[derive(Debug, Clone, Default)]
+pub struct Dependents {
+    pub list: Vec<Dependent>,
+    pub looked: String,
 }
 
 /// Accessors for one domain, with errors that name it.
@@ -259,11 +307,11 @@ impl<'a> Dom<'a> {
         let s = self.state()?;
         if s != DomainState::Shutoff {
             return Err(Error::refused(
-                format!("cannot {action} domain '{}'", self.name),
+                format!("cannot {action} domain '{}'", shown(&self.name)),
                 format!(
                     "it is {}; shut it down first: virsh shutdown {}",
-                    state_name(s),
-                    self.name
+                    state_of(s),
+                    shown(&self.name)
                 ),
             ));
         }
@@ -334,8 +382,7 @@ impl<'a> Dom<'a> {
         let m = self.meta()?;
         let mut disks = x.disks();
         for d in &mut disks {
-            if let (Some(p), "file", Some("qcow2")) =
-                (&d.path, d.kind.as_str(), d.format.as_deref())
+            if let (Some(p), DiskKind::File, Some("qcow2")) = (&d.path, d.kind, d.format.as_deref())
             {
                 // A missing or unreadable image still describes, with what could be read.
                 d.backing = image::readable_chain(p).0;
@@ -346,7 +393,7 @@ impl<'a> Dom<'a> {
             uri: self.session.uri.clone(),
             name: self.name.clone(),
             uuid: self.uuid.clone(),
-            state: state_name(self.state()?).to_string(),
+            state: state_of(self.state()?),
             disks,
             nvram: x.nvram(),
             template: m.template,
@@ -355,19 +402,21 @@ impl<'a> Dom<'a> {
         })
     }
 
-    /// Everything that depends on these images of this domain: other domains whose disks are
-    /// or back onto them, and qcow2 overlays in the images' directories and the storage pools'.
-    pub fn dependents(&self, images: &[PathBuf]) -> Result<Vec<Dependent>> {
-        let wanted: Vec<PathBuf> = images.iter().map(|p| canonical(p)).collect();
+    /// Every other domain of the connection, with the files it names. A domain undefined
+    /// between the listing and its read is left out: it names nothing any more.
+    pub fn others(&self) -> Result<Vec<OtherDomain>> {
         let mut out = Vec::new();
-        let mut domain_paths = Vec::new();
         for d in self.session.all_domains()? {
-            let other = Dom::new(self.session, d)?;
+            let other = match Dom::new(self.session, d) {
+                Ok(o) => o,
+                Err(Error::Libvirt { source, .. }) if is_code(&source, ErrorNumber::NoDomain) => {
+                    continue
+                }
+                Err(e) => return Err(e),
+            };
             if other.uuid == self.uuid {
                 continue;
             }
-            // Another domain may be undefined between the listing and this read (clones
-            // being removed): it depends on nothing any more.
             let x = match other.xml() {
                 Ok(x) => x,
                 Err(Error::Libvirt { source, .. }) if is_code(&source, ErrorNumber::NoDomain) => {
@@ -375,8 +424,41 @@ impl<'a> Dom<'a> {
                 }
                 Err(e) => return Err(e),
             };
-            for disk in x.disks() {
-                let Some(path) = disk.path.clone().filter(|_| disk.kind == "file") else {
+            let disks = x.disks();
+            let files = OtherFiles {
+                name: other.name.clone(),
+                disks: disks
+                    .iter()
+                    .filter_map(|d| Some((d.target.clone(), d.path.clone()?)))
+                    .collect(),
+                nvram: x.nvram(),
+            };
+            out.push(OtherDomain {
+                uuid: other.uuid,
+                files,
+                disks,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Everything that depends on these images of this domain: other domains whose disks
+    /// are or back onto them, the overlays registered in its metadata (tpl-clone's linked
+    /// clones, wherever they are), and qcow2 overlays in the images' directories and the
+    /// storage pools'.
+    pub fn dependents(
+        &self,
+        images: &[PathBuf],
+        others: &[OtherDomain],
+        registered: &[Registered],
+    ) -> Result<Dependents> {
+        let wanted: Vec<PathBuf> = images.iter().map(|p| canonical(p)).collect();
+        let reaches = |chain: &[PathBuf]| chain.iter().any(|p| wanted.contains(&canonical(p)));
+        let mut out = Vec::new();
+        let mut listed = Vec::new();
+        for other in others {
+            for disk in &other.disks {
+                let Some(path) = disk.path.clone().filter(|_| disk.kind == DiskKind::File) else {
                     continue;
                 };
                 let mut chain = vec![path.clone()];
@@ -390,25 +472,53 @@ impl<'a> Dom<'a> {
                     unreadable =
                         err.filter(|e| matches!(e, Error::Io { .. }) && !image::is_not_found(e));
                 }
-                if chain.iter().any(|p| wanted.contains(&canonical(p))) {
-                    domain_paths.push(canonical(&path));
+                if reaches(&chain) {
+                    listed.push(canonical(&path));
                     out.push(Dependent::Domain {
-                        name: other.name.clone(),
+                        name: other.files.name.clone(),
                         target: disk.target.clone(),
                         path,
                     });
                 } else if let Some(e) = unreadable {
                     // Part of the chain could not be read: it may reach the images below.
-                    domain_paths.push(canonical(&path));
+                    listed.push(canonical(&path));
                     out.push(Dependent::Unchecked {
                         path,
                         reason: format!(
                             "disk {} of domain '{}': {e}",
                             disk.target,
-                            shown(&other.name)
+                            shown(&other.files.name)
                         ),
                     });
                 }
+            }
+        }
+        let mut live_registered = 0;
+        for r in registered {
+            if listed.contains(&canonical(&r.path)) {
+                live_registered += 1;
+                continue;
+            }
+            let (links, err) = image::readable_chain(&r.path);
+            let chain: Vec<PathBuf> = std::iter::once(r.path.clone())
+                .chain(links.into_iter().map(|b| b.path))
+                .collect();
+            if reaches(&chain[1..]) {
+                live_registered += 1;
+                listed.push(canonical(&r.path));
+                out.push(Dependent::Registered {
+                    path: r.path.clone(),
+                    clone_name: r.clone_name.clone(),
+                });
+            } else if let Some(e) = err.filter(|e| !image::is_not_found(e)) {
+                listed.push(canonical(&r.path));
+                out.push(Dependent::Unchecked {
+                    path: r.path.clone(),
+                    reason: format!(
+                        "the overlay of clone '{}' registered by tpl-clone: {e}",
+                        shown(&r.clone_name)
+                    ),
+                });
             }
         }
         let mut dirs: Vec<PathBuf> = images
@@ -419,18 +529,24 @@ impl<'a> Dom<'a> {
         dirs.sort();
         dirs.dedup();
         for o in image::overlays_in(&dirs, images) {
-            // A file a domain uses is listed once, with the domain.
-            let listed = match &o {
-                Dependent::Overlay { path, .. } | Dependent::Unchecked { path, .. } => {
-                    domain_paths.contains(&canonical(path))
-                }
-                Dependent::Domain { .. } => false,
+            // A file a domain uses, or one registered, is listed once.
+            let path = match &o {
+                Dependent::Overlay { path, .. } | Dependent::Unchecked { path, .. } => path,
+                Dependent::Domain { .. } | Dependent::Registered { .. } => continue,
             };
-            if !listed {
+            if !listed.contains(&canonical(path)) {
                 out.push(o);
             }
         }
-        Ok(out)
+        let looked = format!(
+            "looked at the {} other domains on {}, the {} overlays registered by tpl-clone \
+             ({live_registered} still there), and the qcow2 files in {}",
+            others.len(),
+            shown(&self.session.uri),
+            registered.len(),
+            crate::text::list(dirs.iter().map(|d| shown_path(d)), ", ")
+        );
+        Ok(Dependents { list: out, looked })
     }
 }
 
@@ -453,7 +569,7 @@ mod tests {
         let r = DomainRef {
             uuid: Some(by_name.uuid.clone()),
             name: Some("stale".into()),
-            uri: None,
+            ..Default::default()
         };
         assert_eq!(Dom::lookup(&s, &r).unwrap().name, "test");
         // A name argument that is a UUID works as in virsh.
@@ -466,11 +582,10 @@ mod tests {
     }
 
     #[test]
-    fn messages_show_hostile_names_escaped_and_short() {
-        assert_eq!(shown("web-1 ü'x"), "web-1 ü'x");
-        assert_eq!(shown("a\nb\u{1b}[2J"), "a\\nb\\u{1b}[2J");
-        let long = shown(&"x".repeat(300));
-        assert!(long.starts_with(&"x".repeat(100)) && long.ends_with("… (300 bytes)"));
+    fn dac_labels() {
+        assert_eq!(parse_dac_label("+64055:+64055"), Some((64055, 64055)));
+        assert_eq!(parse_dac_label("107:108"), Some((107, 108)));
+        assert_eq!(parse_dac_label("qemu:kvm"), None);
     }
 
     #[test]
@@ -487,7 +602,7 @@ mod tests {
         let r = DomainRef {
             uuid: Some("not-a-uuid".into()),
             name: Some("x".into()),
-            uri: None,
+            ..Default::default()
         };
         assert_eq!(s.lookup(&r).unwrap_err().exit_code(), 2);
     }
@@ -498,7 +613,7 @@ mod tests {
         let d = Dom::lookup(&s, &DomainRef::by_arg("test")).unwrap();
         let rec = d.describe().unwrap();
         assert_eq!(rec.uri, "test:///default");
-        assert_eq!(rec.state, "running");
+        assert_eq!(rec.state, State::Running);
         assert!(d
             .require_shut_off("rename")
             .unwrap_err()
@@ -558,10 +673,19 @@ mod tests {
         );
         let odd_dom = s.conn.define_domain_xml(&xml).unwrap();
         let tpl = Dom::lookup(&s, &DomainRef::by_arg("test")).unwrap();
-        let deps = tpl.dependents(std::slice::from_ref(&image)).unwrap();
+        let others = tpl.others().unwrap();
+        let deps = tpl
+            .dependents(std::slice::from_ref(&image), &others, &[])
+            .unwrap();
         odd_dom.undefine().unwrap();
         assert!(
-            deps.iter()
+            deps.looked.contains("registered by tpl-clone"),
+            "{}",
+            deps.looked
+        );
+        assert!(
+            deps.list
+                .iter()
                 .any(|x| matches!(x, Dependent::Unchecked { path, reason }
                 if path == &disk && reason.contains("odd-disk"))),
             "{deps:?}"

@@ -1,9 +1,12 @@
 //! Property tests: the record reader and name validation never panic on any input, and
-//! every rejection is a usage error (exit 2) with a message.
+//! every rejection is a usage error (exit 2) with a message; every valid name gives a
+//! valid host name; the escaping sink never lets a hidden character through.
 
 use proptest::prelude::*;
+use tpl_common::hostname::{hostname_for, hostname_problem};
 use tpl_common::names::{validate_name, MAX_NAME_BYTES};
 use tpl_common::record::{parse_line, read_records};
+use tpl_common::text::{escape, is_hidden, list, shown};
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
@@ -52,7 +55,7 @@ proptest! {
             && !name.contains('/')
             && !name.starts_with('.')
             && !name.starts_with('-')
-            && !name.chars().any(char::is_control);
+            && !name.chars().any(is_hidden);
         match validate_name("clone name", &name) {
             Ok(()) => prop_assert!(ok, "accepted {:?}", name),
             Err(e) => {
@@ -71,5 +74,35 @@ proptest! {
     ) {
         let name = format!("{pre}{sep}{post}");
         prop_assert!(validate_name("name", &name).is_err());
+    }
+
+    #[test]
+    fn every_valid_name_gives_a_valid_host_name(name in any::<String>(), other in any::<String>()) {
+        if validate_name("clone name", &name).is_ok() {
+            let h = hostname_for(&name);
+            prop_assert!(hostname_problem(&h).is_none(), "{:?} -> {:?}", name, h);
+            if validate_name("clone name", &other).is_ok() && other != name {
+                prop_assert_ne!(h, hostname_for(&other), "{:?} and {:?}", name, other);
+            }
+        }
+    }
+
+    #[test]
+    fn names_close_to_each_other_give_distinct_host_names(
+        stem in "[a-zA-Z0-9]{1,20}",
+        a in prop_oneof![Just('_'), Just('-'), Just(' '), Just('.'), Just('~'), Just('é')],
+        b in prop_oneof![Just('_'), Just('-'), Just(' '), Just('.'), Just('~'), Just('é')],
+    ) {
+        let (x, y) = (format!("{stem}{a}1"), format!("{stem}{b}1"));
+        if x != y {
+            prop_assert_ne!(hostname_for(&x), hostname_for(&y));
+        }
+    }
+
+    #[test]
+    fn the_escaping_sink_never_emits_a_hidden_character(s in any::<String>()) {
+        for out in [escape(&s).into_owned(), shown(&s), escape(&list([&s, &s], "; ")).into_owned()] {
+            prop_assert!(!out.chars().any(is_hidden), "{:?} -> {:?}", s, out);
+        }
     }
 }

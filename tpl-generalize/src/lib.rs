@@ -9,8 +9,11 @@ use clap::Parser;
 use tpl_common::cli::{self, Common, Ctx};
 use tpl_common::domxml::DomainXml;
 use tpl_common::error::{Error, IoContext, Result};
-use tpl_common::record::{DomainRef, Generalized, Record};
+use tpl_common::hostname::{kernel_hostname, validate_hostname};
+use tpl_common::ownfiles::OwnFiles;
+use tpl_common::record::{DomainRef, Generalized, Method, Record};
 use tpl_common::session::{Dom, Session};
+use tpl_common::text::{list, shown};
 
 use crate::ops::{Plan, Request};
 
@@ -30,8 +33,9 @@ const TOOL: &str = "tpl-generalize";
 ///   - logs, shell histories, DHCP leases, /tmp and the rest cleaned by virt-sysprep.
 ///
 /// Then records in the domain's metadata when, how and with what it was generalized,
-/// and prints the domain's record on stdout. Without DOMAIN, the domains come as records
-/// on stdin:
+/// and prints the domain's record on stdout. Other tpl tools wait while it runs (it holds
+/// the domain's lock). A domain that linked clones depend on is refused: generalizing
+/// rewrites the image they read. Without DOMAIN, the domains come as records on stdin:
 ///
 ///     tpl-generalize VM --hostname TplVM | tpl-lock | tpl-rename TplVM
 ///
@@ -48,8 +52,9 @@ pub struct Args {
     #[arg(value_name = "DOMAIN")]
     domain: Option<String>,
 
-    /// Set the template's hostname (virt-sysprep --hostname); clones get their own from
-    /// the SMBIOS serial at first boot
+    /// Set the template's hostname (virt-sysprep --hostname; a name longer than the
+    /// kernel's 64 characters gives it its first label); clones get their own from the
+    /// SMBIOS serial at first boot
     #[arg(long, value_name = "NAME")]
     hostname: Option<String>,
 
@@ -76,8 +81,13 @@ pub struct Args {
     sealed_externally: bool,
 
     /// Say what would run and be recorded, and change nothing
-    #[arg(long)]
+    #[arg(short = 'n', long)]
     dry_run: bool,
+
+    /// Generalize a domain although linked clones depend on its images (they break:
+    /// their backing image changes under them), with a warning instead of a refusal
+    #[arg(long)]
+    force: bool,
 
     /// More virt-sysprep options, after `--`: customize actions such as --root-password,
     /// --ssh-inject, --install, --run-command, --firstboot. They run before the machine-id
@@ -131,29 +141,6 @@ pub fn main() -> ExitCode {
     )
 }
 
-/// A hostname virt-sysprep and the guest accept: dot-separated labels of letters, digits
-/// and '-', none empty, none starting or ending with '-', at most 63 characters each and
-/// 64 in all: virt-sysprep writes it to /etc/hostname as it is, and the kernel (and
-/// systemd, which ignores a longer /etc/hostname) takes no more than 64.
-pub fn validate_hostname(h: &str) -> Result<()> {
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-    };
-    if h.len() <= 64 && h.split('.').all(label_ok) {
-        Ok(())
-    } else {
-        Err(Error::usage(
-            format!("invalid hostname '{h}'"),
-            "use letters, digits and '-' in dot-separated labels of at most 63 characters, \
-             64 in all",
-        ))
-    }
-}
-
 /// libosinfo's namespace in a domain's `<metadata>` (virt-install and virt-manager write it).
 pub const LIBOSINFO_NS: &str = "http://libosinfo.org/xmlns/libvirt/domain/1.0";
 
@@ -174,6 +161,7 @@ pub fn is_windows_os_id(id: &str) -> bool {
 }
 
 fn windows_refusal(name: &str, evidence: &str) -> Error {
+    let name = shown(name);
     Error::refused(
         format!("cannot generalize domain '{name}'"),
         format!(
@@ -192,8 +180,29 @@ fn generalize_one(
     args: &Args,
     setup: Option<&Setup>,
 ) -> Result<Record> {
-    let dom = Dom::lookup(s, r)?;
-    let name = dom.name.clone();
+    let mut dom = Dom::lookup(s, r)?;
+    // For the whole run: a clone, lock or rename meanwhile would see a half-written image.
+    let _held = ctx.lock(&mut dom)?;
+    check_fit(ctx, &dom, args)?;
+    let Some(setup) = setup else {
+        return record_external(ctx, &dom, args.dry_run);
+    };
+    if let Some(id) = libosinfo_os(&dom.xml()?).filter(|id| is_windows_os_id(id)) {
+        return Err(windows_refusal(
+            &dom.name,
+            &format!("its libosinfo metadata says it is Windows ({id})"),
+        ));
+    }
+    let out = run_sysprep(ctx, s, &dom, args, setup)?;
+    let Some(out) = out else {
+        return dom.describe(); // --dry-run
+    };
+    record_generalized(ctx, &dom, args, setup, &out)
+}
+
+/// The domain must be shut off, not a locked template, and without linked clones.
+fn check_fit(ctx: &Ctx, dom: &Dom, args: &Args) -> Result<()> {
+    let name = shown(&dom.name);
     dom.require_shut_off("generalize")?;
     let meta = dom.meta()?;
     if meta.template.locked {
@@ -202,25 +211,49 @@ fn generalize_one(
             format!("it is a locked template; unlock first: tpl-lock --unlock {name}"),
         ));
     }
+    // An unlock forced past linked clones leaves them on this image: rewriting it
+    // changes what they read.
+    let own = OwnFiles::of(&dom.name, &dom.xml()?, "generalize")?;
+    let deps = dom.dependents(&own.images(), &dom.others()?, &meta.overlays)?;
+    if !deps.list.is_empty() {
+        let names = list(deps.list.iter(), "; ");
+        if !args.force {
+            return Err(Error::refused(
+                format!("cannot generalize domain '{name}'"),
+                format!(
+                    "{} linked clones depend on its images, and generalizing rewrites what \
+                     they read: {names}; remove them first, or pass --force ({})",
+                    deps.list.len(),
+                    deps.looked
+                ),
+            ));
+        }
+        ctx.warn(format!(
+            "generalizing domain '{name}' although {} linked clones depend on its images \
+             (--force); they will read a changed image: {names}",
+            deps.list.len()
+        ));
+    }
     if let Some(g) = &meta.template.generalized {
         ctx.info(format!(
             "domain '{name}' was already generalized ({}, {}); doing it again",
-            g.method, g.at
+            g.method.as_str(),
+            g.at
         ));
     }
+    Ok(())
+}
 
-    let Some(setup) = setup else {
-        return record_external(ctx, &dom, args.dry_run);
-    };
-    let os = libosinfo_os(&dom.xml()?);
-    if let Some(id) = os.as_deref().filter(|id| is_windows_os_id(id)) {
-        return Err(windows_refusal(
-            &name,
-            &format!("its libosinfo metadata says it is Windows ({id})"),
-        ));
-    }
-
-    let hostname = args.hostname.as_deref();
+/// Run virt-sysprep on the domain (None with --dry-run, after saying what would run).
+fn run_sysprep(
+    ctx: &Ctx,
+    s: &Session,
+    dom: &Dom,
+    args: &Args,
+    setup: &Setup,
+) -> Result<Option<sysprep::Outcome>> {
+    let name = shown(&dom.name);
+    let hostname = args.hostname.as_deref().map(kernel_hostname);
     // The first-boot script goes in from a private directory, removed when we are done.
     let tmp = if args.dry_run {
         None
@@ -254,10 +287,10 @@ fn generalize_one(
         &args.sysprep_options,
         ctx.common.quiet,
     );
-    let shown = sysprep::shell_words(sysprep::PROGRAM, &sysprep_args);
+    let shown_cmd = sysprep::shell_words(sysprep::PROGRAM, &sysprep_args);
     if args.dry_run {
         ctx.info(format!(
-            "would generalize domain '{name}' ({}): {shown}",
+            "would generalize domain '{name}' ({}): {shown_cmd}",
             dom.uuid
         ));
         ctx.info(format!(
@@ -276,23 +309,22 @@ fn generalize_one(
             setup.version,
             setup.plan.expression.join(",")
         ));
-        return dom.describe();
+        return Ok(None);
     }
     std::fs::write(&script, sysprep::FIRSTBOOT).ctx("cannot write", &script)?;
-
     ctx.info(format!(
         "generalizing domain '{name}' with {} (one appliance run; about a minute without KVM)",
         setup.version
     ));
-    ctx.info(format!("running: {shown}"));
-    let out = sysprep::run(&sysprep_args, args.verbose)?;
+    ctx.info(format!("running: {shown_cmd}"));
+    let out = sysprep::run(&sysprep_args, args.verbose, &ctx.intr)?;
     drop(tmp);
     if let Some(p) = &out.product {
         ctx.info(format!("virt-sysprep found: {p}"));
     }
     if out.os_type.as_deref() == Some("windows") {
         return Err(windows_refusal(
-            &name,
+            &dom.name,
             &format!(
                 "virt-sysprep's inspection found Windows ({}; it stopped with {})",
                 out.product.as_deref().unwrap_or("unknown version"),
@@ -315,25 +347,36 @@ fn generalize_one(
         "virt-sysprep finished in {} s",
         out.elapsed.as_secs()
     ));
+    Ok(Some(out))
+}
 
+/// Record in the domain's metadata what was done, when and with what.
+fn record_generalized(
+    ctx: &Ctx,
+    dom: &Dom,
+    args: &Args,
+    setup: &Setup,
+    _out: &sysprep::Outcome,
+) -> Result<Record> {
     // Re-read: the run took a while and the metadata is the source of truth.
     let mut meta = dom.meta()?;
-    // The domain was shut off and unlocked when the run began, but nothing stops a tpl-lock
-    // (and then linked clones) while virt-sysprep writes: such a template is not fit to use,
-    // and recording it as generalized would hide that.
+    // The lock kept the tools out, but not virsh: a template locked by hand while
+    // virt-sysprep wrote is not fit to use, and recording it as generalized would hide that.
     if meta.template.locked {
         return Err(Error::failed(
             format!(
-                "domain '{name}' ({}) was locked while virt-sysprep ran",
+                "domain '{}' ({}) was locked while virt-sysprep ran",
+                shown(&dom.name),
                 dom.uuid
             ),
             "linked clones made meanwhile may hold a half-written image; not recording it \
              as generalized: remove such clones, tpl-lock --unlock it and generalize it again",
         ));
     }
+    let hostname = args.hostname.as_deref();
     let g = Generalized {
         at: tpl_common::now_rfc3339(),
-        method: "virt-sysprep".into(),
+        method: Method::VirtSysprep,
         tool: Some(setup.version.clone()),
         operations: setup.plan.expression.clone(),
         hostname: hostname.map(String::from),
@@ -352,7 +395,7 @@ fn generalize_one(
     meta.template.generalized = Some(g);
     meta.record_step(TOOL, detail);
     dom.set_meta(&meta)?;
-    ctx.info(format!("generalized domain '{name}'"));
+    ctx.info(format!("generalized domain '{}'", shown(&dom.name)));
     dom.describe()
 }
 
@@ -361,14 +404,14 @@ fn record_external(ctx: &Ctx, dom: &Dom, dry_run: bool) -> Result<Record> {
     if dry_run {
         ctx.info(format!(
             "would record domain '{}' as sealed externally, without touching its disk",
-            dom.name
+            shown(&dom.name)
         ));
         return dom.describe();
     }
     let mut meta = dom.meta()?;
     meta.template.generalized = Some(Generalized {
         at: tpl_common::now_rfc3339(),
-        method: "external".into(),
+        method: Method::External,
         tool: None,
         operations: Vec::new(),
         hostname: None,
@@ -380,7 +423,7 @@ fn record_external(ctx: &Ctx, dom: &Dom, dry_run: bool) -> Result<Record> {
     dom.set_meta(&meta)?;
     ctx.info(format!(
         "recorded domain '{}' as generalized (sealed externally)",
-        dom.name
+        shown(&dom.name)
     ));
     dom.describe()
 }
@@ -388,34 +431,6 @@ fn record_external(ctx: &Ctx, dom: &Dom, dry_run: bool) -> Result<Record> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hostnames() {
-        let long_fqdn = format!("{}.example.org", "a".repeat(53));
-        for ok in [
-            "TplVM",
-            "web-1",
-            "a.b.example.com",
-            &"a".repeat(63),
-            &long_fqdn[1..],
-        ] {
-            assert!(validate_hostname(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "",
-            "-a",
-            "a-",
-            "a..b",
-            ".a",
-            "a b",
-            "a_b",
-            "ä",
-            &"a".repeat(64),
-            &long_fqdn,
-        ] {
-            assert_eq!(validate_hostname(bad).unwrap_err().exit_code(), 2, "{bad}");
-        }
-    }
 
     #[test]
     fn finds_windows_in_libosinfo_metadata() {

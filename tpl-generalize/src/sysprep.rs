@@ -1,12 +1,12 @@
 //! Running virt-sysprep: its version and operations, the one command line that seals a guest with tpl's fixes, and its output streamed to stderr.
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use tpl_common::error::{Error, IoContext, Result};
+use tpl_common::child::{self, Stream};
+use tpl_common::error::{Error, Result};
+use tpl_common::signals::Interrupt;
 
 use crate::ops::{Catalog, Plan};
 
@@ -172,19 +172,14 @@ pub fn command_line(
 
 /// A command line as a shell would need it typed, for messages and `--dry-run`.
 pub fn shell_words(prog: &str, args: &[String]) -> String {
-    let quote = |s: &str| {
-        let plain = !s.is_empty()
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_./:=,+@%".contains(c));
-        if plain {
-            s.to_string()
-        } else {
-            format!("'{}'", s.replace('\'', r"'\''"))
-        }
-    };
     std::iter::once(prog)
         .chain(args.iter().map(String::as_str))
-        .map(quote)
+        .map(|a| {
+            shlex::try_quote(a)
+                .map(|q| q.into_owned())
+                // Only a NUL cannot be quoted, and no argument holds one.
+                .unwrap_or_else(|_| a.replace('\0', "\\0"))
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -259,79 +254,45 @@ pub fn inspected(line: &str) -> Option<(&'static str, String)> {
     None
 }
 
-/// Run virt-sysprep with `args`, streaming its progress and messages to our
-/// stderr as they come (trace lines only with `verbose`). It inherits our environment,
-/// so LIBGUESTFS_BACKEND and friends reach libguestfs. Its stdin is /dev/null: ours may
-/// be the record stream of a pipe.
-pub fn run(args: &[String], verbose: bool) -> Result<Outcome> {
+/// Run virt-sysprep with `args`, streaming its progress and messages to our stderr as they
+/// come (trace lines only with `verbose`). It inherits our environment, so
+/// LIBGUESTFS_BACKEND and friends reach libguestfs. Its stdin is /dev/null: ours may be
+/// the record stream of a pipe. A stopping signal ends it as [`child`] says.
+pub fn run(args: &[String], verbose: bool, intr: &Interrupt) -> Result<Outcome> {
     let start = Instant::now();
-    let mut child = Command::new(PROGRAM)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(not_installed)?;
-    let (tx, rx) = mpsc::channel::<(bool, String)>();
-    let readers = [
-        spawn_reader(child.stdout.take().map(|r| Box::new(r) as _), false, &tx),
-        spawn_reader(child.stderr.take().map(|r| Box::new(r) as _), true, &tx),
-    ];
-    drop(tx);
     let mut out = Outcome::default();
     let mut tail = VecDeque::with_capacity(TAIL_LINES);
-    // Ends when both pipes are closed: virt-sysprep has exited (or closed them).
-    for (is_err, line) in rx {
-        if let Some((field, v)) = inspected(&line) {
-            match field {
-                "type" => out.os_type = Some(v),
-                _ => out.product = Some(v),
+    let mut cmd = Command::new(PROGRAM);
+    cmd.args(args).stdin(Stdio::null());
+    let finished = child::run(
+        &mut cmd,
+        "generalize with virt-sysprep",
+        "install libguestfs-tools (make deps)",
+        intr,
+        true,
+        |stream, line| {
+            if let Some((field, v)) = inspected(line) {
+                match field {
+                    "type" => out.os_type = Some(v),
+                    _ => out.product = Some(v),
+                }
             }
-        }
-        let trace = line.starts_with(TRACE);
-        if !trace || verbose {
-            tpl_common::cli::say(format_args!("{line}"));
-        }
-        if is_err && !trace && !line.trim().is_empty() {
-            if tail.len() == TAIL_LINES {
-                tail.pop_front();
+            let trace = line.starts_with(TRACE);
+            if !trace || verbose {
+                tpl_common::cli::say(format_args!("{line}"));
             }
-            tail.push_back(line);
-        }
-    }
-    for r in readers.into_iter().flatten() {
-        let _ = r.join();
-    }
-    out.status = Some(child.wait().ctx("cannot wait for", PROGRAM)?);
+            if stream == Stream::Stderr && !trace && !line.trim().is_empty() {
+                if tail.len() == TAIL_LINES {
+                    tail.pop_front();
+                }
+                tail.push_back(line.to_string());
+            }
+        },
+    )?;
+    out.status = Some(finished.status);
     out.tail = tail.into();
     out.elapsed = start.elapsed();
     Ok(out)
-}
-
-fn spawn_reader(
-    r: Option<Box<dyn Read + Send>>,
-    is_err: bool,
-    tx: &mpsc::Sender<(bool, String)>,
-) -> Option<std::thread::JoinHandle<()>> {
-    let r = r?;
-    let tx = tx.clone();
-    Some(std::thread::spawn(move || {
-        let mut r = BufReader::new(r);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match r.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let line = String::from_utf8_lossy(&buf);
-                    let line = line.trim_end_matches(['\n', '\r']).to_string();
-                    if tx.send((is_err, line)).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-    }))
 }
 
 #[cfg(test)]
@@ -391,10 +352,11 @@ mod tests {
     #[test]
     fn quotes_for_the_shell() {
         let args = vec!["-d".into(), "my vm".into(), "it's".into(), "".into()];
-        assert_eq!(
-            shell_words("virt-sysprep", &args),
-            r"virt-sysprep -d 'my vm' 'it'\''s' ''"
-        );
+        let line = shell_words("virt-sysprep", &args);
+        // What a shell makes of it again is the arguments themselves.
+        let back = shlex::split(&line).unwrap();
+        assert_eq!(back[0], "virt-sysprep");
+        assert_eq!(back[1..], args[..]);
     }
 
     #[test]

@@ -1,38 +1,45 @@
 //! tpl-lock: make a generalized, shut-off domain a read-only, unstartable template, and `--unlock` it for maintenance when no linked clone depends on it.
 
 use std::fs::{File, OpenOptions, Permissions};
-use std::io;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::PathBuf;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::process::ExitCode;
 
 use clap::Parser;
 use tpl_common::cli::{self, Common, Ctx};
 use tpl_common::error::{Error, IoContext, Result};
+use tpl_common::fsutil::{attr_unsupported, is_immutable, set_immutable};
+use tpl_common::image::writable_backing;
+use tpl_common::meta::Meta;
+use tpl_common::ownfiles::{OwnFile, OwnFiles};
 use tpl_common::record::{DomainRef, Record, TemplateState};
 use tpl_common::session::{Dom, Session};
-
-pub mod fsattr;
+use tpl_common::text::{list, shown, shown_path};
 
 const TOOL: &str = "tpl-lock";
 
 /// Lock a template: make a shut-off, generalized libvirt domain read-only and unstartable.
 ///
 /// Every file disk the domain writes (not cdroms, not <readonly/> or <shareable/> disks)
-/// and its NVRAM file lose all write bits (chmod a-w; symlinks are never followed);
-/// autostart is turned off and the domain's tpl metadata says "locked". libvirt's qemu
-/// runs as an unprivileged user, so starting the template then fails with "Permission
-/// denied" instead of undoing the generalization and corrupting its linked clones.
-/// Linked clones still start: qemu only reads their backing file.
+/// and its NVRAM file lose all write bits (chmod a-w; symlinks are never followed), are
+/// owned by root rather than by libvirt's qemu user (which could otherwise make them
+/// writable again), and stay readable by that user for linked clones; autostart is
+/// turned off and the domain's tpl metadata says "locked". Starting the template then
+/// fails with "Permission denied" instead of undoing the generalization and corrupting
+/// its linked clones. Linked clones still start: qemu only reads their backing file.
+///
+/// A disk whose image backs onto a writable file is refused: lock that file's own
+/// domain first, or flatten the image. A file another domain also uses is refused.
 ///
 /// With no DOMAIN, the domains come as records on stdin, so it fits in a pipe:
 ///
 ///     tpl-generalize VM | tpl-lock | tpl-rename TplVM
 ///
-/// Locking a locked template is a success that changes nothing. `--unlock` gives the
-/// owner write access back for maintenance, and refuses while any linked clone (a
-/// domain, or any qcow2 file in the template's or the storage pools' directories)
-/// depends on the template's images. Prints each domain's record on stdout.
+/// Locking a locked template is a success that changes nothing (it puts back an owner or
+/// a mode someone changed). `--unlock` gives the owner write access back for
+/// maintenance, and refuses while any linked clone depends on the template's images: a
+/// domain, an overlay tpl-clone registered when it made a linked clone (wherever it is),
+/// or any qcow2 file in the template's or the storage pools' directories. Prints each
+/// domain's record on stdout.
 #[derive(Parser, Debug)]
 #[command(name = TOOL, version, about, long_about, verbatim_doc_comment)]
 pub struct Args {
@@ -55,6 +62,10 @@ pub struct Args {
     #[arg(long)]
     force: bool,
 
+    /// Say what would change, and change nothing
+    #[arg(short = 'n', long)]
+    dry_run: bool,
+
     #[command(flatten)]
     common: Common,
 }
@@ -75,283 +86,237 @@ pub fn main() -> ExitCode {
     )
 }
 
-/// One file lock makes read-only: a disk image or the NVRAM.
-#[derive(Debug, Clone)]
-struct Target {
-    /// How messages name it: `disk vda` or `NVRAM`.
+/// The bits of a file lock and unlock change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileState {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    /// None where the file system has no immutable attribute.
+    immutable: Option<bool>,
+}
+
+/// One own file, open (never through a symlink) and checked to be the file that was
+/// planned, with its state before and the state it is to have.
+#[derive(Debug)]
+struct Change {
+    file: File,
     what: String,
-    path: PathBuf,
-    is_disk: bool,
-}
-
-impl std::fmt::Display for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} '{}'", self.what, self.path.display())
-    }
-}
-
-/// The files of the domain that lock covers, every one checked before anything changes:
-/// a symlink, a non-regular file or a disk that is not a file refuses the whole domain.
-fn plan(ctx: &Ctx, dom: &Dom, action: &str) -> Result<Vec<Target>> {
-    let x = dom.xml()?;
-    let refuse =
-        |why: String| Error::refused(format!("cannot {action} domain '{}'", dom.name), why);
-    let mut targets = Vec::new();
-    for d in x.disks().into_iter().filter(|d| d.is_writable()) {
-        match (d.kind.as_str(), &d.path) {
-            ("file", Some(p)) => targets.push(Target {
-                what: format!("disk {}", d.target),
-                path: p.clone(),
-                is_disk: true,
-            }),
-            // A file disk with no source (an empty floppy) has nothing to lock.
-            ("file", None) => {}
-            (kind, path) => {
-                let src = path
-                    .as_ref()
-                    .map(|p| format!(" '{}'", p.display()))
-                    .unwrap_or_default();
-                return Err(refuse(format!(
-                    "disk {} is a {kind} disk{src}, and tpl-lock supports only file-backed disks \
-                     yet; detach it, or make it read-only yourself and mark it <readonly/> \
-                     in the definition",
-                    d.target
-                )));
-            }
-        }
-    }
-    if let Some(why) = x.nvram_not_a_file() {
-        return Err(refuse(format!(
-            "{why}, and tpl-lock supports only an NVRAM file yet"
-        )));
-    }
-    if let Some(nv) = x.nvram() {
-        match std::fs::symlink_metadata(&nv) {
-            // libvirt creates a missing NVRAM from its template at the first start, which
-            // the read-only disks already prevent.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => ctx.warn(format!(
-                "domain '{}': NVRAM file '{}' does not exist yet; nothing to {action} there",
-                dom.name,
-                nv.display()
-            )),
-            _ => targets.push(Target {
-                what: "NVRAM".into(),
-                path: nv,
-                is_disk: false,
-            }),
-        }
-    }
-    for t in &targets {
-        let meta = std::fs::symlink_metadata(&t.path).ctx(
-            &format!("cannot {action} domain '{}': {}", dom.name, t.what),
-            &t.path,
-        )?;
-        if meta.file_type().is_symlink() {
-            return Err(refuse(format!(
-                "{t} is a symbolic link, and tpl-lock never follows one (it would change \
-                 whatever the link points to); point the domain at the real file with \
-                 'virsh edit {}'",
-                dom.name
-            )));
-        }
-        if !meta.file_type().is_file() {
-            return Err(refuse(format!(
-                "{t} is not a regular file; only image files can be locked"
-            )));
-        }
-    }
-    Ok(targets)
+    before: FileState,
+    after: FileState,
 }
 
 /// Open a planned file without following a symlink put there since the check, and make
-/// sure it is still a regular file: every later change goes through this descriptor.
-fn open_target(t: &Target) -> Result<File> {
-    let f = OpenOptions::new()
+/// sure it is still the very file checked: every later change goes through this descriptor.
+fn open_own(f: &OwnFile) -> Result<File> {
+    let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(&t.path)
-        .ctx(&format!("cannot open {}", t.what), &t.path)?;
-    let meta = f
+        .open(&f.path)
+        .ctx(&format!("cannot open {}", f.role), &f.path)?;
+    let m = file
         .metadata()
-        .ctx(&format!("cannot stat {}", t.what), &t.path)?;
-    if !meta.is_file() {
+        .ctx(&format!("cannot stat {}", f.role), &f.path)?;
+    if !m.is_file() || m.dev() != f.dev || m.ino() != f.ino {
         return Err(Error::refused(
-            format!("cannot change {t}"),
-            "it is no longer a regular file; something replaced it meanwhile",
+            format!("cannot change {f}"),
+            "it is not the file that was checked any more; something replaced it meanwhile",
         ));
     }
-    Ok(f)
+    Ok(file)
 }
 
-fn mode_of(f: &File, t: &Target) -> Result<u32> {
-    Ok(f.metadata()
-        .ctx(&format!("cannot stat {}", t.what), &t.path)?
-        .permissions()
-        .mode()
-        & 0o7777)
+fn read_state(file: &File, f: &OwnFile) -> Result<FileState> {
+    let m = file
+        .metadata()
+        .ctx(&format!("cannot stat {}", f.role), &f.path)?;
+    let immutable = match is_immutable(file) {
+        Ok(i) => Some(i),
+        Err(e) if attr_unsupported(&e) => None,
+        Err(e) => return Err(Error::io("cannot read the attributes of", &f.path, e)),
+    };
+    Ok(FileState {
+        mode: m.permissions().mode() & 0o7777,
+        uid: m.uid(),
+        gid: m.gid(),
+        immutable,
+    })
 }
 
-fn chmod(f: &File, t: &Target, mode: u32) -> Result<()> {
-    f.set_permissions(Permissions::from_mode(mode))
-        .ctx(&format!("cannot change the mode of {}", t.what), &t.path)
+/// Bring a file from one state to another. An immutable file refuses every change even
+/// to root: the attribute is lifted first and set last.
+fn write_state(c: &File, path: &std::path::Path, from: &FileState, to: &FileState) -> Result<()> {
+    if from.immutable == Some(true) {
+        set_immutable(c, false).ctx("cannot clear the immutable attribute of", path)?;
+    }
+    if (from.uid, from.gid) != (to.uid, to.gid) {
+        std::os::unix::fs::fchown(c, Some(to.uid), Some(to.gid))
+            .ctx("cannot change the owner of", path)?;
+    }
+    // chown may clear set-id bits: the mode is set after it, always.
+    c.set_permissions(Permissions::from_mode(to.mode))
+        .ctx("cannot change the mode of", path)?;
+    if to.immutable == Some(true) {
+        set_immutable(c, true).ctx("cannot set the immutable attribute of", path)?;
+    }
+    Ok(())
 }
 
-/// What one file looked like before we changed it, to put back if a later step fails.
-#[derive(Debug)]
-struct Changed {
-    file: File,
-    target: Target,
-    old_mode: u32,
-    /// The immutable attribute before, when we changed it.
-    old_immutable: Option<bool>,
+/// What a change does, in words.
+fn describe(what: &str, a: &FileState, b: &FileState) -> Vec<String> {
+    let mut out = Vec::new();
+    if a.mode != b.mode {
+        out.push(format!("{what}: mode {:04o} -> {:04o}", a.mode, b.mode));
+    }
+    if a.uid != b.uid {
+        out.push(format!("{what}: owner uid {} -> {}", a.uid, b.uid));
+    }
+    if a.gid != b.gid {
+        out.push(format!("{what}: group gid {} -> {}", a.gid, b.gid));
+    }
+    match (a.immutable, b.immutable) {
+        (Some(false), Some(true)) => out.push(format!("{what}: immutable attribute set")),
+        (Some(true), Some(false)) => out.push(format!("{what}: immutable attribute cleared")),
+        _ => {}
+    }
+    out
 }
 
-/// Undo the file changes made so far; returns what could not be undone.
-fn roll_back(changed: Vec<Changed>) -> Vec<String> {
-    let mut problems = Vec::new();
-    for c in changed.into_iter().rev() {
-        // An immutable file refuses chmod: lift the attribute, restore the mode, then
-        // put the attribute back as it was.
-        if c.old_immutable.is_some() {
-            if let Err(e) = fsattr::set_immutable(&c.file, false) {
-                problems.push(format!(
-                    "cannot clear the immutable attribute of {}: {e}",
-                    c.target
-                ));
-            }
+/// Open every own file and work out its new state with `target`; nothing changes yet.
+fn plan(
+    own: &OwnFiles,
+    mut target: impl FnMut(&OwnFile, &FileState) -> FileState,
+) -> Result<Vec<Change>> {
+    own.files
+        .iter()
+        .map(|f| {
+            let file = open_own(f)?;
+            let before = read_state(&file, f)?;
+            let after = target(f, &before);
+            Ok(Change {
+                file,
+                what: f.to_string(),
+                before,
+                after,
+            })
+        })
+        .collect()
+}
+
+/// Apply the changes in order; on a failure put back those made, and say what could not be.
+fn apply(ctx: &Ctx, changes: &[Change], own: &OwnFiles) -> Result<()> {
+    for (i, c) in changes.iter().enumerate() {
+        let path = &own.files[i].path;
+        if let Err(e) = write_state(&c.file, path, &c.before, &c.after) {
+            undo(ctx, &changes[..=i], own);
+            return Err(e);
         }
-        if let Err(e) = chmod(&c.file, &c.target, c.old_mode) {
-            problems.push(e.to_string());
-        }
-        if c.old_immutable == Some(true) {
-            if let Err(e) = fsattr::set_immutable(&c.file, true) {
-                problems.push(format!(
-                    "cannot restore the immutable attribute of {}: {e}",
-                    c.target
-                ));
-            }
+        for line in describe(&c.what, &c.before, &c.after) {
+            ctx.info(line);
         }
     }
-    problems
+    Ok(())
 }
 
-fn lock_one(ctx: &mut Ctx, s: &Session, r: &DomainRef, args: &Args) -> Result<Record> {
-    let dom = Dom::lookup(s, r)?;
-    dom.require_shut_off("lock")?;
-    let meta = dom.meta()?;
-    // An already locked template passed (or forced) this check when it was locked.
-    if meta.template.generalized.is_none() && !meta.template.locked {
-        if !args.force {
+fn undo(ctx: &Ctx, changes: &[Change], own: &OwnFiles) {
+    for (i, c) in changes.iter().enumerate().rev() {
+        // The state it has now is unknown after a failure halfway: read it again.
+        let now = read_state(&c.file, &own.files[i]).unwrap_or(c.after);
+        if let Err(e) = write_state(&c.file, &own.files[i].path, &now, &c.before) {
+            ctx.warn(format!("while undoing the change of {}: {e}", c.what));
+        }
+    }
+}
+
+/// The domain type (`kvm`, `qemu`) whose qemu user libvirt uses.
+fn domain_type(dom: &Dom) -> Result<String> {
+    Ok(dom
+        .xml()?
+        .root
+        .attributes
+        .get("type")
+        .cloned()
+        .unwrap_or_else(|| "kvm".into()))
+}
+
+/// Refuse a disk whose image backs onto a writable file: locking the domain's own files
+/// would leave what every linked clone reads changeable. Such a base is not this
+/// domain's own (it may be another domain's, or shared by several), so tpl-lock does not
+/// lock it: an unlock could not know who else relies on it. A base that is already
+/// read-only (another locked template's image) is fine: templates can stack.
+fn check_chain(dom: &Dom, own: &OwnFiles) -> Result<()> {
+    for f in own.disks() {
+        if let Some(base) = writable_backing(&f.path)? {
             return Err(Error::refused(
-                format!("cannot lock domain '{}'", dom.name),
+                format!("cannot lock domain '{}'", shown(&dom.name)),
                 format!(
-                    "it is not generalized, so every clone would share its identity; run \
-                     tpl-generalize {} first, or pass --force if you sealed it yourself",
-                    dom.name
+                    "its {f} is an overlay on '{}', which is writable: a change to it would \
+                     change the template and corrupt every linked clone; lock the domain that \
+                     owns that image first (tpl-lock), or make the disk one standalone image \
+                     while the domain is shut off: qemu-img rebase -f qcow2 -b '' '{}'",
+                    shown_path(&base),
+                    shown_path(&f.path)
                 ),
             ));
         }
+    }
+    Ok(())
+}
+
+fn lock_one(ctx: &mut Ctx, s: &Session, r: &DomainRef, args: &Args) -> Result<Record> {
+    let mut dom = Dom::lookup(s, r)?;
+    let _held = ctx.lock(&mut dom)?;
+    dom.require_shut_off("lock")?;
+    let meta = dom.meta()?;
+    check_generalized(ctx, &dom, &meta, args.force)?;
+    let own = OwnFiles::of(&dom.name, &dom.xml()?, "lock")?;
+    if let Some(note) = own.missing_nvram_note(&dom.name) {
+        ctx.warn(note);
+    }
+    let others = dom.others()?;
+    own.check_not_shared(&dom.name, "lock", others.iter().map(|o| &o.files))?;
+    check_chain(&dom, &own)?;
+    let qemu = s.qemu_ids(&domain_type(&dom)?);
+    let mut unsupported = Vec::new();
+    let changes = plan(&own, |f, b| {
+        let mut a = *b;
+        a.mode &= !0o222;
+        if let Some((quid, qgid)) = qemu {
+            // Owned by qemu's user (libvirt chowns an image to it when a domain using it
+            // starts, and does not always give a backing file back), it could chmod it
+            // writable again: root owns a locked file.
+            if a.uid == quid {
+                a.uid = 0;
+            }
+            // Linked clones' qemu must still read it, without libvirt relabelling it.
+            let readable = a.mode & 0o004 != 0 || (a.gid == qgid && a.mode & 0o040 != 0);
+            if !readable {
+                a.gid = qgid;
+                a.mode |= 0o040;
+            }
+        }
+        match b.immutable {
+            None if args.immutable => unsupported.push(f.to_string()),
+            Some(i) => a.immutable = Some(i || args.immutable),
+            None => {}
+        }
+        a
+    })?;
+    for f in unsupported {
         ctx.warn(format!(
-            "domain '{}' is not generalized; locking it anyway (--force)",
-            dom.name
+            "{f}: its file system does not support the immutable attribute; it is read-only \
+             by its mode only"
         ));
     }
-    let targets = plan(ctx, &dom, "lock")?;
-
-    let mut changed = Vec::new();
-    let mut autostart_was_on = false;
-    let res = (|| -> Result<bool> {
-        let mut all_immutable = !targets.is_empty();
-        for t in &targets {
-            let f = open_target(t)?;
-            let old_mode = mode_of(&f, t)?;
-            let was_immutable = match fsattr::is_immutable(&f) {
-                Ok(i) => Some(i),
-                Err(e) if fsattr::is_unsupported(&e) => None,
-                Err(e) => return Err(Error::io("cannot read the attributes of", &t.path, e)),
-            };
-            let mut c = Changed {
-                file: f,
-                target: t.clone(),
-                old_mode,
-                old_immutable: None,
-            };
-            let new_mode = old_mode & !0o222;
-            if new_mode != old_mode {
-                // An immutable file refuses chmod even to root: lift it for the change.
-                if was_immutable == Some(true) {
-                    set_immutable(&c.file, t, false)?;
-                    c.old_immutable = Some(true);
-                }
-                let r = chmod(&c.file, t, new_mode);
-                if let Err(e) = r {
-                    changed.push(c);
-                    return Err(e);
-                }
-                ctx.info(format!(
-                    "{t}: mode {old_mode:04o} -> {new_mode:04o} (read-only)"
-                ));
-            }
-            let want_immutable = args.immutable || c.old_immutable == Some(true);
-            let now_immutable = match was_immutable {
-                None => {
-                    if args.immutable {
-                        ctx.warn(format!(
-                            "{t}: its filesystem does not support the immutable attribute; \
-                             it is read-only by its mode only"
-                        ));
-                    }
-                    false
-                }
-                Some(was) => {
-                    let now = c.old_immutable.map_or(was, |_| false);
-                    if want_immutable && !now {
-                        if let Err(e) = set_immutable(&c.file, t, true) {
-                            changed.push(c);
-                            return Err(e);
-                        }
-                        c.old_immutable.get_or_insert(false);
-                        if args.immutable {
-                            ctx.info(format!("{t}: immutable attribute set"));
-                        }
-                        true
-                    } else {
-                        now
-                    }
-                }
-            };
-            all_immutable &= now_immutable;
-            changed.push(c);
-        }
-        if dom.dom.autostart().map_err(|e| {
-            Error::libvirt(
-                format!("cannot read the autostart of domain '{}'", dom.name),
-                e,
-            )
-        })? {
-            dom.dom.set_autostart(false).map_err(|e| {
-                Error::libvirt(
-                    format!("cannot turn off autostart of domain '{}'", dom.name),
-                    e,
-                )
-            })?;
-            autostart_was_on = true;
-            ctx.info(format!("domain '{}': autostart turned off", dom.name));
-        }
-        Ok(all_immutable)
-    })();
-
-    let all_immutable = match res {
-        Ok(i) => i,
-        Err(e) => {
-            undo_lock(ctx, &dom, changed, autostart_was_on);
-            return Err(e);
-        }
-    };
-    let files_changed = changed
-        .iter()
-        .any(|c| c.old_immutable.is_some() || c.old_mode & 0o222 != 0);
-
+    let all_immutable =
+        !changes.is_empty() && changes.iter().all(|c| c.after.immutable == Some(true));
+    let files_change = changes.iter().any(|c| c.before != c.after);
+    let autostart = dom.dom.autostart().map_err(|e| {
+        Error::libvirt(
+            format!("cannot read the autostart of domain '{}'", shown(&dom.name)),
+            e,
+        )
+    })?;
     let mut new_meta = meta.clone();
     new_meta.template = TemplateState {
         locked: true,
@@ -364,170 +329,165 @@ fn lock_one(ctx: &mut Ctx, s: &Session, r: &DomainRef, args: &Args) -> Result<Re
         immutable: all_immutable,
         ..meta.template.clone()
     };
-    if !files_changed && !autostart_was_on && new_meta.template == meta.template {
+    if !files_change && !autostart && new_meta.template == meta.template {
         ctx.info(format!(
             "domain '{}' is already locked; nothing to do",
-            dom.name
+            shown(&dom.name)
         ));
         return dom.describe();
     }
-    let names: Vec<String> = targets.iter().map(ToString::to_string).collect();
-    new_meta.record_step(
-        TOOL,
-        format!(
-            "locked: read-only (a-w){}: {}",
-            if all_immutable { " and immutable" } else { "" },
-            if names.is_empty() {
-                "no writable files".to_string()
-            } else {
-                names.join(", ")
+    if args.dry_run {
+        ctx.info(format!("would lock domain '{}'", shown(&dom.name)));
+        for c in &changes {
+            for line in describe(&c.what, &c.before, &c.after) {
+                ctx.info(format!("would change {line}"));
             }
-        ),
-    );
-    if let Err(e) = dom.set_meta(&new_meta) {
-        undo_lock(ctx, &dom, changed, autostart_was_on);
+        }
+        if autostart {
+            ctx.info("would turn autostart off");
+        }
+        return dom.describe();
+    }
+
+    apply(ctx, &changes, &own)?;
+    let res = (|| {
+        if autostart {
+            dom.dom.set_autostart(false).map_err(|e| {
+                Error::libvirt(
+                    format!("cannot turn off autostart of domain '{}'", shown(&dom.name)),
+                    e,
+                )
+            })?;
+            ctx.info(format!(
+                "domain '{}': autostart turned off",
+                shown(&dom.name)
+            ));
+        }
+        new_meta.record_step(
+            TOOL,
+            format!(
+                "locked: read-only (a-w){}: {}",
+                if all_immutable { " and immutable" } else { "" },
+                if own.files.is_empty() {
+                    "no writable files".to_string()
+                } else {
+                    list(own.files.iter(), ", ")
+                }
+            ),
+        );
+        dom.set_meta(&new_meta)
+    })();
+    if let Err(e) = res {
+        undo(ctx, &changes, &own);
+        if autostart {
+            let _ = dom.dom.set_autostart(true);
+        }
         return Err(e);
     }
-    ctx.info(format!("locked domain '{}'", dom.name));
+    ctx.info(format!("locked domain '{}'", shown(&dom.name)));
     dom.describe()
 }
 
-/// Put the files and autostart back as they were after a failed lock, warning about
-/// whatever cannot be.
-fn undo_lock(ctx: &Ctx, dom: &Dom, changed: Vec<Changed>, autostart_was_on: bool) {
-    let mut problems = roll_back(changed);
-    if autostart_was_on {
-        if let Err(e) = dom.dom.set_autostart(true) {
-            problems.push(format!("cannot turn autostart back on: {e}"));
-        }
+/// An already locked template passed (or forced) this check when it was locked.
+fn check_generalized(ctx: &Ctx, dom: &Dom, meta: &Meta, force: bool) -> Result<()> {
+    if meta.template.generalized.is_some() || meta.template.locked {
+        return Ok(());
     }
-    for p in problems {
-        ctx.warn(format!("while undoing the lock of '{}': {p}", dom.name));
+    if !force {
+        return Err(Error::refused(
+            format!("cannot lock domain '{}'", shown(&dom.name)),
+            format!(
+                "it is not generalized, so every clone would share its identity; run \
+                 tpl-generalize {} first, or pass --force if you sealed it yourself",
+                shown(&dom.name)
+            ),
+        ));
     }
-}
-
-fn set_immutable(f: &File, t: &Target, on: bool) -> Result<()> {
-    fsattr::set_immutable(f, on).map(drop).map_err(|e| {
-        let what = if on {
-            "cannot set the immutable attribute of"
-        } else {
-            "cannot clear the immutable attribute of"
-        };
-        Error::io(format!("{what} {}", t.what), &t.path, e)
-    })
+    ctx.warn(format!(
+        "domain '{}' is not generalized; locking it anyway (--force)",
+        shown(&dom.name)
+    ));
+    Ok(())
 }
 
 fn unlock_one(ctx: &mut Ctx, s: &Session, r: &DomainRef, args: &Args) -> Result<Record> {
-    let dom = Dom::lookup(s, r)?;
+    let mut dom = Dom::lookup(s, r)?;
+    let _held = ctx.lock(&mut dom)?;
     dom.require_shut_off("unlock")?;
     let meta = dom.meta()?;
-    let targets = plan(ctx, &dom, "unlock")?;
-
-    let images: Vec<PathBuf> = targets
-        .iter()
-        .filter(|t| t.is_disk)
-        .map(|t| t.path.clone())
-        .collect();
-    let deps = dom.dependents(&images)?;
-    if !deps.is_empty() {
-        let list: Vec<String> = deps.iter().map(ToString::to_string).collect();
+    let own = OwnFiles::of(&dom.name, &dom.xml()?, "unlock")?;
+    let others = dom.others()?;
+    own.check_not_shared(&dom.name, "unlock", others.iter().map(|o| &o.files))?;
+    let deps = dom.dependents(&own.images(), &others, &meta.overlays)?;
+    if !deps.list.is_empty() {
+        let names = list(deps.list.iter(), "; ");
         if !args.force {
             return Err(Error::refused(
-                format!("cannot unlock domain '{}'", dom.name),
+                format!("cannot unlock domain '{}'", shown(&dom.name)),
                 format!(
-                    "linked clones depend on its images: {}; a change to the template would \
-                     corrupt them: remove them (or flatten them with 'qemu-img rebase' or \
-                     'virsh blockpull') first, or pass --force",
-                    list.join("; ")
+                    "{} linked clones depend on its images: {names}; a change to the template \
+                     would corrupt them: remove them (or flatten them with 'qemu-img rebase' or \
+                     'virsh blockpull') first, or pass --force ({})",
+                    deps.list.len(),
+                    deps.looked
                 ),
             ));
         }
         ctx.warn(format!(
-            "unlocking domain '{}' although linked clones depend on its images (--force); \
-             any write to the template corrupts them: {}",
-            dom.name,
-            list.join("; ")
+            "unlocking domain '{}' although {} linked clones depend on its images (--force); \
+             any write to the template corrupts them: {names}",
+            shown(&dom.name),
+            deps.list.len()
         ));
     }
-
-    let mut changed = Vec::new();
-    let res = (|| -> Result<()> {
-        for t in &targets {
-            let f = open_target(t)?;
-            let old_mode = mode_of(&f, t)?;
-            let mut c = Changed {
-                file: f,
-                target: t.clone(),
-                old_mode,
-                old_immutable: None,
-            };
-            match fsattr::is_immutable(&c.file) {
-                Ok(true) => {
-                    set_immutable(&c.file, t, false)?;
-                    c.old_immutable = Some(true);
-                    ctx.info(format!("{t}: immutable attribute cleared"));
-                }
-                Ok(false) => {}
-                Err(e) if fsattr::is_unsupported(&e) => {}
-                Err(e) => return Err(Error::io("cannot read the attributes of", &t.path, e)),
-            }
-            let new_mode = old_mode | 0o200;
-            if new_mode != old_mode {
-                if let Err(e) = chmod(&c.file, t, new_mode) {
-                    changed.push(c);
-                    return Err(e);
-                }
-                ctx.info(format!(
-                    "{t}: mode {old_mode:04o} -> {new_mode:04o} (owner writes)"
-                ));
-            }
-            changed.push(c);
-        }
-        Ok(())
-    })();
-    if let Err(e) = res {
-        for p in roll_back(changed) {
-            ctx.warn(format!("while undoing the unlock of '{}': {p}", dom.name));
-        }
-        return Err(e);
-    }
-    let files_changed = changed
-        .iter()
-        .any(|c| c.old_immutable.is_some() || c.old_mode & 0o200 == 0);
-
+    let changes = plan(&own, |_, b| FileState {
+        mode: b.mode | 0o200,
+        immutable: b.immutable.map(|_| false),
+        ..*b
+    })?;
+    let files_change = changes.iter().any(|c| c.before != c.after);
     let mut new_meta = meta.clone();
     new_meta.template.locked = false;
     new_meta.template.locked_at = None;
     new_meta.template.immutable = false;
-    if !files_changed && new_meta.template == meta.template {
+    // Registrations of overlays that are gone are of no use any more.
+    new_meta.overlays.retain(|o| o.path.exists());
+    if !files_change && new_meta == meta {
         ctx.info(format!(
             "domain '{}' is not locked; nothing to do",
-            dom.name
+            shown(&dom.name)
         ));
         return dom.describe();
     }
-    let names: Vec<String> = targets.iter().map(ToString::to_string).collect();
+    if args.dry_run {
+        ctx.info(format!("would unlock domain '{}'", shown(&dom.name)));
+        for c in &changes {
+            for line in describe(&c.what, &c.before, &c.after) {
+                ctx.info(format!("would change {line}"));
+            }
+        }
+        return dom.describe();
+    }
+    apply(ctx, &changes, &own)?;
     new_meta.record_step(
         TOOL,
         format!(
             "unlocked{}: owner writes {}",
-            if deps.is_empty() {
+            if deps.list.is_empty() {
                 ""
             } else {
                 " (forced past linked clones)"
             },
-            names.join(", ")
+            list(own.files.iter(), ", ")
         ),
     );
     if let Err(e) = dom.set_meta(&new_meta) {
-        for p in roll_back(changed) {
-            ctx.warn(format!("while undoing the unlock of '{}': {p}", dom.name));
-        }
+        undo(ctx, &changes, &own);
         return Err(e);
     }
     ctx.info(format!(
-        "unlocked domain '{}'; lock it again with 'tpl-lock {}' when the maintenance is done",
-        dom.name, dom.name
+        "unlocked domain '{0}'; lock it again with 'tpl-lock {0}' when the maintenance is done",
+        shown(&dom.name)
     ));
     dom.describe()
 }
@@ -535,45 +495,61 @@ fn unlock_one(ctx: &mut Ctx, s: &Session, r: &DomainRef, args: &Args) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
+    use tpl_common::ownfiles::Role;
 
-    fn target(p: &Path) -> Target {
-        Target {
-            what: "disk vda".into(),
+    fn own(p: &std::path::Path) -> OwnFile {
+        let m = std::fs::symlink_metadata(p).unwrap();
+        OwnFile {
+            role: Role::Disk {
+                target: "vda".into(),
+            },
             path: p.to_path_buf(),
-            is_disk: true,
+            format: None,
+            dev: m.dev(),
+            ino: m.ino(),
         }
     }
 
     #[test]
-    fn open_target_never_follows_a_symlink() {
+    fn open_own_never_follows_a_symlink_nor_takes_another_file() {
         let d = tempfile::tempdir().unwrap();
         let real = d.path().join("real.img");
         let link = d.path().join("link.img");
         std::fs::write(&real, b"x").unwrap();
         std::os::unix::fs::symlink(&real, &link).unwrap();
-        assert!(open_target(&target(&real)).is_ok());
-        let e = open_target(&target(&link)).unwrap_err();
-        assert!(e.to_string().contains("link.img"), "{e}");
+        let f = own(&real);
+        assert!(open_own(&f).is_ok());
+        let mut l = f.clone();
+        l.path = link;
+        assert!(open_own(&l).is_err());
+        // Replaced by another file since the check (the old one kept, so that its inode
+        // number cannot be reused for the new one).
+        std::fs::rename(&real, d.path().join("old.img")).unwrap();
+        std::fs::write(&real, b"y").unwrap();
+        assert_eq!(open_own(&f).unwrap_err().exit_code(), 3);
     }
 
     #[test]
-    fn roll_back_restores_the_mode() {
+    fn a_state_goes_and_comes_back() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("a.img");
         std::fs::write(&p, b"x").unwrap();
-        let t = target(&p);
-        let f = open_target(&t).unwrap();
-        chmod(&f, &t, 0o640).unwrap();
-        chmod(&f, &t, 0o440).unwrap();
-        let problems = roll_back(vec![Changed {
-            file: f,
-            target: t.clone(),
-            old_mode: 0o640,
-            old_immutable: None,
-        }]);
-        assert!(problems.is_empty(), "{problems:?}");
-        let f = open_target(&t).unwrap();
-        assert_eq!(mode_of(&f, &t).unwrap(), 0o640);
+        std::fs::set_permissions(&p, Permissions::from_mode(0o640)).unwrap();
+        let f = own(&p);
+        let file = open_own(&f).unwrap();
+        let before = read_state(&file, &f).unwrap();
+        assert_eq!(before.mode, 0o640);
+        let after = FileState {
+            mode: 0o440,
+            ..before
+        };
+        write_state(&file, &p, &before, &after).unwrap();
+        assert_eq!(read_state(&file, &f).unwrap().mode, 0o440);
+        assert_eq!(
+            describe("disk vda", &before, &after),
+            ["disk vda: mode 0640 -> 0440"]
+        );
+        write_state(&file, &p, &after, &before).unwrap();
+        assert_eq!(read_state(&file, &f).unwrap(), before);
     }
 }

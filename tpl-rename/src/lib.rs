@@ -1,15 +1,17 @@
-//! tpl-rename: rename a shut-off domain, and with `--disks` its image and NVRAM files, all or nothing.
+//! tpl-rename: rename a shut-off domain, and with `--disks` its image and NVRAM files, all or nothing and crash-safe.
 
-use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
 use tpl_common::cli::{self, Common, Ctx};
 use tpl_common::error::{Error, Result};
-use tpl_common::fsutil::{fsync_dir, rename_noreplace};
+use tpl_common::journal::rename::{Intent, Move};
 use tpl_common::names::validate_name;
+use tpl_common::ownfiles::{renamed_file, Naming, OwnFiles, Role};
 use tpl_common::record::{DomainRef, Record};
 use tpl_common::session::{Dom, Session};
+use tpl_common::state;
+use tpl_common::text::{list, shown, shown_path};
 
 const TOOL: &str = "tpl-rename";
 
@@ -19,6 +21,16 @@ const TOOL: &str = "tpl-rename";
 /// NEW_NAME usually holds `{name}`, which stands for each domain's current name:
 ///
 ///     tpl-generalize VM | tpl-lock | tpl-rename 'Tpl-{name}'
+///
+/// With --disks the image and NVRAM files named after the domain follow the name
+/// (VM.qcow2 -> NEW.qcow2, VM-data.qcow2 -> NEW-data.qcow2, VM_VARS.fd -> NEW_VARS.fd; a
+/// file named otherwise becomes NEW.EXT, or NEW-TARGET.EXT when there are several
+/// disks). It is all or nothing: a failure puts everything back and says so, and a
+/// rename killed at any point (kill -9, a crash) is finished or rolled back by the next
+/// run of any tpl tool that touches the domain, from the journal it keeps in
+/// $TPL_STATE_DIR/rename-journal (default /var/lib/tpl). It refuses while another image
+/// uses one of the files as its backing file (a linked clone, even one no domain names),
+/// while another domain names one of them, and it never overwrites a file.
 ///
 /// Renaming a domain to the name it has already is a success that changes nothing.
 /// Prints the renamed domain's record on stdout.
@@ -35,7 +47,7 @@ pub struct Args {
     disks: bool,
 
     /// Say what would be renamed, and change nothing
-    #[arg(long)]
+    #[arg(short = 'n', long)]
     dry_run: bool,
 
     #[command(flatten)]
@@ -57,14 +69,6 @@ pub fn main() -> ExitCode {
     )
 }
 
-/// One file to move: where it is and where it goes.
-#[derive(Debug)]
-struct Move {
-    what: String,
-    from: PathBuf,
-    to: PathBuf,
-}
-
 fn rename_one(
     ctx: &mut Ctx,
     s: &Session,
@@ -73,277 +77,207 @@ fn rename_one(
     args: &Args,
 ) -> Result<Record> {
     let mut dom = Dom::lookup(s, r)?;
+    let _held = ctx.lock(&mut dom)?;
     let old = dom.name.clone();
     let new = pattern.replace("{name}", &old);
     validate_name("new domain name", &new).map_err(|e| match e {
-        Error::Usage { what, why } => {
-            Error::usage(format!("cannot rename domain '{old}': {what}"), why)
-        }
+        Error::Usage { what, why } => Error::usage(
+            format!("cannot rename domain '{}': {what}", shown(&old)),
+            why,
+        ),
         e => e,
     })?;
     if new == old {
         ctx.info(format!(
-            "domain '{old}' already has that name; nothing to do"
+            "domain '{}' already has that name; nothing to do",
+            shown(&old)
         ));
         return dom.describe();
     }
     dom.require_shut_off("rename")?;
     if s.name_taken(&new)? {
         return Err(Error::refused(
-            format!("cannot rename domain '{old}' to '{new}'"),
-            format!("a domain named '{new}' already exists"),
+            format!(
+                "cannot rename domain '{}' to '{}'",
+                shown(&old),
+                shown(&new)
+            ),
+            format!("a domain named '{}' already exists", shown(&new)),
         ));
     }
-    let moves = if args.disks {
-        plan_moves(&dom, &new)?
+    let intent = if args.disks {
+        Some(plan(ctx, &dom, &new)?)
     } else {
-        Vec::new()
+        None
     };
 
     if args.dry_run {
-        ctx.info(format!("would rename domain '{old}' to '{new}'"));
-        for m in &moves {
+        ctx.info(format!(
+            "would rename domain '{}' to '{}'",
+            shown(&old),
+            shown(&new)
+        ));
+        for m in intent.iter().flat_map(|i| &i.moves) {
             ctx.info(format!(
                 "would rename {} '{}' to '{}'",
-                m.what,
-                m.from.display(),
-                m.to.display()
+                m.role,
+                shown_path(&m.from),
+                shown_path(&m.to)
             ));
         }
         return dom.describe();
     }
 
-    // Ctrl-C, a closed terminal or a broken pipe between the domain rename and the file
-    // moves would leave a definition naming files that moved: they wait until the domain
-    // and its files agree again, renamed or rolled back.
-    let res = tpl_common::cli::uninterrupted(|| {
-        let mut undo = Undo::default();
-        let res = apply(ctx, &mut dom, &old, &new, &moves, &mut undo);
-        if res.is_err() {
-            for p in undo.roll_back(&dom, &old) {
-                ctx.warn(format!("while undoing the rename of '{old}': {p}"));
+    match &intent {
+        None => rename_domain(&dom, &old, &new)?,
+        Some(intent) => rename_with_files(ctx, &mut dom, intent)?,
+    }
+    dom.refresh_name()?;
+    ctx.info(format!(
+        "renamed domain '{}' to '{}'",
+        shown(&old),
+        shown(&new)
+    ));
+    for m in intent.iter().flat_map(|i| &i.moves) {
+        ctx.info(format!(
+            "renamed {} '{}' to '{}'",
+            m.role,
+            shown_path(&m.from),
+            shown_path(&m.to)
+        ));
+    }
+    let mut meta = dom.meta()?;
+    meta.record_step(
+        TOOL,
+        format!(
+            "renamed '{old}' to '{new}'{}",
+            if intent.is_some() {
+                " with its files"
+            } else {
+                ""
             }
+        ),
+    );
+    if let Err(e) = dom.set_meta(&meta) {
+        // The rename stands; only its line in the history is missing.
+        ctx.warn(format!(
+            "the rename is done, but its history entry is not: {e}"
+        ));
+    }
+    if let Some(i) = &intent {
+        for dir in i.moves.iter().filter_map(|m| m.to.parent()) {
+            s.refresh_pools_for(dir);
         }
-        res
-    });
-    res?;
-    for dir in moves.iter().filter_map(|m| m.to.parent()) {
-        s.refresh_pools_for(dir);
     }
     dom.describe()
 }
 
-/// Where each writable file of the domain goes, checked before anything moves.
-fn plan_moves(dom: &Dom, new: &str) -> Result<Vec<Move>> {
-    let x = dom.xml()?;
-    let disks: Vec<_> = x.disks().into_iter().filter(|d| d.is_writable()).collect();
-    let mut moves = Vec::new();
-    for d in &disks {
-        if d.kind != "file" {
-            return Err(Error::refused(
-                format!("cannot rename the files of domain '{}'", dom.name),
-                format!(
-                    "disk {} is a {} disk, not a file; rename without --disks",
-                    d.target, d.kind
-                ),
-            ));
+fn rename_domain(dom: &Dom, old: &str, new: &str) -> Result<()> {
+    dom.dom.rename(new, 0).map_err(|e| {
+        Error::libvirt(
+            format!("cannot rename domain '{}' to '{}'", shown(old), shown(new)),
+            e,
+        )
+    })
+}
+
+/// Where each own file goes, all checked before anything moves.
+fn plan(ctx: &Ctx, dom: &Dom, new: &str) -> Result<Intent> {
+    let action = "rename the files of";
+    let own = OwnFiles::of(&dom.name, &dom.xml()?, action).map_err(|e| match e {
+        Error::Refused { what, why } => {
+            Error::refused(what, format!("{why}; or rename the domain without --disks"))
         }
-        // A file disk without a source (an empty drive) has nothing to rename.
-        let Some(path) = d.path.clone() else { continue };
-        let suffix = (disks.len() > 1).then_some(d.target.as_str());
-        let to = renamed(&path, &dom.name, new, suffix);
-        moves.push(Move {
-            what: format!("disk {}", d.target),
-            from: path,
-            to,
-        });
+        e => e,
+    })?;
+    if let Some(note) = own.missing_nvram_note(&dom.name) {
+        ctx.info(note);
     }
-    if let Some(why) = x.nvram_not_a_file() {
-        return Err(Error::refused(
-            format!("cannot rename the files of domain '{}'", dom.name),
-            format!("{why}; rename without --disks"),
-        ));
-    }
-    if let Some(nv) = x.nvram() {
-        let to = renamed(&nv, &dom.name, new, None);
-        moves.push(Move {
-            what: "NVRAM".into(),
-            from: nv,
-            to,
-        });
-    }
+    let others = dom.others()?;
+    own.check_not_shared(&dom.name, action, others.iter().map(|o| &o.files))?;
     let refuse = |why: String| {
         Error::refused(
-            format!("cannot rename the files of domain '{}'", dom.name),
+            format!("cannot rename the files of domain '{}'", shown(&dom.name)),
             why,
         )
     };
-    for (i, m) in moves.iter().enumerate() {
-        // A file that cannot be looked at is a failure, not a refusal (exit 1, as tpl-lock).
-        let meta = std::fs::symlink_metadata(&m.from).map_err(|e| {
-            Error::failed(
-                format!("cannot rename the files of domain '{}'", dom.name),
-                format!("{} '{}': {e}", m.what, m.from.display()),
-            )
-        })?;
-        if !meta.file_type().is_file() {
-            return Err(refuse(format!(
-                "{} '{}' is not a regular file (a symlink?)",
-                m.what,
-                m.from.display()
-            )));
-        }
-        if m.to.symlink_metadata().is_ok() || moves[..i].iter().any(|o| o.to == m.to) {
-            return Err(refuse(format!(
-                "'{}' already exists; nothing is ever overwritten",
-                m.to.display()
-            )));
-        }
-    }
-    let images: Vec<PathBuf> = moves
-        .iter()
-        .filter(|m| m.what != "NVRAM")
-        .map(|m| m.from.clone())
-        .collect();
-    let deps = dom.dependents(&images)?;
-    if !deps.is_empty() {
-        let list: Vec<String> = deps.iter().map(ToString::to_string).collect();
+    let deps = dom.dependents(&own.images(), &others, &dom.meta()?.overlays)?;
+    if !deps.list.is_empty() {
         return Err(refuse(format!(
-            "its images are in use by: {}",
-            list.join("; ")
+            "its images are in use by {} linked clones: {} ({})",
+            deps.list.len(),
+            list(deps.list.iter(), "; "),
+            deps.looked
         )));
     }
-    Ok(moves)
+    let several = own.disks().count() > 1;
+    let mut moves: Vec<Move> = Vec::new();
+    for f in &own.files {
+        let naming = match &f.role {
+            Role::Disk { target } => Naming::Disk {
+                target,
+                several,
+                ext: None,
+            },
+            Role::Nvram => Naming::Nvram,
+        };
+        let to = renamed_file(&f.path, &dom.name, new, naming);
+        if to.symlink_metadata().is_ok() || moves.iter().any(|m| m.to == to) {
+            return Err(refuse(format!(
+                "'{}' already exists; nothing is ever overwritten",
+                shown_path(&to)
+            )));
+        }
+        moves.push(Move {
+            role: f.role.clone(),
+            from: f.path.clone(),
+            to,
+            dev: f.dev,
+            ino: f.ino,
+        });
+    }
+    Ok(Intent {
+        uri: dom.session.uri.clone(),
+        uuid: dom.uuid.clone(),
+        old: dom.name.clone(),
+        new: new.to_string(),
+        moves,
+    })
 }
 
-/// The file name after the rename: the old name in it becomes the new one
-/// (`VM.qcow2` -> `NEW.qcow2`, `VM-data.qcow2` -> `NEW-data.qcow2`, `VM_VARS.fd` ->
-/// `NEW_VARS.fd`); a file not named after the domain is named `NEW[-TARGET].EXT`.
-fn renamed(path: &Path, old: &str, new: &str, target: Option<&str>) -> PathBuf {
-    let file = path
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let name = match file.strip_prefix(old) {
-        Some(rest) if rest.is_empty() || rest.starts_with(['.', '-', '_']) => {
-            format!("{new}{rest}")
-        }
-        _ => {
-            let ext = path
-                .extension()
-                .map(|e| format!(".{}", e.to_string_lossy()))
-                .unwrap_or_default();
-            match target {
-                Some(t) => format!("{new}-{t}{ext}"),
-                None => format!("{new}{ext}"),
-            }
-        }
+/// The rename with its files, as the journal's module describes: journal, move, point
+/// the definition at the new files, rename (the commit). A failure before the commit
+/// undoes it all and says so.
+fn rename_with_files(ctx: &Ctx, dom: &mut Dom, intent: &Intent) -> Result<()> {
+    let journal = intent.journal(&state::rename_journal_dir())?;
+    let res = (|| {
+        intent.move_files(true, true)?;
+        ctx.intr.check()?;
+        intent.point_definition(dom, true)?;
+        ctx.intr.check()?;
+        // The commit: from here on the rename stands.
+        rename_domain(dom, &intent.old, &intent.new)
+    })();
+    let Err(e) = res else {
+        journal.close();
+        return Ok(());
     };
-    path.with_file_name(name)
-}
-
-/// What has been done so far, to put back on failure.
-#[derive(Debug, Default)]
-struct Undo {
-    renamed_domain: bool,
-    moved: Vec<(PathBuf, PathBuf)>,
-    old_xml: Option<tpl_common::domxml::DomainXml>,
-}
-
-impl Undo {
-    /// Put everything back in reverse order; returns what could not be.
-    fn roll_back(&mut self, dom: &Dom, old: &str) -> Vec<String> {
-        let mut problems = Vec::new();
-        if let Some(x) = self.old_xml.take() {
-            if let Err(e) = dom.redefine(&x) {
-                problems.push(e.to_string());
-            }
-        }
-        for (from, to) in self.moved.drain(..).rev() {
-            if let Err(e) = rename_noreplace(&to, &from) {
-                problems.push(e.to_string());
-            }
-        }
-        if self.renamed_domain {
-            if let Err(e) = dom.dom.rename(old, 0) {
-                problems.push(format!("cannot rename the domain back to '{old}': {e}"));
-            }
-        }
-        problems
+    let problems = intent.roll_back(dom);
+    if problems.is_empty() {
+        journal.close();
+        ctx.warn(format!(
+            "rolled back: domain '{}' keeps its name and its files",
+            shown(&intent.old)
+        ));
+    } else {
+        // The journal stays (its lock goes with this process): the next tpl run that
+        // touches the domain finishes the roll-back.
+        ctx.warn(format!(
+            "could not roll back the rename of '{}' completely: {}; the next tpl run that \
+             touches the domain finishes it",
+            shown(&intent.old),
+            list(problems, "; ")
+        ));
     }
-}
-
-fn apply(
-    ctx: &Ctx,
-    dom: &mut Dom,
-    old: &str,
-    new: &str,
-    moves: &[Move],
-    undo: &mut Undo,
-) -> Result<()> {
-    dom.dom
-        .rename(new, 0)
-        .map_err(|e| Error::libvirt(format!("cannot rename domain '{old}' to '{new}'"), e))?;
-    undo.renamed_domain = true;
-    dom.refresh_name()?;
-    ctx.info(format!("renamed domain '{old}' to '{new}'"));
-
-    if !moves.is_empty() {
-        // The definition libvirt keeps after the rename, pointed at the new files.
-        let mut x = dom.xml()?;
-        undo.old_xml = Some(x.clone());
-        for m in moves {
-            rename_noreplace(&m.from, &m.to)?;
-            undo.moved.push((m.from.clone(), m.to.clone()));
-            match m.what.strip_prefix("disk ") {
-                Some(target) => x.set_disk_path(target, &m.to)?,
-                None => x.set_nvram(&m.to)?,
-            }
-        }
-        for dir in moves.iter().filter_map(|m| m.to.parent()) {
-            fsync_dir(dir)?;
-        }
-        dom.redefine(&x)?;
-        for m in moves {
-            ctx.info(format!(
-                "renamed {} '{}' to '{}'",
-                m.what,
-                m.from.display(),
-                m.to.display()
-            ));
-        }
-    }
-    let mut meta = dom.meta()?;
-    meta.record_step(TOOL, format!("renamed '{old}' to '{new}'"));
-    dom.set_meta(&meta)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn files_follow_the_name() {
-        let p = |s: &str| PathBuf::from(s);
-        assert_eq!(
-            renamed(&p("/i/VM.qcow2"), "VM", "Tpl", None),
-            p("/i/Tpl.qcow2")
-        );
-        assert_eq!(
-            renamed(&p("/i/VM-data.qcow2"), "VM", "Tpl", Some("vdb")),
-            p("/i/Tpl-data.qcow2")
-        );
-        assert_eq!(
-            renamed(&p("/n/VM_VARS.fd"), "VM", "Tpl", None),
-            p("/n/Tpl_VARS.fd")
-        );
-        assert_eq!(
-            renamed(&p("/i/VMware.img"), "VM", "Tpl", None),
-            p("/i/Tpl.img")
-        );
-        assert_eq!(
-            renamed(&p("/i/disk.img"), "VM", "Tpl", Some("vdb")),
-            p("/i/Tpl-vdb.img")
-        );
-    }
+    Err(e)
 }

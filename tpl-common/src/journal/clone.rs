@@ -1,8 +1,7 @@
-//! The journal of what a run creates, so that whatever a run killed with -9 left behind is removed by the next one.
+//! tpl-clone's journal: what a run creates, so that whatever a run killed with -9 left is removed by the next run of any tool.
 //!
 //! Each run appends JSON lines to `<state>/clone-journal/tpl-clone-<pid>-<random>.journal`
-//! (the random part because pids are reused, and a dead run's journal that could not be
-//! cleaned yet must not be replaced), each synced before the step it announces:
+//! (see [`super`]), each synced before the step it announces:
 //!
 //! - `clone`: a clone is started (its name, UUID and libvirt URI);
 //! - `tmp`: a temporary file is about to be created (its name carries this host's name and
@@ -22,22 +21,23 @@
 //! killed between the definition and the mark. A normal run removes its journal at the
 //! end.
 //!
-//! A run holds an exclusive flock on its journal for its whole life, and the kernel drops
-//! it when the process dies however it dies: a journal whose lock can be taken belongs to
-//! a dead run. Unlike a pid check this survives pid reuse and renamed binaries, and two
-//! cleaners never clean one journal at once (the second cannot take the lock).
+//! Only the journals of the connection a tool uses are cleaned: another's clones are
+//! not this connection's to judge.
 
 use std::collections::BTreeSet;
-use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
-use tpl_common::error::{Error, IoContext, Result};
-use tpl_common::fsutil::rename_noreplace;
+
+use super::{dead, foreign_live_pids, pid_exists, Journal};
+use crate::error::{IoContext, Result};
+use crate::text::shown_path;
+
+/// The journal kind, and the start of its file names.
+pub const KIND: &str = "tpl-clone";
 
 /// One line of the journal.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,183 +66,50 @@ pub enum Entry {
     },
 }
 
-/// Where tpl keeps state that is not the domains': `$TPL_STATE_DIR`, else /var/lib/tpl
-/// for root, else `$XDG_STATE_HOME/tpl` (or ~/.local/state/tpl).
-pub fn state_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("TPL_STATE_DIR").filter(|d| !d.is_empty()) {
-        return PathBuf::from(d);
-    }
-    if nix::unistd::geteuid().is_root() {
-        return PathBuf::from("/var/lib/tpl");
-    }
-    std::env::var_os("XDG_STATE_HOME")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/state")))
-        .unwrap_or_else(|| PathBuf::from("/tmp"))
-        .join("tpl")
+/// Note the file at `tmp` (finished) before renaming it to `final_path`.
+pub fn log_file(j: &mut Journal, uuid: &str, tmp: &Path, final_path: &Path) -> Result<()> {
+    let m = fs::symlink_metadata(tmp).ctx("cannot stat", tmp)?;
+    j.log(&Entry::File {
+        uuid: uuid.into(),
+        path: final_path.to_path_buf(),
+        dev: m.dev(),
+        ino: m.ino(),
+    })
 }
 
-pub fn journal_dir() -> PathBuf {
-    state_dir().join("clone-journal")
-}
-
-/// This run's journal, open for appending and locked while the run lives.
-#[derive(Debug)]
-pub struct Journal {
-    path: PathBuf,
-    file: Flock<File>,
-}
-
-impl Journal {
-    /// Create this run's journal in `dir`. It is locked under a temporary name and only
-    /// then renamed to its own, so a cleaner never sees it unlocked. Neither step ever
-    /// replaces a file: an older journal under the same name is a dead run's that a
-    /// cleaner kept on purpose (libvirt could not tell what it finished).
-    pub fn create(dir: &Path) -> Result<Journal> {
-        fs::create_dir_all(dir).ctx("cannot create the journal directory", dir)?;
-        let pid = std::process::id();
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            let rand = &uuid::Uuid::new_v4().simple().to_string()[..8];
-            let path = dir.join(format!("tpl-clone-{pid}-{rand}.journal"));
-            let new = path.with_extension("journal-new");
-            let file = match OpenOptions::new().create_new(true).write(true).open(&new) {
-                Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 8 => continue,
-                Err(e) => return Err(e).ctx("cannot create the journal", &new),
-            };
-            // Blocking: a cleaner may hold the lock for a moment to look (only when it
-            // takes our pid for a dead one's, e.g. from another pid namespace).
-            let file = match Flock::lock(file, FlockArg::LockExclusive) {
-                Ok(f) => f,
-                Err((_, e)) => {
-                    let _ = fs::remove_file(&new);
-                    return Err(e).ctx("cannot lock the journal", &new);
-                }
-            };
-            match rename_noreplace(&new, &path) {
-                Ok(()) => {}
-                Err(Error::Refused { .. }) if tries < 8 => {
-                    let _ = fs::remove_file(&new);
-                    continue;
-                }
-                Err(e) => {
-                    let _ = fs::remove_file(&new);
-                    return Err(e);
-                }
-            }
-            tpl_common::fsutil::fsync_dir(dir)?;
-            return Ok(Journal { path, file });
-        }
-    }
-
-    /// Append one entry and make it durable before the step it announces.
-    pub fn log(&mut self, e: &Entry) -> Result<()> {
-        let mut line = serde_json::to_string(e).expect("an entry always serializes");
-        line.push('\n');
-        self.file
-            .write_all(line.as_bytes())
-            .and_then(|_| self.file.sync_data())
-            .ctx("cannot write the journal", &self.path)
-    }
-
-    /// Note the file at `tmp` (finished) before renaming it to `final_path`.
-    pub fn log_file(&mut self, uuid: &str, tmp: &Path, final_path: &Path) -> Result<()> {
-        let m = fs::symlink_metadata(tmp).ctx("cannot stat", tmp)?;
-        self.log(&Entry::File {
-            uuid: uuid.into(),
-            path: final_path.to_path_buf(),
-            dev: m.dev(),
-            ino: m.ino(),
-        })
-    }
-
-    /// The run is over and everything it did is either finished or removed.
-    pub fn close(self) {
-        let _ = fs::remove_file(&self.path);
-    }
-}
-
-/// Whether a process with this pid exists at all (for temporary files without a journal:
-/// unsure means alive).
-fn pid_exists(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// What a file in the journal directory is: a journal (`tpl-clone-<pid>-<random>.journal`)
-/// or one being created (`.journal-new`), and the pid of its run. None for anything else.
-fn journal_name(p: &Path) -> Option<(u32, bool)> {
-    let name = p.file_name()?.to_str()?.strip_prefix("tpl-clone-")?;
-    let (id, new) = match name.strip_suffix(".journal") {
-        Some(id) => (id, false),
-        None => (name.strip_suffix(".journal-new")?, true),
-    };
-    let (pid, rand) = id.split_once('-')?;
-    if rand.is_empty() || !rand.chars().all(|c| c.is_ascii_hexdigit()) {
-        return None;
-    }
-    Some((pid.parse().ok()?, new))
-}
-
-/// The journal's lock, if its run is dead (nobody holds it).
-fn lock_if_dead(path: &Path) -> Option<Flock<File>> {
-    let f = File::open(path).ok()?;
-    Flock::lock(f, FlockArg::LockExclusiveNonblock).ok()
-}
-
-/// Clean every journal in `dir` whose run is dead. `domain_exists(uri, uuid)` says whether
-/// a clone was finished (`None`: cannot tell, keep the journal for a later run). Returns
-/// what was removed, for the messages.
+/// Clean every journal in `dir` whose run is dead and whose clones are all on `uri`.
+/// `domain_exists(uuid)` says whether a clone was finished (`None`: cannot tell, keep the
+/// journal for a later run). Returns what was removed, for the messages.
 pub fn clean_dead(
     dir: &Path,
-    mut domain_exists: impl FnMut(&str, &str) -> Option<bool>,
+    uri: &str,
+    mut domain_exists: impl FnMut(&str) -> Option<bool>,
 ) -> Vec<String> {
     let mut done = Vec::new();
-    let Ok(rd) = fs::read_dir(dir) else {
-        return done;
-    };
-    for e in rd.flatten() {
-        let path = e.path();
-        // A run killed while creating its journal left it under the new name, before any
-        // entry: nothing to clean but the file (the pid check keeps a run that has
-        // created it and not yet locked it).
-        let Some((pid, new)) = journal_name(&path) else {
-            continue;
-        };
-        if new {
-            if !pid_exists(pid) && lock_if_dead(&path).is_some() && fs::remove_file(&path).is_ok() {
-                done.push(format!("empty journal '{}'", path.display()));
-            }
+    for d in dead::<Entry>(dir, KIND) {
+        let ours = d
+            .entries
+            .iter()
+            .all(|e| !matches!(e, Entry::Clone { uri: u, .. } if u != uri));
+        if !ours {
             continue;
         }
-        let Some(_lock) = lock_if_dead(&path) else {
-            continue;
-        };
-        if let Ok(removed) = clean_one(&path, &mut domain_exists) {
+        if let Some(removed) = clean_one(&d.entries, &mut domain_exists) {
             done.extend(removed);
-            // Removed while still locked, so no other cleaner reads it half-done.
-            let _ = fs::remove_file(&path);
+            d.remove();
         }
     }
     done
 }
 
+/// Undo the unfinished clones of one dead journal; None to keep it (libvirt cannot tell).
 fn clean_one(
-    journal: &Path,
-    domain_exists: &mut impl FnMut(&str, &str) -> Option<bool>,
-) -> Result<Vec<String>> {
-    let f = File::open(journal).ctx("cannot open the journal", journal)?;
-    // A line cut short by the kill is ignored: the step it announced never started.
-    let entries: Vec<Entry> = BufReader::new(f)
-        .lines()
-        .map_while(|l| l.ok())
-        .filter_map(|l| serde_json::from_str(&l).ok())
-        .collect();
+    entries: &[Entry],
+    domain_exists: &mut impl FnMut(&str) -> Option<bool>,
+) -> Option<Vec<String>> {
     // In journal order: a clone undone after it was done is unfinished again.
     let mut finished = BTreeSet::new();
-    for e in &entries {
+    for e in entries {
         match e {
             Entry::Done { uuid } => {
                 finished.insert(uuid.as_str());
@@ -254,29 +121,23 @@ fn clean_one(
         }
     }
     let mut removed = Vec::new();
-    for e in &entries {
-        let Entry::Clone { name, uuid, uri } = e else {
+    for e in entries {
+        let Entry::Clone { name, uuid, .. } = e else {
             continue;
         };
         if finished.contains(uuid.as_str()) {
             continue;
         }
-        match domain_exists(uri, uuid) {
-            Some(true) => continue, // finished: its files are the domain's now
-            Some(false) => {}
-            None => {
-                return Err(Error::failed(
-                    "cannot tell whether a clone was finished",
-                    format!("libvirt at {uri} did not answer"),
-                ))
-            }
+        if domain_exists(uuid)? {
+            continue; // finished: its files are the domain's now
         }
-        for f in &entries {
+        for f in entries {
             match f {
                 Entry::Tmp { uuid: u, path } if u == uuid && fs::remove_file(path).is_ok() => {
                     removed.push(format!(
-                        "temporary file '{}' of unfinished clone '{name}'",
-                        path.display()
+                        "temporary file '{}' of unfinished clone '{}'",
+                        shown_path(path),
+                        crate::text::shown(name)
                     ));
                 }
                 Entry::File {
@@ -289,8 +150,9 @@ fn clean_one(
                         .is_ok_and(|m| m.dev() == *dev && m.ino() == *ino);
                     if same && fs::remove_file(path).is_ok() {
                         removed.push(format!(
-                            "file '{}' of unfinished clone '{name}'",
-                            path.display()
+                            "file '{}' of unfinished clone '{}'",
+                            shown_path(path),
+                            crate::text::shown(name)
                         ));
                     }
                 }
@@ -298,7 +160,7 @@ fn clean_one(
             }
         }
     }
-    Ok(removed)
+    Some(removed)
 }
 
 /// This host's name as it goes into temporary file names: the characters a file name
@@ -357,22 +219,6 @@ fn tmp_pid(name: &str, host: &str) -> Option<u32> {
     (h == host).then_some(pid)
 }
 
-/// The pids without a process here whose runs' journals in `jdir` are still locked (a
-/// run in another pid namespace sharing the state directory). Only those: trying the
-/// lock of a live local run's journal could get between its creation and its locking.
-fn foreign_live_pids(jdir: &Path) -> BTreeSet<u32> {
-    let Ok(rd) = fs::read_dir(jdir) else {
-        return BTreeSet::new();
-    };
-    rd.flatten()
-        .filter_map(|e| {
-            let path = e.path();
-            let (pid, _) = journal_name(&path)?;
-            (!pid_exists(pid) && lock_if_dead(&path).is_none()).then_some(pid)
-        })
-        .collect()
-}
-
 /// Remove temporary files of dead runs of this host in `dir` that no journal accounted
 /// for (a journal directory someone wiped, say): their pid has no live journal in `jdir`
 /// and no process. Another host's files are never touched. Returns what was removed.
@@ -381,7 +227,7 @@ pub fn sweep_tmp(dir: &Path, jdir: &Path) -> Vec<String> {
     let Ok(rd) = fs::read_dir(dir) else {
         return out;
     };
-    let live = foreign_live_pids(jdir);
+    let live = foreign_live_pids(jdir, KIND);
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let gone =
@@ -389,7 +235,7 @@ pub fn sweep_tmp(dir: &Path, jdir: &Path) -> Vec<String> {
         if gone && e.file_type().is_ok_and(|t| t.is_file()) {
             let p = e.path();
             if fs::remove_file(&p).is_ok() {
-                out.push(format!("temporary file '{}'", p.display()));
+                out.push(format!("temporary file '{}'", shown_path(&p)));
             }
         }
     }
@@ -477,15 +323,27 @@ mod tests {
         let new = jdir.join(format!("tpl-clone-{pid}-1234abcd.journal-new"));
         fs::write(&new, "").unwrap();
         // A live run's journal (ours) is left alone.
-        let mine = Journal::create(&jdir).unwrap();
+        let mine = Journal::create(&jdir, KIND).unwrap();
+        // A dead run's journal of another connection is not this one's to clean.
+        let other = jdir.join(format!("tpl-clone-{pid}-0ddba11a.journal"));
+        write_journal(
+            &other,
+            &[Entry::Clone {
+                name: "o".into(),
+                uuid: "u9".into(),
+                uri: "qemu+ssh://elsewhere/system".into(),
+            }],
+            "",
+        );
 
-        let removed = clean_dead(&jdir, |_, uuid| Some(uuid == "u2"));
-        assert_eq!(removed.len(), 3, "{removed:?}");
+        let removed = clean_dead(&jdir, "test:///x", |uuid| Some(uuid == "u2"));
+        assert_eq!(removed.len(), 2, "{removed:?}");
         assert!(!tmp.exists() && !a.exists() && !new.exists());
         assert!(b.exists(), "a file that is not the one journaled stays");
         assert!(c.exists(), "a finished clone's file stays");
         assert!(!jpath.exists());
-        assert!(mine.path.exists());
+        assert!(other.exists());
+        assert!(mine.path().exists());
         mine.close();
     }
 
@@ -529,7 +387,7 @@ mod tests {
         let jpath = d.path().join(format!("tpl-clone-{pid}-0badf00d.journal"));
         write_journal(&jpath, &entries, "");
         let mut asked = Vec::new();
-        let removed = clean_dead(d.path(), |_, uuid| {
+        let removed = clean_dead(d.path(), "test:///x", |uuid| {
             asked.push(uuid.to_string());
             Some(false)
         });
@@ -554,7 +412,7 @@ mod tests {
             uri: "x".into(),
         };
         write_journal(&jpath, &[e], "");
-        assert!(clean_dead(d.path(), |_, _| None).is_empty());
+        assert!(clean_dead(d.path(), "x", |_| None).is_empty());
         assert!(jpath.exists());
     }
 
@@ -565,12 +423,16 @@ mod tests {
         // A journal a cleaner kept under our pid (pid reuse).
         let kept = d.path().join(format!("tpl-clone-{pid}-0badf00d.journal"));
         fs::write(&kept, "kept\n").unwrap();
-        let j1 = Journal::create(d.path()).unwrap();
-        let j2 = Journal::create(d.path()).unwrap();
-        assert_ne!(j1.path, j2.path);
+        let j1 = Journal::create(d.path(), KIND).unwrap();
+        let j2 = Journal::create(d.path(), KIND).unwrap();
+        assert_ne!(j1.path(), j2.path());
         assert_eq!(fs::read_to_string(&kept).unwrap(), "kept\n");
-        for j in [&j1.path, &j2.path] {
-            assert_eq!(journal_name(j), Some((pid, false)), "{j:?}");
+        for j in [j1.path(), j2.path()] {
+            assert_eq!(
+                super::super::journal_name(j, KIND),
+                Some((pid, false)),
+                "{j:?}"
+            );
         }
         assert!(fs::read_dir(d.path())
             .unwrap()
@@ -582,19 +444,7 @@ mod tests {
     }
 
     #[test]
-    fn journal_and_temporary_names() {
-        let j = |n: &str| journal_name(Path::new(n));
-        assert_eq!(j("tpl-clone-12-0badf00d.journal"), Some((12, false)));
-        assert_eq!(j("tpl-clone-12-0badf00d.journal-new"), Some((12, true)));
-        for bad in [
-            "tpl-clone-x.journal",
-            "tpl-clone-12-.journal",
-            "tpl-clone-12-zz.journal",
-            "tpl-clone-12.log",
-            "other-12.journal",
-        ] {
-            assert_eq!(j(bad), None, "{bad}");
-        }
+    fn temporary_names() {
         let o = |n: &str| tmp_pid(n, "web-01.lan");
         assert_eq!(o(".a.qcow2.tpl-tmp-web-01.lan-42"), Some(42));
         assert_eq!(o(".a.qcow2.tpl-tmp-web-02.lan-42"), None);

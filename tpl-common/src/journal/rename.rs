@@ -1,0 +1,325 @@
+//! The journal of `tpl-rename --disks`: the rename's intent, synced before the first file moves, so a rename killed at any point is finished or undone by the next run of any tool.
+//!
+//! The steps, in order: the intent is journaled; each file is moved (never over another);
+//! the directories are synced; the definition is pointed at the new files; the domain is
+//! renamed in libvirt. That last step is the commit point: a domain found under its new
+//! name is finished (any file still at its old name is moved on); under any other name
+//! it is rolled back (files moved back, the definition pointed at them again). Either
+//! way the domain ends whole under one name: every file it names exists, nothing is left
+//! under the other. A file is moved only while it is still the very file the intent
+//! names (same device and inode), so a file someone put at a path since is never moved.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{dead, Journal};
+use crate::error::{Error, Result};
+use crate::fsutil::{fsync_dir, rename_noreplace};
+use crate::ownfiles::Role;
+use crate::session::{Dom, Session};
+use crate::text::{shown, shown_path};
+
+/// The journal kind, and the start of its file names.
+pub const KIND: &str = "tpl-rename";
+
+/// What a `rename --disks` is about to do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Intent {
+    pub uri: String,
+    pub uuid: String,
+    pub old: String,
+    pub new: String,
+    pub moves: Vec<Move>,
+}
+
+/// One file to move, and the file it is (device and inode when the intent was made).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Move {
+    #[serde(flatten)]
+    pub role: Role,
+    pub from: PathBuf,
+    pub to: PathBuf,
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// How a recovered rename ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Finished,
+    RolledBack,
+}
+
+impl Move {
+    fn is_at(&self, p: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        fs::symlink_metadata(p).is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino)
+    }
+}
+
+impl Intent {
+    /// Journal this intent (synced) in `dir` before anything changes. The caller keeps the
+    /// journal while it works and closes it when the rename is done or undone.
+    pub fn journal(&self, dir: &Path) -> Result<Journal> {
+        let mut j = Journal::create(dir, KIND)?;
+        j.log(self)?;
+        Ok(j)
+    }
+
+    /// Move the files to their new names (`forward`) or back. With `strict` the first
+    /// failure ends it (a live rename stops there and rolls back); otherwise every file
+    /// that can be moved is, and the others are reported (recovery does all it can).
+    pub fn move_files(&self, forward: bool, strict: bool) -> Result<Vec<String>> {
+        let mut problems = Vec::new();
+        let order: Vec<&Move> = if forward {
+            self.moves.iter().collect()
+        } else {
+            self.moves.iter().rev().collect()
+        };
+        for m in order {
+            let (src, dst) = if forward {
+                (&m.from, &m.to)
+            } else {
+                (&m.to, &m.from)
+            };
+            if m.is_at(dst) {
+                continue;
+            }
+            let res = if m.is_at(src) {
+                rename_noreplace(src, dst)
+            } else {
+                Err(Error::failed(
+                    format!(
+                        "cannot move the {} of domain '{}'",
+                        m.role,
+                        shown(&self.old)
+                    ),
+                    format!(
+                        "it is neither at '{}' nor at '{}' any more",
+                        shown_path(src),
+                        shown_path(dst)
+                    ),
+                ))
+            };
+            match res {
+                Ok(()) => {}
+                Err(e) if strict => return Err(e),
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+        let dirs: BTreeSet<&Path> = self
+            .moves
+            .iter()
+            .flat_map(|m| [m.from.parent(), m.to.parent()])
+            .flatten()
+            .collect();
+        for d in dirs {
+            fsync_dir(d)?;
+        }
+        Ok(problems)
+    }
+
+    /// Point the domain's definition at the new files (`forward`) or the old ones, when it
+    /// does not already.
+    pub fn point_definition(&self, dom: &Dom, forward: bool) -> Result<()> {
+        let mut x = dom.xml()?;
+        let mut changed = false;
+        for m in &self.moves {
+            let want = if forward { &m.to } else { &m.from };
+            let now = match &m.role {
+                Role::Disk { target } => x
+                    .disks()
+                    .into_iter()
+                    .find(|d| &d.target == target)
+                    .and_then(|d| d.path),
+                Role::Nvram => x.nvram(),
+            };
+            if now.as_ref() == Some(want) {
+                continue;
+            }
+            match &m.role {
+                Role::Disk { target } => x.set_disk_path(target, want)?,
+                Role::Nvram => x.set_nvram(want)?,
+            }
+            changed = true;
+        }
+        if changed {
+            dom.redefine(&x)?;
+        }
+        Ok(())
+    }
+
+    /// Undo a rename that has not committed: the name back if it changed, the definition
+    /// and the files back. Returns what could not be undone.
+    pub fn roll_back(&self, dom: &mut Dom) -> Vec<String> {
+        let mut problems = Vec::new();
+        if dom.name == self.new {
+            if let Err(e) = dom.dom.rename(&self.old, 0) {
+                problems.push(format!(
+                    "cannot rename the domain back to '{}': {e}",
+                    shown(&self.old)
+                ));
+            }
+            let _ = dom.refresh_name();
+        }
+        if let Err(e) = self.point_definition(dom, false) {
+            problems.push(e.to_string());
+        }
+        match self.move_files(false, false) {
+            Ok(p) => problems.extend(p),
+            Err(e) => problems.push(e.to_string()),
+        }
+        problems
+    }
+
+    /// Finish or undo this rename after its run died, as the module says.
+    pub fn recover(&self, s: &Session) -> Result<(Outcome, Vec<String>)> {
+        let r = crate::record::DomainRef {
+            uuid: Some(self.uuid.clone()),
+            ..Default::default()
+        };
+        let mut dom = match Dom::lookup(s, &r) {
+            Ok(d) => d,
+            // The domain was undefined since: its files go back to their old names.
+            Err(Error::Usage { .. }) => {
+                return Ok((Outcome::RolledBack, self.move_files(false, false)?));
+            }
+            Err(e) => return Err(e),
+        };
+        if dom.name == self.new {
+            let mut problems = self.move_files(true, false)?;
+            if let Err(e) = self.point_definition(&dom, true) {
+                problems.push(e.to_string());
+            }
+            Ok((Outcome::Finished, problems))
+        } else {
+            Ok((Outcome::RolledBack, self.roll_back(&mut dom)))
+        }
+    }
+}
+
+/// Finish or undo the renames of dead runs on this connection (only the one of domain
+/// `only`, when given). `lock(uuid)` takes the domain's lock, or says it is busy (None;
+/// its holder recovers it when it takes the lock). Returns the messages for people:
+/// (warning?, text).
+pub fn recover_dead<L>(
+    s: &Session,
+    dir: &Path,
+    only: Option<&str>,
+    mut lock: impl FnMut(&str) -> Option<L>,
+) -> Vec<(bool, String)> {
+    let mut notes = Vec::new();
+    for d in dead::<Intent>(dir, KIND) {
+        // Journaled before the first change: a journal without its intent changed nothing.
+        let Some(intent) = d.entries.first().cloned() else {
+            d.remove();
+            continue;
+        };
+        if intent.uri != s.uri || only.is_some_and(|u| !u.eq_ignore_ascii_case(&intent.uuid)) {
+            continue;
+        }
+        let Some(_held) = lock(&intent.uuid) else {
+            continue;
+        };
+        let what = format!(
+            "the rename of domain '{}' to '{}' (tpl-rename, pid {}, was killed)",
+            shown(&intent.old),
+            shown(&intent.new),
+            d.pid
+        );
+        match intent.recover(s) {
+            Ok((outcome, problems)) if problems.is_empty() => {
+                let done = match outcome {
+                    Outcome::Finished => "finished",
+                    Outcome::RolledBack => "rolled back",
+                };
+                notes.push((false, format!("{done} {what}")));
+                d.remove();
+            }
+            Ok((_, problems)) => notes.push((
+                true,
+                format!(
+                    "cannot fully recover {what}: {}; its journal '{}' is kept for the next run",
+                    crate::text::list(problems, "; "),
+                    shown_path(&d.path)
+                ),
+            )),
+            Err(e) => notes.push((
+                true,
+                format!(
+                    "cannot recover {what} now: {e}; its journal '{}' is kept for the next run",
+                    shown_path(&d.path)
+                ),
+            )),
+        }
+    }
+    notes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn mv(d: &Path, from: &str, to: &str, role: Role) -> Move {
+        let from = d.join(from);
+        fs::write(&from, from.to_string_lossy().as_bytes()).unwrap();
+        let m = fs::metadata(&from).unwrap();
+        Move {
+            role,
+            from,
+            to: d.join(to),
+            dev: m.dev(),
+            ino: m.ino(),
+        }
+    }
+
+    #[test]
+    fn files_go_forward_and_back_and_only_the_very_files() {
+        let d = tempfile::tempdir().unwrap();
+        let intent = Intent {
+            uri: "test:///default".into(),
+            uuid: "u".into(),
+            old: "A".into(),
+            new: "B".into(),
+            moves: vec![
+                mv(
+                    d.path(),
+                    "A.qcow2",
+                    "B.qcow2",
+                    Role::Disk {
+                        target: "vda".into(),
+                    },
+                ),
+                mv(d.path(), "A_VARS.fd", "B_VARS.fd", Role::Nvram),
+            ],
+        };
+        assert!(intent.move_files(true, true).unwrap().is_empty());
+        assert!(d.path().join("B.qcow2").exists() && !d.path().join("A.qcow2").exists());
+        // Moving on again is a no-op.
+        assert!(intent.move_files(true, true).unwrap().is_empty());
+        // Someone put another file at an old name meanwhile: that one is never moved over.
+        fs::write(d.path().join("A_VARS.fd"), "someone else's").unwrap();
+        let problems = intent.move_files(false, false).unwrap();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(d.path().join("A.qcow2").exists(), "the disk went back");
+        assert_eq!(
+            fs::read_to_string(d.path().join("A_VARS.fd")).unwrap(),
+            "someone else's"
+        );
+        assert!(
+            d.path().join("B_VARS.fd").exists(),
+            "the NVRAM stays where it is"
+        );
+        // The journal form round-trips.
+        let line = serde_json::to_string(&intent).unwrap();
+        assert!(
+            line.contains("\"role\":\"disk\",\"target\":\"vda\""),
+            "{line}"
+        );
+        assert_eq!(serde_json::from_str::<Intent>(&line).unwrap(), intent);
+    }
+}
