@@ -4,15 +4,18 @@
 //! Nothing here fakes libvirt or qemu-img: a test that cannot reach them fails loudly.
 
 use std::collections::hash_map::DefaultHasher;
+use std::collections::BTreeSet;
 use std::fs;
 use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
+use tpl_common::domxml::DomainXml;
 pub use tpl_common::record::Record;
 
 /// The libvirt the tests use: the real system daemon.
@@ -160,34 +163,45 @@ pub fn run(name: &str, args: &[&str], stdin: Option<&str>) -> Run {
 
 /// Run a shell pipeline (`sh -c`) with the tools' directory first on PATH.
 pub fn pipeline(script: &str) -> Run {
+    Run::from_output(script, shell("sh", script).output().unwrap())
+}
+
+/// `SHELL -c SCRIPT` in the test environment with the tools' directory first on PATH and
+/// stdin /dev/null, to run or spawn.
+pub fn shell(shell: &str, script: &str) -> Command {
     let dir = bin("tpl-rename").parent().unwrap().to_path_buf();
     let path = format!(
         "{}:{}",
         dir.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let mut c = Command::new("sh");
+    let mut c = Command::new(shell);
     test_env(&mut c)
         .arg("-c")
         .arg(script)
         .env("PATH", path)
         .stdin(Stdio::null());
-    Run::from_output(script, c.output().unwrap())
+    c
 }
 
 /// Run a helper command and return stdout; panics with its stderr on failure.
 pub fn sh(prog: &str, args: &[&str]) -> String {
-    let out = Command::new(prog)
-        .args(args)
+    String::from_utf8(succeed(Command::new(prog).args(args)).stdout).unwrap()
+}
+
+/// Run a command that must succeed and return its output; panics with the command, its
+/// stderr and its stdout when it cannot be run or fails.
+pub fn succeed(c: &mut Command) -> Output {
+    let out = c
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot run {c:?}: {e}"));
     assert!(
         out.status.success(),
-        "{prog} {args:?} failed: {}{}",
+        "{c:?} failed: {}{}",
         String::from_utf8_lossy(&out.stderr),
         String::from_utf8_lossy(&out.stdout)
     );
-    String::from_utf8(out.stdout).unwrap()
+    out
 }
 
 /// `virsh -c qemu:///system ARGS`, which must succeed.
@@ -399,7 +413,11 @@ impl Drop for Scratch {
         for n in names
             .lines()
             .map(str::trim)
-            .filter(|n| n.starts_with(&self.prefix))
+            // The prefix and a '-': tpltest-PID-1 must not take tpltest-PID-12's domains.
+            .filter(|n| {
+                n.strip_prefix(&self.prefix)
+                    .is_some_and(|r| r.starts_with('-'))
+            })
         {
             remove_domain(n);
         }
@@ -653,6 +671,38 @@ pub fn tmp_of(dir: &Path, file: &str, pid: u32) -> PathBuf {
     dir.join(format!(".{file}{}", tmp_suffix(pid)))
 }
 
+/// The pid of the tpl-clone run that is writing `dir/file` under its temporary name now
+/// (see [`tmp_of`]), if one is: how a test finds a run that a shell started.
+pub fn pid_writing(dir: &Path, file: &str) -> Option<u32> {
+    let suffix = tmp_suffix(0);
+    let start = format!(".{file}{}", suffix.strip_suffix('0').unwrap());
+    files_in(dir)
+        .iter()
+        .find_map(|f| f.strip_prefix(&start)?.parse().ok())
+}
+
+/// Assert that nothing is left of clone `name`, which run `pid` of tpl-clone was making
+/// in `dir` when it was stopped: no temporary file, no image, no domain, no journal.
+pub fn assert_nothing_left(dir: &Path, name: &str, pid: u32) {
+    let tmp = tmp_of(dir, &format!("{name}.qcow2"), pid);
+    assert!(!tmp.exists(), "temporary file {tmp:?} left");
+    assert!(
+        !dir.join(format!("{name}.qcow2")).exists(),
+        "{name}'s image left"
+    );
+    assert!(!domain_exists(name), "domain {name} left");
+    assert!(journals_of(pid).is_empty(), "the journal of run {pid} left");
+}
+
+/// The write end of a pipe whose read end is closed already: what a tool's stderr is in
+/// `(tool 2>&1 >/dev/null) | true` once `true` has exited. A write to it fails with EPIPE,
+/// or kills a process that does not ignore SIGPIPE.
+pub fn closed_pipe() -> std::os::fd::OwnedFd {
+    let (read, write) = nix::unistd::pipe().unwrap();
+    drop(read);
+    write
+}
+
 /// How the temporary names of run `pid` of tpl-clone end: `.tpl-tmp-HOST-PID`. tpl-clone
 /// replaces odd characters in the host name; the test machines' names have none, and one
 /// that had would fail here, loudly.
@@ -666,4 +716,279 @@ pub fn tmp_suffix(pid: u32) -> String {
         "host name {host:?} is one tpl-clone would rewrite in temporary names; this rig assumes a plain one"
     );
     format!(".tpl-tmp-{host}-{pid}")
+}
+
+/// The SHA-256 of a file's bytes, in hex (`sha256sum`).
+pub fn sha256(path: &Path) -> String {
+    sh("sha256sum", &[p(path)])
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// `qemu-img create -q -f FORMAT PATH SIZE`: a new empty image.
+pub fn qemu_img_create(path: &Path, format: &str, size: &str) {
+    sh("qemu-img", &["create", "-q", "-f", format, p(path), size]);
+}
+
+/// A domain's inactive definition as libvirt has it now, parsed.
+pub fn dom_xml(name: &str) -> DomainXml {
+    DomainXml::parse(&virsh(&["dumpxml", "--inactive", name])).unwrap()
+}
+
+/// The names of the entries of a directory (not below it).
+pub fn files_in(dir: &Path) -> BTreeSet<String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Files a run left in `dir` under a temporary name (`.FILE.tpl-tmp-HOST-PID`).
+pub fn leftovers(dir: &Path) -> Vec<String> {
+    files_in(dir)
+        .into_iter()
+        .filter(|n| n.contains(".tpl-tmp-"))
+        .collect()
+}
+
+/// Poll `f` until it holds, failing the test after `secs` with `what` it waited for.
+pub fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Start a tool in the background: stdin /dev/null, stdout and stderr piped.
+pub fn spawn_tool(name: &str, args: &[&str]) -> Child {
+    tool_command(name)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {name}: {e}"))
+}
+
+/// Start tpl-clone in the background (see [`spawn_tool`]).
+pub fn spawn_clone(args: &[&str]) -> Child {
+    spawn_tool("tpl-clone", args)
+}
+
+/// Start a full clone of `template` named `name` with its image in `dir`, wait until it is
+/// copying (its temporary file exists), send it `sig`, and return its pid and its output.
+pub fn signal_mid_copy(
+    dir: &Path,
+    template: &str,
+    name: &str,
+    sig: nix::sys::signal::Signal,
+) -> (u32, Output) {
+    let child = spawn_clone(&[template, name, "--full"]);
+    let pid = child.id();
+    let tmp = tmp_of(dir, &format!("{name}.qcow2"), pid);
+    wait_until(60, "the copy to start", || tmp.exists());
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
+    (pid, child.wait_with_output().unwrap())
+}
+
+/// A test guest `<prefix>-<tag>` with a UEFI loader (a dummy: it is never started) and an
+/// NVRAM file `<dir>/<name>_VARS.fd` of 64 KiB, mode 0644, named by the `<nvram>` element
+/// written as `form` (`@` stands for the path). The guest and its NVRAM file.
+pub fn guest_with_nvram(s: &mut Scratch, tag: &str, form: &str) -> (Guest, PathBuf) {
+    let name = s.name(tag);
+    let disk = s.disk(&format!("{name}.qcow2"));
+    let console = s.dir.join(format!("{name}.console.log"));
+    let loader = s.dir.join("loader.fd");
+    let nvram = s.dir.join(format!("{name}_VARS.fd"));
+    fs::write(&loader, vec![0u8; 64 * 1024]).unwrap();
+    fs::write(&nvram, vec![0u8; 64 * 1024]).unwrap();
+    fs::set_permissions(&nvram, fs::Permissions::from_mode(0o644)).unwrap();
+    let xml = guest_xml(&name, &disk, &console, "").replacen(
+        "<kernel>",
+        &format!(
+            "<loader readonly='yes' type='pflash'>{}</loader>\n    {}\n    <kernel>",
+            loader.display(),
+            form.replace('@', p(&nvram))
+        ),
+        1,
+    );
+    let uuid = s.define(&xml);
+    (
+        Guest {
+            name,
+            uuid,
+            disk,
+            console,
+        },
+        nvram,
+    )
+}
+
+/// Make a domain a locked template as tpl-lock does, without running it: generalized and
+/// `locked` in the metadata, its image `disk` without write bits.
+pub fn mark_locked(domain: &str, disk: &Path) {
+    mark_generalized(domain);
+    let mut m = read_meta(domain);
+    m.template.locked = true;
+    m.template.locked_at = Some(tpl_common::now_rfc3339());
+    set_meta(domain, &m);
+    sh("chmod", &["a-w", p(disk)]);
+}
+
+/// A test guest marked generalized (see [`mark_generalized`]), ready to lock or clone.
+pub fn generalized_template(s: &mut Scratch, tag: &str) -> Guest {
+    let g = s.guest(tag);
+    mark_generalized(&g.name);
+    g
+}
+
+/// A test guest made a locked template (see [`mark_locked`]), ready for linked clones.
+pub fn locked_template(s: &mut Scratch, tag: &str) -> Guest {
+    let g = s.guest(tag);
+    mark_locked(&g.name, &g.disk);
+    g
+}
+
+/// A generalized template domain `<prefix>-<tag>` on its own qcow2 image of virtual size
+/// `size` holding `mib` MiB of data at its start (not bootable; nothing boots it): big
+/// enough that copying it takes a while. Its name and image.
+pub fn data_template(s: &mut Scratch, tag: &str, size: &str, mib: u64) -> (String, PathBuf) {
+    let name = s.name(tag);
+    let disk = s.dir.join(format!("{name}.qcow2"));
+    qemu_img_create(&disk, "qcow2", size);
+    sh(
+        "qemu-io",
+        &["-c", &format!("write -P 0xab 0 {mib}M"), p(&disk)],
+    );
+    let console = s.dir.join(format!("{name}.console.log"));
+    s.define(&guest_xml(&name, &disk, &console, ""));
+    mark_generalized(&name);
+    (name, disk)
+}
+
+/// A file system of its own mounted at `<scratch dir>/<name>` (mode 0755, so libvirt's
+/// qemu can reach it). Dropped before the Scratch removes its directory, it clears the
+/// immutable attribute of everything on it and unmounts it (lazily when it is still busy,
+/// e.g. after a test panicked with a guest running). Mounting needs root, as everything
+/// here does.
+#[derive(Debug)]
+pub struct Mount {
+    pub mnt: PathBuf,
+}
+
+impl Mount {
+    /// `fstype` (ext4 or btrfs) made in a file `<name>.img` of `size` next to the mount
+    /// point, loop-mounted.
+    pub fn image(s: &Scratch, name: &str, fstype: &str, size: &str) -> Mount {
+        let img = s.dir.join(format!("{name}.img"));
+        sh("truncate", &["-s", size, p(&img)]);
+        match fstype {
+            "ext4" => sh("mkfs.ext4", &["-q", "-F", p(&img)]),
+            "btrfs" => sh("mkfs.btrfs", &["-q", p(&img)]),
+            other => panic!("no recipe for a {other} file system"),
+        };
+        Mount::new(s, name, &["-o", "loop", p(&img)])
+    }
+
+    /// A ramfs: a file system without the immutable attribute (and without a size limit).
+    pub fn ramfs(s: &Scratch, name: &str) -> Mount {
+        Mount::new(s, name, &["-t", "ramfs", "tpltest"])
+    }
+
+    fn new(s: &Scratch, name: &str, how: &[&str]) -> Mount {
+        let mnt = s.dir.join(name);
+        fs::create_dir(&mnt).unwrap();
+        let mut args = how.to_vec();
+        args.push(p(&mnt));
+        sh("mount", &args);
+        // From here on, drop unmounts it even if the rest panics.
+        let m = Mount { mnt };
+        fs::set_permissions(&m.mnt, fs::Permissions::from_mode(0o755)).unwrap();
+        m
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr")
+            .arg("-R")
+            .arg("-i")
+            .arg(&self.mnt)
+            .stderr(Stdio::null())
+            .status();
+        let ok = Command::new("umount")
+            .arg(&self.mnt)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+    }
+}
+
+/// A small deterministic generator (xorshift64*) for the tests' random choices, seeded
+/// from `TPL_FAULT_SEED` or the clock; it prints its seed, so a failing run can be replayed.
+#[derive(Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator for `what`, whose seed is printed on stderr with how to replay it.
+    pub fn seeded(what: &str) -> Rng {
+        let seed = std::env::var("TPL_FAULT_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        eprintln!("{what}: seed {seed} (replay with TPL_FAULT_SEED={seed})");
+        Rng(seed | 1)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next_u64() % (hi - lo + 1)
+    }
+
+    /// One of the items, uniformly.
+    pub fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
+        &v[self.range(0, v.len() as u64 - 1) as usize]
+    }
+}
+
+/// The defined domains whose names start with `prefix`.
+pub fn domains_with_prefix(prefix: &str) -> Vec<String> {
+    virsh(&["list", "--all", "--name"])
+        .lines()
+        .map(str::trim)
+        .filter(|n| n.starts_with(prefix))
+        .map(String::from)
+        .collect()
+}
+
+/// Assert that a tool did not panic, from its stderr.
+pub fn no_panic(tool: &str, stderr: &str) {
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
+        "{tool} panicked: {stderr}"
+    );
 }

@@ -7,7 +7,6 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -18,33 +17,6 @@ const TOOL: &str = "tpl-clone";
 
 fn clone(args: &[&str]) -> Run {
     run(TOOL, args, None)
-}
-
-/// Make a guest a locked template exactly as tpl-lock does: generalized, `locked` in
-/// the metadata, its image without write bits.
-fn lock(g: &Guest) {
-    mark_generalized(&g.name);
-    let mut m = read_meta(&g.name);
-    m.template.locked = true;
-    m.template.locked_at = Some(tpl_common::now_rfc3339());
-    set_meta(&g.name, &m);
-    sh("chmod", &["a-w", p(&g.disk)]);
-}
-
-fn locked_template(s: &mut Scratch, tag: &str) -> Guest {
-    let g = s.guest(tag);
-    lock(&g);
-    g
-}
-
-fn generalized_template(s: &mut Scratch, tag: &str) -> Guest {
-    let g = s.guest(tag);
-    mark_generalized(&g.name);
-    g
-}
-
-fn dom_xml(name: &str) -> DomainXml {
-    DomainXml::parse(&virsh(&["dumpxml", "--inactive", name])).unwrap()
 }
 
 fn macs(x: &DomainXml) -> Vec<String> {
@@ -70,40 +42,8 @@ fn chardev_path(x: &DomainXml, kind: &str) -> PathBuf {
     PathBuf::from(&c.get_child("source").unwrap().attributes["path"])
 }
 
-/// Files a run left under a temporary name.
-fn leftovers(dir: &Path) -> Vec<String> {
-    fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains(".tpl-tmp-"))
-        .collect()
-}
-
 fn allocated(path: &Path) -> u64 {
     fs::metadata(path).unwrap().blocks() * 512
-}
-
-/// Poll `f` until it holds, failing the test after `secs`.
-fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {secs} s waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn spawn_clone(args: &[&str]) -> Child {
-    tool_command(TOOL)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
 }
 
 /// Start tpl-clone in a session of its own whose controlling terminal is a new pty, with
@@ -140,18 +80,6 @@ impl Drop for Pool {
     fn drop(&mut self) {
         let _ = virsh_try(&["pool-destroy", &self.0]);
         let _ = virsh_try(&["pool-undefine", &self.0]);
-    }
-}
-
-/// A loop-mounted file system, unmounted on drop (before the Scratch removes its directory).
-struct Mount(PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let st = Command::new("umount").arg(&self.0).status();
-        if !st.is_ok_and(|s| s.success()) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
     }
 }
 
@@ -267,7 +195,7 @@ fn full_clone_of_a_domain_with_everything() {
     let name = s.name("rich");
     let disk = s.disk(&format!("{name}.qcow2"));
     let data = s.dir.join(format!("{name}-data.img"));
-    sh("qemu-img", &["create", "-q", "-f", "raw", p(&data), "1G"]);
+    qemu_img_create(&data, "raw", "1G");
     sh(
         "qemu-io",
         &[
@@ -390,13 +318,8 @@ fn full_clone_of_a_domain_with_everything() {
 #[test]
 fn full_clone_on_a_reflink_file_system_shares_extents() {
     let mut s = Scratch::new();
-    let img = s.dir.join("btrfs.img");
-    let mnt = s.dir.join("btrfs");
-    fs::create_dir(&mnt).unwrap();
-    sh("truncate", &["-s", "512M", p(&img)]);
-    sh("mkfs.btrfs", &["-q", p(&img)]);
-    sh("mount", &["-o", "loop", p(&img), p(&mnt)]);
-    let _mount = Mount(mnt.clone());
+    let mount = Mount::image(&s, "btrfs", "btrfs", "512M");
+    let mnt = mount.mnt.clone();
 
     let name = s.name("tpl");
     let disk = mnt.join(format!("{name}.qcow2"));
@@ -442,13 +365,7 @@ fn full_clone_of_a_template_with_a_backing_file_is_flattened() {
 #[test]
 fn signals_and_kill_leave_nothing_behind() {
     let mut s = Scratch::new();
-    let name = s.name("big");
-    let disk = s.dir.join(format!("{name}.qcow2"));
-    sh("qemu-img", &["create", "-q", "-f", "qcow2", p(&disk), "2G"]);
-    sh("qemu-io", &["-c", "write -P 0xab 0 1G", p(&disk)]);
-    let console = s.dir.join(format!("{name}.console.log"));
-    s.define(&guest_xml(&name, &disk, &console, ""));
-    mark_generalized(&name);
+    let (name, _) = data_template(&mut s, "big", "2G", 1024);
 
     // SIGINT, SIGTERM and SIGHUP in the middle of the copy: the run removes what it made,
     // then dies by the same signal (so a shell loop or make stops too).
@@ -458,12 +375,7 @@ fn signals_and_kill_leave_nothing_behind() {
         ("hup", Signal::SIGHUP),
     ] {
         let c = s.name(tag);
-        let child = spawn_clone(&[&name, &c, "--full"]);
-        let pid = child.id();
-        let tmp = tmp_of(&s.dir, &format!("{c}.qcow2"), pid);
-        wait_until(60, "the copy to start", || tmp.exists());
-        kill(Pid::from_raw(pid as i32), sig).unwrap();
-        let out = child.wait_with_output().unwrap();
+        let (pid, out) = signal_mid_copy(&s.dir, &name, &c, sig);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.signal(), Some(sig as i32), "{stderr}");
         assert!(
@@ -471,10 +383,7 @@ fn signals_and_kill_leave_nothing_behind() {
             "{stderr}"
         );
         assert!(out.stdout.is_empty());
-        assert!(!tmp.exists(), "temporary file left");
-        assert!(!s.dir.join(format!("{c}.qcow2")).exists());
-        assert!(!domain_exists(&c));
-        assert!(journals_of(pid).is_empty());
+        assert_nothing_left(&s.dir, &c, pid);
     }
 
     // A dropped ssh session: the terminal the run writes to hangs up under it.
@@ -492,10 +401,7 @@ fn signals_and_kill_leave_nothing_behind() {
         out.status
     );
     assert!(out.stdout.is_empty());
-    assert!(!tmp.exists(), "temporary file left after a hang-up");
-    assert!(!s.dir.join(format!("{c}.qcow2")).exists());
-    assert!(!domain_exists(&c));
-    assert!(journals_of(pid).is_empty());
+    assert_nothing_left(&s.dir, &c, pid);
 
     // kill -9 leaves its temporary file and journal; the next run removes them.
     let c = s.name("killed");
@@ -582,26 +488,19 @@ fn writable_disks_that_are_not_files_are_refused() {
         (g, target, kind)
     })
     .collect();
-    let files = |s: &Scratch| -> HashSet<_> {
-        fs::read_dir(&s.dir)
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name())
-            .collect()
-    };
-    let before = files(&s);
+    let before = files_in(&s.dir);
     for (g, target, kind) in &templates {
         let c = format!("{}-c", g.name);
         clone(&[&g.name, &c, "--full"])
             .fails(3)
             .says(&[&g.name, &format!("disk {target} is a {kind} disk")]);
-        lock(g);
+        mark_locked(&g.name, &g.disk);
         clone(&[&g.name, &c, "--linked"])
             .fails(3)
             .says(&[&g.name, target, kind]);
         assert!(!domain_exists(&c));
     }
-    assert_eq!(files(&s), before, "a refused run created files");
+    assert_eq!(files_in(&s.dir), before, "a refused run created files");
 
     // Shared ones are fine: a read-only network disk stays the template's, and an empty
     // drive has nothing to copy.
@@ -694,16 +593,11 @@ fn template_from_a_record_on_stdin() {
     // A relative --dir is taken from the current directory; libvirt gets an absolute path.
     fs::create_dir(s.dir.join("sub")).unwrap();
     let c3 = s.name("rel");
-    let out = tool_command(TOOL)
-        .current_dir(&s.dir)
-        .args([&t.name, &c3, "--dir", "sub"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        tool_command(TOOL)
+            .current_dir(&s.dir)
+            .args([&t.name, &c3, "--dir", "sub"])
+            .stdin(Stdio::null()),
     );
     let want = s.dir.join("sub").join(format!("{c3}.qcow2"));
     assert_eq!(
@@ -719,11 +613,7 @@ fn refusals() {
     let gen = generalized_template(&mut s, "gen");
     let locked = locked_template(&mut s, "locked");
     let n = s.name("x");
-    let before: HashSet<_> = fs::read_dir(&s.dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
+    let before = files_in(&s.dir);
 
     clone(&[&s.name("nope"), &n]).fails(2).says(&["not found"]);
     clone(&[&plain.name, &n]).fails(3).says(&[
@@ -781,16 +671,11 @@ fn refusals() {
     r.fails(3).says(&["running", &gen.name]);
 
     assert!(!domain_exists(&n));
-    let after: HashSet<_> = fs::read_dir(&s.dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
+    let after = files_in(&s.dir);
     let new: Vec<_> = after.difference(&before).collect();
     // Only the running template's console log may have appeared.
     assert!(
-        new.iter()
-            .all(|f| f.to_string_lossy().ends_with(".console.log")),
+        new.iter().all(|f| f.ends_with(".console.log")),
         "refused runs created {new:?}"
     );
 

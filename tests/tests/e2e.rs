@@ -7,14 +7,6 @@ use std::time::Duration;
 
 use tpl_tests::*;
 
-fn sha256(p: &std::path::Path) -> String {
-    sh("sha256sum", &[p.to_str().unwrap()])
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
 #[test]
 fn pipeline_then_linked_and_full_clones_boot_as_their_own_machines() {
     let mut s = Scratch::new();

@@ -6,90 +6,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use tpl_common::domxml::DomainXml;
 use tpl_tests::*;
 
 const CLONE: &str = "tpl-clone";
-
-/// A small deterministic generator (xorshift64*), so a failing run can be replayed from
-/// the seed it prints.
-struct Rng(u64);
-
-impl Rng {
-    fn seeded(what: &str) -> Rng {
-        let seed = std::env::var("TPL_FAULT_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-            });
-        eprintln!("{what}: seed {seed} (replay with TPL_FAULT_SEED={seed})");
-        Rng(seed | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-
-    fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
-        &v[self.range(0, v.len() as u64 - 1) as usize]
-    }
-}
-
-/// Make a guest a locked template as tpl-lock does: generalized, `locked` in the
-/// metadata, its image without write bits.
-fn lock(name: &str, disk: &Path) {
-    mark_generalized(name);
-    let mut m = read_meta(name);
-    m.template.locked = true;
-    m.template.locked_at = Some(tpl_common::now_rfc3339());
-    set_meta(name, &m);
-    sh("chmod", &["a-w", p(disk)]);
-}
-
-/// A template domain on its own qcow2 image holding `mib` MiB of data (not bootable;
-/// nothing here boots it).
-fn data_template(s: &mut Scratch, tag: &str, mib: u64) -> (String, PathBuf) {
-    let name = s.name(tag);
-    let disk = s.dir.join(format!("{name}.qcow2"));
-    sh("qemu-img", &["create", "-q", "-f", "qcow2", p(&disk), "1G"]);
-    sh(
-        "qemu-io",
-        &["-c", &format!("write -P 0xab 0 {mib}M"), p(&disk)],
-    );
-    let console = s.dir.join(format!("{name}.console.log"));
-    s.define(&guest_xml(&name, &disk, &console, ""));
-    mark_generalized(&name);
-    (name, disk)
-}
-
-fn sha256(path: &Path) -> String {
-    sh("sha256sum", &[p(path)])
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
 
 /// `qemu-img check`: the image is complete and consistent.
 fn image_ok(path: &Path) -> Result<(), String> {
@@ -102,52 +27,6 @@ fn image_ok(path: &Path) -> Result<(), String> {
     } else {
         Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
-}
-
-fn dom_xml(name: &str) -> DomainXml {
-    DomainXml::parse(&virsh(&["dumpxml", "--inactive", name])).unwrap()
-}
-
-fn domains_with_prefix(prefix: &str) -> Vec<String> {
-    virsh(&["list", "--all", "--name"])
-        .lines()
-        .map(str::trim)
-        .filter(|n| n.starts_with(prefix))
-        .map(String::from)
-        .collect()
-}
-
-fn files_in(dir: &Path) -> BTreeSet<String> {
-    fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect()
-}
-
-/// Files a run left under a temporary name.
-fn leftovers(dir: &Path) -> Vec<String> {
-    files_in(dir)
-        .into_iter()
-        .filter(|n| n.contains(".tpl-tmp-"))
-        .collect()
-}
-
-fn spawn_clone(args: &[&str]) -> Child {
-    tool_command(CLONE)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-fn no_panic(tool: &str, stderr: &str) {
-    assert!(
-        !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
-        "{tool} panicked: {stderr}"
-    );
 }
 
 /// Poll until `f` holds or the child exits; false when it exited first.
@@ -217,8 +96,8 @@ fn kill_9_at_random_points_leaves_nothing_partial() {
     let started = Instant::now();
     let mut rng = Rng::seeded("kill -9 trials");
     let mut s = Scratch::new();
-    let (t, tdisk) = data_template(&mut s, "tpl", 256);
-    lock(&t, &tdisk);
+    let (t, tdisk) = data_template(&mut s, "tpl", "1G", 256);
+    mark_locked(&t, &tdisk);
     let sum = sha256(&tdisk);
 
     // A run killed while creating its journal leaves it under its new name: the next run
@@ -362,7 +241,7 @@ fn kill_9_at_random_points_leaves_nothing_partial() {
 fn eight_runs_racing_for_overlapping_names() {
     let mut s = Scratch::new();
     let t = s.guest("tpl");
-    lock(&t.name, &t.disk);
+    mark_locked(&t.name, &t.disk);
     let sum = sha256(&t.disk);
     let pool: Vec<String> = (0..12).map(|k| s.name(&format!("n{k:02}"))).collect();
     // Run i wants four names, each name wanted by two or three runs; half are linked,
@@ -479,7 +358,7 @@ fn kill_9_during_a_flatten_takes_qemu_img_with_it() {
     let mut s = Scratch::new();
     let name = s.name("chain");
     let base = s.dir.join(format!("{name}-base.img"));
-    sh("qemu-img", &["create", "-q", "-f", "raw", p(&base), "1G"]);
+    qemu_img_create(&base, "raw", "1G");
     sh(
         "qemu-io",
         &["-f", "raw", "-c", "write -P 0xcd 0 768M", p(&base)],
@@ -578,7 +457,9 @@ fn hostile_input(rng: &mut Rng, n: usize) -> Vec<u8> {
     match rng.range(0, 6) {
         // Random bytes, at least one of them not blank.
         0 => {
-            let mut v: Vec<u8> = (0..rng.range(1, 3000)).map(|_| rng.next() as u8).collect();
+            let mut v: Vec<u8> = (0..rng.range(1, 3000))
+                .map(|_| rng.next_u64() as u8)
+                .collect();
             v.push(b'#');
             v
         }
@@ -604,11 +485,11 @@ fn hostile_input(rng: &mut Rng, n: usize) -> Vec<u8> {
         // An unknown UUID, well formed.
         3 => format!(
             "{{\"uuid\":\"{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}\",\"name\":\"stale\"}}\n",
-            rng.next() as u32,
-            rng.next() as u16,
-            rng.next() & 0xfff,
-            rng.next() & 0xfff,
-            rng.next() & 0xffff_ffff_ffff
+            rng.next_u64() as u32,
+            rng.next_u64() as u16,
+            rng.next_u64() & 0xfff,
+            rng.next_u64() & 0xfff,
+            rng.next_u64() & 0xffff_ffff_ffff
         )
         .into_bytes(),
         // An unknown name with hostile characters.
@@ -618,7 +499,7 @@ fn hostile_input(rng: &mut Rng, n: usize) -> Vec<u8> {
                 "{{\"name\":\"tpltest-fuzz-{}{}{:x}\"}}\n",
                 rng.pick(&bad),
                 rng.pick(&bad),
-                rng.next()
+                rng.next_u64()
             )
             .into_bytes()
         }
@@ -873,7 +754,7 @@ fn symlinked_disks_are_refused_and_their_target_untouched() {
 fn a_template_whose_image_was_deleted_and_unknown_uuids() {
     let mut s = Scratch::new();
     let locked = s.guest("locked");
-    lock(&locked.name, &locked.disk);
+    mark_locked(&locked.name, &locked.disk);
     let plain = s.guest("plain");
     mark_generalized(&plain.name);
     fs::remove_file(&locked.disk).unwrap();
@@ -921,30 +802,12 @@ fn a_template_whose_image_was_deleted_and_unknown_uuids() {
     assert_eq!(files_in(&s.dir), before);
 }
 
-/// A loop-mounted file system, unmounted on drop (before the Scratch removes its directory).
-struct Mount(PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let st = Command::new("umount").arg(&self.0).status();
-        if !st.is_ok_and(|s| s.success()) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-}
-
 #[test]
 fn full_clone_into_a_full_file_system() {
     let mut s = Scratch::new();
-    let (t, tdisk) = data_template(&mut s, "tpl", 160);
-    let img = s.dir.join("small.img");
-    let mnt = s.dir.join("small");
-    fs::create_dir(&mnt).unwrap();
-    sh("truncate", &["-s", "64M", p(&img)]);
-    sh("mkfs.ext4", &["-q", "-F", p(&img)]);
-    sh("mount", &["-o", "loop", p(&img), p(&mnt)]);
-    let _mount = Mount(mnt.clone());
-    fs::set_permissions(&mnt, fs::Permissions::from_mode(0o755)).unwrap();
+    let (t, tdisk) = data_template(&mut s, "tpl", "1G", 160);
+    let mount = Mount::image(&s, "small", "ext4", "64M");
+    let mnt = mount.mnt.clone();
     let before = files_in(&mnt);
     let outside = files_in(&s.dir);
     let sum = sha256(&tdisk);
@@ -979,7 +842,7 @@ fn full_clone_into_a_full_file_system() {
 
     // Two clones of 36 MiB: the first fits and stays, the second fills the file system
     // and goes without a trace.
-    let (t2, t2disk) = data_template(&mut s, "tpl2", 36);
+    let (t2, t2disk) = data_template(&mut s, "tpl2", "1G", 36);
     let outside = files_in(&s.dir);
     let (c1, c2) = (s.name("c1"), s.name("c2"));
     let r = run(CLONE, &[&t2, &c1, &c2, "--full", "--dir", p(&mnt)], None)

@@ -15,10 +15,6 @@ use tpl_tests::*;
 /// The first-boot script as the crate ships it; the guest must hold exactly this.
 const FIRSTBOOT: &str = include_str!("../../tpl-generalize/src/firstboot.sh");
 
-fn sha256(p: &Path) -> String {
-    sh("sha256sum", &[p.to_str().unwrap()])[..64].to_string()
-}
-
 /// A raw copy of a qcow2 image (following its backing chain), for debugfs to read.
 fn raw_copy(img: &Path, dir: &Path, tag: &str) -> PathBuf {
     let raw = dir.join(format!("{tag}.raw"));
@@ -108,17 +104,7 @@ fn pipeline_seals_a_template_whose_clones_boot_fresh() {
     let vm = sc.guest("vm");
     let blank = sc.name("blank");
     let blank_disk = sc.dir.join(format!("{blank}.qcow2"));
-    sh(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            blank_disk.to_str().unwrap(),
-            "64M",
-        ],
-    );
+    qemu_img_create(&blank_disk, "qcow2", "64M");
     sc.define(&guest_xml(
         &blank,
         &blank_disk,

@@ -8,13 +8,6 @@ use std::time::{Duration, Instant};
 
 use tpl_tests::*;
 
-/// A generalized (per its metadata) shut-off guest, ready to lock.
-fn template(s: &mut Scratch, tag: &str) -> Guest {
-    let g = s.guest(tag);
-    mark_generalized(&g.name);
-    g
-}
-
 /// A generalized guest that also has an NVRAM file (and a dummy loader: it is never started).
 fn template_with_nvram(s: &mut Scratch, tag: &str) -> (Guest, PathBuf) {
     template_with_nvram_as(s, tag, "<nvram>@</nvram>")
@@ -22,39 +15,9 @@ fn template_with_nvram(s: &mut Scratch, tag: &str) -> (Guest, PathBuf) {
 
 /// As `template_with_nvram`, with the `<nvram>` element written as `form` (`@` is the path).
 fn template_with_nvram_as(s: &mut Scratch, tag: &str, form: &str) -> (Guest, PathBuf) {
-    let name = s.name(tag);
-    let disk = s.disk(&format!("{name}.qcow2"));
-    let console = s.dir.join(format!("{name}.console.log"));
-    let loader = s.dir.join("loader.fd");
-    let nvram = s.dir.join(format!("{name}_VARS.fd"));
-    fs::write(&loader, vec![0u8; 64 * 1024]).unwrap();
-    fs::write(&nvram, vec![0u8; 64 * 1024]).unwrap();
-    set_mode(&nvram, 0o644);
-    let xml = guest_xml(&name, &disk, &console, "").replacen(
-        "<kernel>",
-        &format!(
-            "<loader readonly='yes' type='pflash'>{}</loader>\n    {}\n    <kernel>",
-            loader.display(),
-            form.replace('@', p(&nvram))
-        ),
-        1,
-    );
-    let uuid = s.define(&xml);
-    mark_generalized(&name);
-    (
-        Guest {
-            name,
-            uuid,
-            disk,
-            console,
-        },
-        nvram,
-    )
-}
-
-fn set_mode(p: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+    let (g, nvram) = guest_with_nvram(s, tag, form);
+    mark_generalized(&g.name);
+    (g, nvram)
 }
 
 /// Whether `lsattr` shows the immutable attribute on a file.
@@ -90,7 +53,7 @@ fn autostart(name: &str) -> bool {
 #[test]
 fn locked_template_does_not_start_and_its_files_are_read_only() {
     let mut s = Scratch::new();
-    let g = template(&mut s, "tpl");
+    let g = generalized_template(&mut s, "tpl");
     virsh(&["autostart", &g.name]);
     assert!(autostart(&g.name));
     assert_eq!(mode(&g.disk), 0o644);
@@ -160,7 +123,7 @@ fn running_and_ungeneralized_domains_are_refused() {
     assert!(!read_meta(&plain.name).template.locked);
 
     // In a stream, the refused record is not passed on; the next one is locked.
-    let tpl = template(&mut s, "tpl");
+    let tpl = generalized_template(&mut s, "tpl");
     let input = format!(
         "{{\"name\":\"{}\"}}\n{{\"uuid\":\"{}\"}}\n",
         plain.name, tpl.uuid
@@ -178,7 +141,7 @@ fn running_and_ungeneralized_domains_are_refused() {
     assert_eq!(mode(&plain.disk), 0o444);
 
     // A running (here: paused) domain is refused and left alone.
-    let busy = template(&mut s, "busy");
+    let busy = generalized_template(&mut s, "busy");
     virsh(&["start", "--paused", &busy.name]);
     run_lock(&[&busy.name]).fails(3).says(&[
         "cannot lock domain",
@@ -227,7 +190,7 @@ fn symlinked_and_network_disks_are_refused_and_nothing_changes() {
 #[test]
 fn unlock_is_refused_while_an_overlay_no_domain_names_backs_onto_the_template() {
     let mut s = Scratch::new();
-    let g = template(&mut s, "tpl");
+    let g = generalized_template(&mut s, "tpl");
     run_lock(&[&g.name]).ok(1);
     let sub = s.dir.join("orphans");
     fs::create_dir(&sub).unwrap();
@@ -303,22 +266,17 @@ fn an_nvram_that_is_not_a_file_is_refused_by_lock_clone_and_rename() {
 #[test]
 fn unlock_is_refused_while_a_file_next_to_the_template_cannot_be_checked() {
     let mut s = Scratch::new();
-    let g = template(&mut s, "tpl");
+    let g = generalized_template(&mut s, "tpl");
     run_lock(&[&g.name]).ok(1);
     // A qcow2 whose backing file name is not UTF-8: qemu would follow it, tpl cannot
     // tell where it leads, so it may be a linked clone of the template.
     let odd = s.dir.join("odd.qcow2");
     let name = std::ffi::OsStr::from_bytes(b"/var/lib/libvirt/images/\xff.qcow2");
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b"])
-        .arg(name)
-        .args([p(&odd), "1M"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b"])
+            .arg(name)
+            .args([p(&odd), "1M"]),
     );
 
     run_lock(&["--unlock", &g.name]).fails(3).says(&[
@@ -334,7 +292,7 @@ fn unlock_is_refused_while_a_file_next_to_the_template_cannot_be_checked() {
 #[test]
 fn unlock_is_refused_while_a_defined_domain_backs_onto_the_template() {
     let mut s = Scratch::new();
-    let g = template(&mut s, "tpl");
+    let g = generalized_template(&mut s, "tpl");
     run_lock(&[&g.name]).ok(1);
     let clone = s.name("clone");
     let overlay = s.dir.join(format!("{clone}.qcow2"));
@@ -361,8 +319,8 @@ fn unlock_is_refused_while_a_defined_domain_backs_onto_the_template() {
 #[test]
 fn works_in_a_pipe_with_tpl_rename() {
     let mut s = Scratch::new();
-    let a = template(&mut s, "a");
-    let b = template(&mut s, "b");
+    let a = generalized_template(&mut s, "a");
+    let b = generalized_template(&mut s, "b");
     // The first tpl-rename stands where tpl-generalize is in the real pipe (that step costs
     // a sysprep run): tpl-lock gets full records whose names are already stale, and must
     // find each domain by UUID.
@@ -404,60 +362,10 @@ fn generalize_lock_rename_pipe() {
     start_is_denied(&tpl, &vm.disk);
 }
 
-/// A filesystem mounted under the scratch directory: ext4 in a loop-mounted file (it has
-/// the immutable attribute), or ramfs (it has none). Mounting needs root, as everything
-/// here does. Unmounted on drop.
-struct LoopFs {
-    mnt: PathBuf,
-}
-
-impl LoopFs {
-    fn new(s: &Scratch, fstype: &str) -> LoopFs {
-        let mnt = s.dir.join(format!("mnt-{fstype}"));
-        fs::create_dir(&mnt).unwrap();
-        let m = mnt.to_str().unwrap();
-        match fstype {
-            "ext4" => {
-                let img = s.dir.join("ext4.img");
-                let img = img.to_str().unwrap();
-                sh("truncate", &["-s", "300M", img]);
-                sh("mkfs.ext4", &["-q", img]);
-                sh("mount", &["-o", "loop", img, m]);
-            }
-            "ramfs" => {
-                sh("mount", &["-t", "ramfs", "tpltest", m]);
-            }
-            other => panic!("no recipe for a {other} filesystem"),
-        }
-        // From here on, drop unmounts it even if the rest panics.
-        let l = LoopFs { mnt };
-        set_mode(&l.mnt, 0o755);
-        l
-    }
-}
-
-impl Drop for LoopFs {
-    fn drop(&mut self) {
-        let _ = Command::new("chattr")
-            .arg("-R")
-            .arg("-i")
-            .arg(&self.mnt)
-            .status();
-        let ok = Command::new("umount")
-            .arg(&self.mnt)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            // Still busy (a test panicked with a guest running): detach lazily.
-            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-        }
-    }
-}
-
 #[test]
 fn immutable_template_on_ext4_still_serves_a_linked_clone_that_boots() {
     let mut s = Scratch::new();
-    let lfs = LoopFs::new(&s, "ext4");
+    let lfs = Mount::image(&s, "mnt-ext4", "ext4", "300M");
     let name = s.name("imm");
     let disk = lfs.mnt.join(format!("{name}.qcow2"));
     sh(
@@ -531,13 +439,10 @@ fn immutable_template_on_ext4_still_serves_a_linked_clone_that_boots() {
 fn immutable_on_a_filesystem_without_it_warns_and_still_locks() {
     // ramfs has no immutable attribute: FS_IOC_GETFLAGS answers ENOTTY there.
     let mut s = Scratch::new();
-    let lfs = LoopFs::new(&s, "ramfs");
+    let lfs = Mount::ramfs(&s, "mnt-ramfs");
     let name = s.name("fat");
     let disk = lfs.mnt.join("fat.qcow2");
-    sh(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", disk.to_str().unwrap(), "16M"],
-    );
+    qemu_img_create(&disk, "qcow2", "16M");
     s.define(&guest_xml(&name, &disk, &s.dir.join("fat.console.log"), ""));
     mark_generalized(&name);
     let r = run_lock(&["--immutable", &name]).ok(1).says(&[

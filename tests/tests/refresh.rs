@@ -60,7 +60,7 @@ fn title(name: &str) -> String {
 fn refreshes_keep_used_versions_and_remove_unused_ones() {
     let mut s = Scratch::new();
     let src = s.guest("src");
-    let src_sum = sh("sha256sum", &[src.disk.to_str().unwrap()]);
+    let src_sum = sha256(&src.disk);
     let tpl = s.name("Tpl");
     let state = s.dir.join("state");
 
@@ -125,7 +125,7 @@ fn refreshes_keep_used_versions_and_remove_unused_ones() {
     );
     assert_eq!(versions(&tpl), vec![tpl.clone(), v1.clone()]);
     // The source was only read.
-    assert_eq!(sh("sha256sum", &[src.disk.to_str().unwrap()]), src_sum);
+    assert_eq!(sha256(&src.disk), src_sum);
     assert!(read_meta(&src.name).template.generalized.is_none());
 }
 

@@ -72,10 +72,7 @@ fn disks_renames_image_and_nvram_and_updates_the_definition() {
     let name = s.name("vm");
     let disk = s.disk(&format!("{name}.qcow2"));
     let data = s.dir.join("extra-data.img");
-    sh(
-        "qemu-img",
-        &["create", "-q", "-f", "raw", data.to_str().unwrap(), "1M"],
-    );
+    qemu_img_create(&data, "raw", "1M");
     let loader = s.dir.join("loader.fd");
     fs::write(&loader, vec![0u8; 4096]).unwrap();
     let nvram = s.dir.join(format!("{name}_VARS.fd"));
@@ -138,10 +135,7 @@ fn disks_is_all_or_nothing_when_a_rename_fails_midway() {
     let locked_dir = s.dir.join("frozen");
     fs::create_dir(&locked_dir).unwrap();
     let data = locked_dir.join(format!("{name}-data.img"));
-    sh(
-        "qemu-img",
-        &["create", "-q", "-f", "raw", data.to_str().unwrap(), "1M"],
-    );
+    qemu_img_create(&data, "raw", "1M");
     sh("chattr", &["+i", locked_dir.to_str().unwrap()]);
     let extra = format!(
         "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='vdb' bus='virtio'/></disk>",

@@ -326,12 +326,8 @@ impl Job<'_> {
                 .and_then(|rec| self.ctx.emit(&rec));
             match res {
                 Ok(()) => {}
-                Err(e @ (Error::StdoutClosed | Error::Interrupted { .. })) => {
-                    if let Error::Interrupted { .. } = e {
-                        self.ctx.fail(&e);
-                    }
-                    return Err(e);
-                }
+                // Reported once, by cli::run, which then ends the tool as it must.
+                Err(e @ (Error::StdoutClosed | Error::Interrupted { .. })) => return Err(e),
                 Err(e) => self.ctx.fail(&e),
             }
         }
@@ -505,10 +501,7 @@ impl Job<'_> {
                 })
             })
             .collect();
-        let nvram = files
-            .iter()
-            .find(|f| f.role == Role::Nvram)
-            .map(|f| f.dest.clone());
+        let nvram = plan.clone_nvram(files, &tpl.name, &c.name);
         let mut meta = Meta {
             clone: Some(CloneOrigin {
                 template_uuid: tpl.uuid.clone(),

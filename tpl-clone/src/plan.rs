@@ -91,6 +91,10 @@ pub struct Plan {
     pub disks: Vec<SrcDisk>,
     /// The template's NVRAM file, when it has one that exists.
     pub nvram: Option<PathBuf>,
+    /// The NVRAM file the template's definition names but that does not exist yet:
+    /// nothing to copy, but each clone's definition names its own (libvirt makes it at the
+    /// first start), never the template's, which every clone would then share.
+    pub missing_nvram: Option<PathBuf>,
     pub start: bool,
     pub progress: bool,
     /// The overlays made so far, which the next linked clones copy.
@@ -157,6 +161,7 @@ impl Plan {
                 .iter()
                 .find(|f| f.role == Role::Nvram)
                 .map(|f| f.path.clone()),
+            missing_nvram: own.missing_nvram.clone(),
             xml,
             disks,
             start: args.start,
@@ -179,6 +184,14 @@ impl Plan {
                 )));
             }
             let files = self.files(&tpl.name, n);
+            if let Some(nv) = self.clone_nvram(&files, &tpl.name, n) {
+                if nv.symlink_metadata().is_ok() {
+                    return Err(refuse(format!(
+                        "its NVRAM file '{}' already exists; nothing is ever overwritten",
+                        shown_path(&nv)
+                    )));
+                }
+            }
             for (i, f) in files.iter().enumerate() {
                 if f.dest.symlink_metadata().is_ok() {
                     return Err(refuse(format!(
@@ -254,6 +267,20 @@ impl Plan {
         }
         out.sort_by(|a, b| a.dest.cmp(&b.dest));
         out
+    }
+
+    /// The NVRAM path clone `name`'s definition names: its copy of the template's, or the
+    /// path libvirt is to make it at when the template has none yet.
+    pub fn clone_nvram(&self, files: &[NewFile], template: &str, name: &str) -> Option<PathBuf> {
+        files
+            .iter()
+            .find(|f| f.role == Role::Nvram)
+            .map(|f| f.dest.clone())
+            .or_else(|| {
+                self.missing_nvram
+                    .as_ref()
+                    .map(|nv| renamed_file(nv, template, name, Naming::Nvram))
+            })
     }
 
     /// The format of a template disk's image.

@@ -139,10 +139,12 @@ fn rename_one(
         shown(&new)
     ));
     for m in intent.iter().flat_map(|i| &i.moves) {
+        let done = if m.absent { "will make" } else { "renamed" };
         ctx.info(format!(
-            "renamed {} '{}' to '{}'",
+            "{done} {} '{}' {} '{}'",
             m.role,
             shown_path(&m.from),
+            if m.absent { "as" } else { "to" },
             shown_path(&m.to)
         ));
     }
@@ -190,9 +192,6 @@ fn plan(ctx: &Ctx, dom: &Dom, new: &str) -> Result<Intent> {
         }
         e => e,
     })?;
-    if let Some(note) = own.missing_nvram_note(&dom.name) {
-        ctx.info(note);
-    }
     let others = dom.others()?;
     own.check_not_shared(&dom.name, action, others.iter().map(|o| &o.files))?;
     let refuse = |why: String| {
@@ -234,6 +233,35 @@ fn plan(ctx: &Ctx, dom: &Dom, new: &str) -> Result<Intent> {
             to,
             dev: f.dev,
             ino: f.ino,
+            absent: false,
+        });
+    }
+    // An NVRAM not made yet: the definition names it under the new name, or libvirt
+    // would make it under the old one at the first start (and a later domain of that name
+    // would share it).
+    if let Some(nv) = &own.missing_nvram {
+        let to = renamed_file(nv, &dom.name, new, Naming::Nvram);
+        if to.symlink_metadata().is_ok() {
+            return Err(refuse(format!(
+                "'{}' already exists, and the renamed domain would take it for its NVRAM; \
+                 nothing is ever overwritten",
+                shown_path(&to)
+            )));
+        }
+        ctx.info(format!(
+            "domain '{}': its NVRAM file '{}' does not exist yet (libvirt makes it at the \
+             first start); the definition will name '{}'",
+            shown(&dom.name),
+            shown_path(nv),
+            shown_path(&to)
+        ));
+        moves.push(Move {
+            role: Role::Nvram,
+            from: nv.clone(),
+            to,
+            dev: 0,
+            ino: 0,
+            absent: true,
         });
     }
     Ok(Intent {

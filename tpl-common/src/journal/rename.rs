@@ -44,6 +44,10 @@ pub struct Move {
     pub to: PathBuf,
     pub dev: u64,
     pub ino: u64,
+    /// The file does not exist yet (an NVRAM libvirt makes at the first start): only the
+    /// definition's path changes, so that it is made under the new name.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub absent: bool,
 }
 
 /// How a recovered rename ended.
@@ -79,7 +83,7 @@ impl Intent {
         } else {
             self.moves.iter().rev().collect()
         };
-        for m in order {
+        for m in order.into_iter().filter(|m| !m.absent) {
             let (src, dst) = if forward {
                 (&m.from, &m.to)
             } else {
@@ -117,7 +121,11 @@ impl Intent {
             .flatten()
             .collect();
         for d in dirs {
-            fsync_dir(d)?;
+            match fsync_dir(d) {
+                // A directory that is gone holds nothing of this rename any more.
+                Err(e) if crate::image::is_not_found(&e) => {}
+                r => r?,
+            }
         }
         Ok(problems)
     }
@@ -183,9 +191,11 @@ impl Intent {
         };
         let mut dom = match Dom::lookup(s, &r) {
             Ok(d) => d,
-            // The domain was undefined since: its files go back to their old names.
+            // The domain was undefined since: its files go back to their old names where
+            // they still are; nothing else needs them, so nothing is left to wait for.
             Err(Error::Usage { .. }) => {
-                return Ok((Outcome::RolledBack, self.move_files(false, false)?));
+                let _ = self.move_files(false, false);
+                return Ok((Outcome::RolledBack, Vec::new()));
             }
             Err(e) => return Err(e),
         };
@@ -274,6 +284,7 @@ mod tests {
             to: d.join(to),
             dev: m.dev(),
             ino: m.ino(),
+            absent: false,
         }
     }
 
