@@ -20,7 +20,7 @@ CHECK = /usr/bin/qemu-system-x86_64 /usr/sbin/libvirtd /usr/bin/virsh /usr/bin/v
         /usr/lib/x86_64-linux-gnu/pkgconfig/libvirt.pc /usr/bin/pkg-config /bin/busybox \
         /usr/sbin/dnsmasq /sbin/mkfs.btrfs /usr/bin/qemu-img /usr/bin/python3
 
-BINS = tpl-generalize tpl-lock tpl-rename tpl-clone
+BINS = tpl-generalize tpl-lock tpl-rename tpl-clone tpl-list tpl-rm
 
 .PHONY: all deps libvirtd build test demo install refresh bench clean
 
@@ -70,6 +70,7 @@ install:
 	  install -m 644 target/docs/completions/fish/$$b.fish $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/$$b.fish; \
 	done
 	install -m 755 scripts/tpl-refresh $(DESTDIR)$(PREFIX)/bin/tpl-refresh
+	install -D -m 644 target/docs/tpl-record.schema.json $(DESTDIR)$(PREFIX)/share/tpl/tpl-record.schema.json
 
 # A fresh template from a maintained VM, e.g. from cron (README: "Template refresh").
 refresh: build

@@ -180,9 +180,10 @@ fn symlinked_and_network_disks_are_refused_and_nothing_changes() {
                <target dev='vdb' bus='virtio'/></disk>";
     let net = s.guest_with("net", nbd);
     mark_generalized(&net.name);
-    run_lock(&[&net.name])
-        .fails(3)
-        .says(&["disk vdb is a network disk", "tpl handles only file disks"]);
+    run_lock(&[&net.name]).fails(3).says(&[
+        "disk vdb is a network disk",
+        "tpl handles only file and RBD disks",
+    ]);
     assert_eq!(mode(&net.disk), 0o644);
     assert!(!read_meta(&net.name).template.locked);
 }

@@ -23,7 +23,6 @@ fn locked_by_tpl_lock(s: &mut Scratch, tag: &str) -> Guest {
     g
 }
 
-
 /// Wait for a spawned tool: (exit code, stderr).
 fn finish(c: Child) -> (i32, String) {
     let out = c.wait_with_output().unwrap();
@@ -295,6 +294,8 @@ fn domain_with_nvram(s: &mut Scratch, tag: &str) -> Guest {
 /// `tpl-rename --disks` under strace, its file renames and syncs slowed down so that a
 /// kill lands inside the change; returns strace's child and the pid of tpl-rename itself.
 /// tpl-rename's stderr goes to `log`.
+// The child is the caller's to wait for once it has been killed.
+#[allow(clippy::zombie_processes)]
 fn spawn_slowed_rename(args: &[&str], inject: &[&str], log: &Path) -> (Child, u32) {
     let mut c = Command::new("strace");
     c.args(["-f", "-qq", "-o", "/dev/null"]);

@@ -2,12 +2,15 @@
 
 mod images;
 mod plan;
+mod rbd;
+mod remote;
 mod xml;
 
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::rc::Rc;
 
 use clap::Parser;
 use tpl_common::cli::{self, Common, Ctx};
@@ -88,6 +91,17 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
 
+    /// Put the clones' RBD images in POOL instead of the template's pool
+    #[arg(long, value_name = "POOL")]
+    pool: Option<String>,
+
+    /// Define the clones on the hypervisor at URI instead of the template's (-c): always
+    /// for RBD disks (the libvirt secret they use is made there if missing, never
+    /// overwritten); for files only where that hypervisor sees them as this machine does
+    /// (shared storage)
+    #[arg(long, value_name = "URI")]
+    to: Option<String>,
+
     /// Start each clone once it is defined
     #[arg(long)]
     start: bool,
@@ -140,7 +154,11 @@ fn run(args: &Args, ctx: &mut Ctx) -> Result<()> {
     // From the first look at the template to the last definition: no unlock, rename or
     // generalize can come between.
     let _held = ctx.lock(&mut tpl)?;
-    let plan = Plan::new(ctx, args, &tpl, &names);
+    let dest = match &args.to {
+        Some(uri) if *uri != s.uri => ctx.open_other(uri)?,
+        _ => s.clone(),
+    };
+    let plan = Plan::new(ctx, args, &tpl, &names, &dest);
     // Whatever killed runs left in the clones' directories goes first: a final file of a
     // clone they never defined would otherwise make this run refuse the name.
     if let Ok(plan) = &plan {
@@ -172,23 +190,29 @@ fn run(args: &Args, ctx: &mut Ctx) -> Result<()> {
     if plan.mode == CloneMode::Linked {
         register_overlays(&tpl, &plan, &clones)?;
     }
+    if !Rc::ptr_eq(&s, &dest) {
+        for r in &plan.rbd {
+            let cluster = s.ceph.cluster_for(&r.source)?;
+            remote::ensure_secret(&s, &dest, &r.source, cluster)?;
+        }
+    }
     let mut job = Job {
         ctx,
-        s: &s,
+        s: &dest,
         tpl: &tpl,
         plan: &plan,
         macs: Macs::default(),
         jrnl: Journal::create(&state::clone_journal_dir(), cj::KIND)?,
     };
-    for d in s.all_domains()? {
-        if let Ok(x) = Dom::new(&s, d).and_then(|d| d.xml()) {
+    for d in dest.all_domains()? {
+        if let Ok(x) = Dom::new(&dest, d).and_then(|d| d.xml()) {
             job.macs.add_from(&x);
         }
     }
     let res = job.make_all(&clones);
     let Job { ctx, jrnl, .. } = job;
     jrnl.close();
-    plan.refresh_pools(&s);
+    plan.refresh_pools(&dest);
     if ctx.intr.signal().is_some() {
         ctx.info("stopped; the clones finished before the signal stay");
     }
@@ -356,7 +380,8 @@ impl Job<'_> {
                     ));
                 }
             }
-            for p in made.undo() {
+            let cluster = self.s.ceph.cluster().ok();
+            for p in made.undo(cluster) {
                 self.ctx.warn(format!(
                     "while removing the unfinished clone '{}': {p}",
                     shown(&c.name)
@@ -368,10 +393,13 @@ impl Job<'_> {
 
     fn build(&mut self, c: &NewClone, made: &mut Made) -> Result<Domain> {
         let files = self.plan.files(&self.tpl.name, &c.name);
+        let images = self.plan.images(&self.tpl.name, &c.name);
         let ready = self.write_files(c, &files, made)?;
+        let tmp_images = self.write_images(c, &images, made)?;
         self.commit_files(c, &ready, made)?;
+        self.commit_images(c, &images, &tmp_images, made)?;
         self.ctx.intr.check()?;
-        let dom = self.define(c, &files, made)?;
+        let dom = self.define(c, &files, &images, made)?;
         if self.plan.start {
             self.ctx.intr.check()?;
             dom.create().map_err(|e| {
@@ -443,6 +471,60 @@ impl Job<'_> {
         Ok(ready)
     }
 
+    /// Make each RBD image under its temporary name.
+    fn write_images(
+        &mut self,
+        c: &NewClone,
+        images: &[rbd::NewImage],
+        made: &mut Made,
+    ) -> Result<Vec<tpl_ceph::ImageSpec>> {
+        let mut out = Vec::new();
+        for img in images {
+            self.ctx.intr.check()?;
+            let cluster = self.s.ceph.cluster_for(&img.src.source)?;
+            // Noted before the attempt: a failure after librbd made the image still
+            // leaves it to be removed.
+            made.images.push(rbd::tmp_spec(&img.dest));
+            let tmp = rbd::make(
+                self.ctx,
+                cluster,
+                &mut self.jrnl,
+                &c.uuid,
+                self.plan.mode,
+                img,
+            )?;
+            self.ctx.info(format!(
+                "{}: disk {} is {} '{}'",
+                shown(&c.name),
+                img.src.target,
+                match self.plan.mode {
+                    CloneMode::Linked => "an rbd clone of",
+                    CloneMode::Full => "a copy of",
+                },
+                img.src.from
+            ));
+            out.push(tmp);
+        }
+        Ok(out)
+    }
+
+    /// The commit of the RBD images: renamed to their final names, never over another.
+    fn commit_images(
+        &mut self,
+        c: &NewClone,
+        images: &[rbd::NewImage],
+        tmps: &[tpl_ceph::ImageSpec],
+        made: &mut Made,
+    ) -> Result<()> {
+        for (img, tmp) in images.iter().zip(tmps) {
+            let cluster = self.s.ceph.cluster_for(&img.src.source)?;
+            rbd::commit(cluster, &mut self.jrnl, &c.uuid, tmp, img)?;
+            made.images.retain(|i| i != tmp);
+            made.images.push(img.dest.clone());
+        }
+        Ok(())
+    }
+
     /// The commit of the files: each rename fails rather than replace, so a run that lost
     /// a race for this name stops here and removes only its own files.
     fn commit_files(
@@ -480,9 +562,15 @@ impl Job<'_> {
     }
 
     /// Define the clone: the commit point (libvirt refuses a second domain of one name).
-    fn define(&mut self, c: &NewClone, files: &[NewFile], made: &mut Made) -> Result<Domain> {
+    fn define(
+        &mut self,
+        c: &NewClone,
+        files: &[NewFile],
+        images: &[rbd::NewImage],
+        made: &mut Made,
+    ) -> Result<Domain> {
         let (tpl, plan) = (self.tpl, self.plan);
-        let new_disks: Vec<NewDisk> = files
+        let mut new_disks: Vec<NewDisk> = files
             .iter()
             .filter_map(|f| {
                 let Role::Disk { target } = &f.role else {
@@ -498,9 +586,17 @@ impl Job<'_> {
                     path: f.dest.clone(),
                     format,
                     backing,
+                    rbd: None,
                 })
             })
             .collect();
+        new_disks.extend(images.iter().map(|img| NewDisk {
+            target: img.src.target.clone(),
+            path: PathBuf::new(),
+            format: "raw".into(),
+            backing: Vec::new(),
+            rbd: Some(img.name()),
+        }));
         let nvram = plan.clone_nvram(files, &tpl.name, &c.name);
         let mut meta = Meta {
             clone: Some(CloneOrigin {
@@ -566,13 +662,15 @@ impl Job<'_> {
 struct Made {
     tmps: Vec<PathBuf>,
     finals: Vec<PathBuf>,
+    /// Its RBD images, under their temporary or final names.
+    images: Vec<tpl_ceph::ImageSpec>,
     domain: Option<Domain>,
 }
 
 impl Made {
     /// Remove it all, the domain first so it never points at a missing file. Returns
     /// what could not be removed.
-    fn undo(&mut self) -> Vec<String> {
+    fn undo(&mut self, cluster: Option<&tpl_ceph::Cluster>) -> Vec<String> {
         let undefined = match self.domain.take() {
             None => Ok(()),
             Some(d) => {
@@ -585,7 +683,23 @@ impl Made {
                     .map_err(|e| e.to_string())
             }
         };
-        self.remove_files(undefined)
+        let mut problems = Vec::new();
+        if undefined.is_ok() {
+            for img in self.images.drain(..) {
+                let res = match cluster {
+                    Some(c) => match c.remove(&img) {
+                        Ok(()) | Err(tpl_ceph::Error::NotFound { .. }) => Ok(()),
+                        Err(e) => Err(e.to_string()),
+                    },
+                    None => Err("no connection to Ceph".to_string()),
+                };
+                if let Err(e) = res {
+                    problems.push(format!("cannot remove the RBD image '{img}': {e}"));
+                }
+            }
+        }
+        problems.extend(self.remove_files(undefined));
+        problems
     }
 
     /// Remove the files, but the final ones only when no domain is left to use them: a
@@ -704,6 +818,7 @@ mod tests {
             Made {
                 tmps: vec![tmp.clone()],
                 finals: vec![fin.clone()],
+                images: Vec::new(),
                 domain: None,
             }
         };

@@ -9,12 +9,13 @@ use tpl_common::cli::Ctx;
 use tpl_common::domxml::DomainXml;
 use tpl_common::error::{Error, Result};
 use tpl_common::image::{backing_chain, is_qcow2, qcow2_backing, writable_backing};
-use tpl_common::ownfiles::{renamed_file, Naming, OwnFiles, Role};
+use tpl_common::ownfiles::{renamed_file, Naming, Role};
 use tpl_common::record::CloneMode;
 use tpl_common::session::{Dom, Session};
 use tpl_common::text::{shown, shown_path};
 
 use crate::images;
+use crate::rbd::{self, NewImage, SrcRbd};
 use crate::Args;
 
 /// One template disk to clone.
@@ -89,6 +90,8 @@ pub struct Plan {
     pub mode: CloneMode,
     pub xml: DomainXml,
     pub disks: Vec<SrcDisk>,
+    /// The template's RBD disks.
+    pub rbd: Vec<SrcRbd>,
     /// The template's NVRAM file, when it has one that exists.
     pub nvram: Option<PathBuf>,
     /// The NVRAM file the template's definition names but that does not exist yet:
@@ -117,7 +120,15 @@ pub enum Make<'p> {
 }
 
 impl Plan {
-    pub fn new(ctx: &Ctx, args: &Args, tpl: &Dom, names: &[String]) -> Result<Plan> {
+    /// Check everything for clones of `tpl` named `names`, to be defined on `dest` (the
+    /// template's connection, or --to's).
+    pub fn new(
+        ctx: &Ctx,
+        args: &Args,
+        tpl: &Dom,
+        names: &[String],
+        dest: &Session,
+    ) -> Result<Plan> {
         let t = shown(&tpl.name);
         tpl.require_shut_off("clone")?;
         let meta = tpl.meta()?;
@@ -144,7 +155,7 @@ impl Plan {
             )));
         }
         let dir = target_dir(args.dir.as_deref())?;
-        let own = OwnFiles::of(&tpl.name, &xml, "clone")?;
+        let own = tpl.own_files("clone")?;
         if let Some(note) = own.missing_nvram_note(&tpl.name) {
             ctx.info(note);
         }
@@ -153,6 +164,36 @@ impl Plan {
         let disks = own
             .disks()
             .map(|f| src_disk(f, mode, dir.as_deref(), &refuse))
+            .collect::<Result<Vec<_>>>()?;
+        if !std::ptr::eq(tpl.session, dest) {
+            // The clones' files are written here and read there: the template's images (a
+            // linked clone's backing files), the clones' directories and the NVRAM must be
+            // the same files for the hypervisor at --to.
+            for d in &disks {
+                dest.require_same_files(
+                    &d.path,
+                    &format!(
+                        "the template's disk {} image '{}'",
+                        d.target,
+                        shown_path(&d.path)
+                    ),
+                )?;
+                dest.require_same_files(
+                    &d.dir.join("x"),
+                    &format!("the clones' directory '{}'", shown_path(&d.dir)),
+                )?;
+            }
+            for nv in own.files.iter().filter(|f| f.role == Role::Nvram) {
+                dest.require_same_files(
+                    &nv.path,
+                    &format!("the template's NVRAM '{}'", shown_path(&nv.path)),
+                )?;
+            }
+        }
+        let rbd = own
+            .rbd
+            .iter()
+            .map(|r| rbd::src_rbd(tpl, r, mode, args.pool.as_deref(), &refuse))
             .collect::<Result<Vec<_>>>()?;
         let plan = Plan {
             mode,
@@ -164,24 +205,36 @@ impl Plan {
             missing_nvram: own.missing_nvram.clone(),
             xml,
             disks,
+            rbd,
             start: args.start,
             progress: !args.common.quiet,
             overlays: Default::default(),
         };
-        plan.check_names_free(tpl, names)?;
+        plan.check_names_free(tpl, names, dest)?;
         Ok(plan)
     }
 
-    /// Every clone's name and files must be free before the first one is made.
-    fn check_names_free(&self, tpl: &Dom, names: &[String]) -> Result<()> {
+    /// Every clone's name (on `dest`) and files must be free before the first one is made.
+    fn check_names_free(&self, tpl: &Dom, names: &[String], dest: &Session) -> Result<()> {
         for n in names {
             let refuse =
                 |why: String| Error::refused(format!("cannot create clone '{}'", shown(n)), why);
-            if tpl.session.name_taken(n)? {
+            if dest.name_taken(n)? {
                 return Err(refuse(format!(
-                    "a domain named '{}' already exists",
-                    shown(n)
+                    "a domain named '{}' already exists on {}",
+                    shown(n),
+                    shown(&dest.uri)
                 )));
+            }
+            for img in self.images(&tpl.name, n) {
+                let cluster = tpl.session.ceph.cluster_for(&img.src.source)?;
+                if rbd::exists(cluster, &img.dest)? {
+                    return Err(refuse(format!(
+                        "its disk {} image '{}' already exists; nothing is ever overwritten",
+                        img.src.target,
+                        shown(&img.name())
+                    )));
+                }
             }
             let files = self.files(&tpl.name, n);
             if let Some(nv) = self.clone_nvram(&files, &tpl.name, n) {
@@ -228,7 +281,7 @@ impl Plan {
     /// The files clone `name` gets, in the order they are renamed into place (by path, so
     /// that two runs racing for one name contend for the same file first).
     pub fn files(&self, template: &str, name: &str) -> Vec<NewFile<'_>> {
-        let several = self.disks.len() > 1;
+        let several = self.several();
         let mut out: Vec<NewFile> = self
             .disks
             .iter()
@@ -267,6 +320,20 @@ impl Plan {
         }
         out.sort_by(|a, b| a.dest.cmp(&b.dest));
         out
+    }
+
+    /// Whether the template has several disks (then a file or image not named after it is
+    /// named after its target).
+    fn several(&self) -> bool {
+        self.disks.len() + self.rbd.len() > 1
+    }
+
+    /// The RBD images clone `name` gets.
+    pub fn images(&self, template: &str, name: &str) -> Vec<NewImage<'_>> {
+        self.rbd
+            .iter()
+            .map(|r| rbd::new_image(r, template, name, self.several()))
+            .collect()
     }
 
     /// The NVRAM path clone `name`'s definition names: its copy of the template's, or the

@@ -11,13 +11,14 @@ use xmltree::{Element, XMLNode};
 
 /// One cloned disk: which target, its new file, that file's format, and for a linked
 /// clone the images under it (the template's image first, then its own backing files),
-/// each with its format.
+/// each with its format. An RBD disk has its new image (`POOL[/NS]/IMAGE`) instead.
 #[derive(Debug, Clone)]
 pub struct NewDisk {
     pub target: String,
     pub path: PathBuf,
     pub format: String,
     pub backing: Vec<(PathBuf, String)>,
+    pub rbd: Option<String>,
 }
 
 /// What differs between the template and one clone.
@@ -128,14 +129,33 @@ pub fn clone_xml(tpl: &DomainXml, spec: &CloneSpec, macs: &mut Macs) -> Result<D
         c.as_element()
             .is_none_or(|e| e.name != "title" && e.name != "description")
     });
-
     let devices = child_mut(root, "devices");
+    set_disks(devices, spec.disks);
+    set_interfaces(devices, macs);
+    set_graphics(devices);
+    set_chardevs(devices, spec.template_name, spec.name);
+    if let Some(nv) = spec.nvram {
+        x.set_nvram(nv)?;
+    }
+    Ok(x)
+}
+
+/// Each cloned disk on its new file or image.
+fn set_disks(devices: &mut Element, disks: &[NewDisk]) {
     for disk in children_named_mut(devices, "disk") {
         let Some(t) = disk_target(disk) else { continue };
-        let Some(nd) = spec.disks.iter().find(|d| d.target == t) else {
+        let Some(nd) = disks.iter().find(|d| d.target == t) else {
             continue;
         };
         let src = child_mut(disk, "source");
+        if let Some(name) = &nd.rbd {
+            // The same monitors and cephx secret as the template's; its own image, at its
+            // head (a clone is written to).
+            src.attributes.insert("name".into(), name.clone());
+            src.children
+                .retain(|c| c.as_element().is_none_or(|e| e.name != "snapshot"));
+            continue;
+        }
         src.attributes
             .insert("file".into(), nd.path.display().to_string());
         let drv = child_mut(disk, "driver");
@@ -155,19 +175,25 @@ pub fn clone_xml(tpl: &DomainXml, spec: &CloneSpec, macs: &mut Macs) -> Result<D
                 .insert(at, XMLNode::Element(backing_store(&nd.backing)));
         }
     }
+}
+
+/// New MAC addresses, and no host-side device name (vnet3, tap-tpl): two domains cannot
+/// have the template's, and libvirt picks a free one when none is given.
+fn set_interfaces(devices: &mut Element, macs: &mut Macs) {
     for iface in children_named_mut(devices, "interface") {
         let mac = macs.fresh();
         child_mut(iface, "mac")
             .attributes
             .insert("address".into(), mac);
-        // The host-side device name (vnet3, tap-tpl) is the template's: two domains
-        // cannot have it, and libvirt picks a free one when none is given.
         iface
             .children
             .retain(|c| c.as_element().is_none_or(|e| e.name != "target"));
     }
+}
+
+/// Fixed ports and sockets would clash with the template's; libvirt picks new ones.
+fn set_graphics(devices: &mut Element) {
     for g in children_named_mut(devices, "graphics") {
-        // Fixed ports and sockets would clash with the template's; libvirt picks new ones.
         if g.attributes.contains_key("port") || g.attributes.contains_key("tlsPort") {
             g.attributes.shift_remove("port");
             g.attributes.shift_remove("tlsPort");
@@ -181,6 +207,16 @@ pub fn clone_xml(tpl: &DomainXml, spec: &CloneSpec, macs: &mut Macs) -> Result<D
             l.attributes.shift_remove("socket");
         }
     }
+}
+
+/// The host files of serial ports, consoles and channels (logs, sockets qemu listens on)
+/// become the clone's own, by the one naming rule.
+fn set_chardevs(devices: &mut Element, template: &str, name: &str) {
+    let own = |p: &mut String| {
+        *p = own_path(Path::new(p.as_str()), template, name)
+            .display()
+            .to_string();
+    };
     for kind in ["serial", "console", "parallel", "channel"] {
         for c in children_named_mut(devices, kind) {
             let ty = c.attributes.get("type").cloned().unwrap_or_default();
@@ -192,9 +228,7 @@ pub fn clone_xml(tpl: &DomainXml, spec: &CloneSpec, macs: &mut Macs) -> Result<D
                     && src.attributes.get("mode").map(String::as_str) == Some("connect");
                 if matches!(ty.as_str(), "file" | "unix" | "pipe") && !connects {
                     if let Some(p) = src.attributes.get_mut("path") {
-                        *p = own_path(Path::new(p), spec.template_name, spec.name)
-                            .display()
-                            .to_string();
+                        own(p);
                     }
                 }
             }
@@ -202,16 +236,10 @@ pub fn clone_xml(tpl: &DomainXml, spec: &CloneSpec, macs: &mut Macs) -> Result<D
                 .get_mut_child("log")
                 .and_then(|l| l.attributes.get_mut("file"))
             {
-                *p = own_path(Path::new(p), spec.template_name, spec.name)
-                    .display()
-                    .to_string();
+                own(p);
             }
         }
     }
-    if let Some(nv) = spec.nvram {
-        x.set_nvram(nv)?;
-    }
-    Ok(x)
 }
 
 /// Our metadata element replaced by the clone's; other programs' metadata stays.
@@ -336,6 +364,7 @@ mod tests {
             path: "/img/c1.img".into(),
             format: "raw".into(),
             backing: Vec::new(),
+            rbd: None,
         }];
         let spec = CloneSpec {
             name: "c1",
@@ -504,6 +533,7 @@ mod tests {
                 ("/img/Tpl.qcow2".into(), "qcow2".into()),
                 ("/img/base.raw".into(), "raw".into()),
             ],
+            rbd: None,
         }];
         let spec = CloneSpec {
             name: "c1",

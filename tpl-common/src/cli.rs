@@ -43,6 +43,16 @@ pub struct Common {
     /// which tool it is), then give up with exit status 3
     #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_WAIT_SECS)]
     pub wait: u64,
+
+    /// For RBD disks: the Ceph configuration file (with the keyring it names)
+    /// [default: $CEPH_CONF, else /etc/ceph/ceph.conf]
+    #[arg(long, value_name = "FILE")]
+    pub ceph_conf: Option<std::path::PathBuf>,
+
+    /// For RBD disks: the cephx user, without "client." [default: the disk's
+    /// <auth username>, else admin]
+    #[arg(long, value_name = "NAME")]
+    pub ceph_id: Option<String>,
 }
 
 impl Default for Common {
@@ -51,6 +61,8 @@ impl Default for Common {
             connect: None,
             quiet: false,
             wait: DEFAULT_WAIT_SECS,
+            ceph_conf: None,
+            ceph_id: None,
         }
     }
 }
@@ -119,19 +131,38 @@ impl Ctx {
         if let Some(s) = &self.session {
             return Ok(s.clone());
         }
-        let s = Rc::new(Session::open(&self.uri())?);
+        let ceph = crate::rbd::CephOptions {
+            conf: self.common.ceph_conf.clone(),
+            user: self.common.ceph_id.clone(),
+        };
+        let s = Rc::new(Session::open_with(&self.uri(), ceph)?);
         self.session = Some(s.clone());
         self.recover(&s, None);
         Ok(s)
     }
 
+    /// Another connection of the run (tpl-clone --to): opened with the same Ceph options,
+    /// and what dead runs left on it is finished or undone as for the main one.
+    pub fn open_other(&self, uri: &str) -> Result<Rc<Session>> {
+        let ceph = crate::rbd::CephOptions {
+            conf: self.common.ceph_conf.clone(),
+            user: self.common.ceph_id.clone(),
+        };
+        let s = Rc::new(Session::open_with(uri, ceph)?);
+        self.recover(&s, None);
+        Ok(s)
+    }
+
     /// Finish or undo what dead runs left on this connection: their unfinished clones'
-    /// files, their half-done renames (of domain `held` only, whose lock the caller holds,
-    /// or of any domain whose lock is free).
+    /// files, their half-done renames and removals (of domain `held` only, whose lock the
+    /// caller holds, or of any domain whose lock is free).
     pub fn recover(&self, s: &Session, held: Option<&str>) {
-        let removed = journal::clone::clean_dead(&state::clone_journal_dir(), &s.uri, |uuid| {
-            s.domain_exists(uuid)
-        });
+        let removed = journal::clone::clean_dead(
+            &state::clone_journal_dir(),
+            &s.uri,
+            |uuid| s.domain_exists(uuid),
+            &mut |image, id| crate::rbd::remove_leftover(s.ceph.cluster().ok()?, image, id),
+        );
         for what in removed {
             self.info(format!("removed {what}, left by a killed tpl-clone"));
         }
@@ -140,6 +171,26 @@ impl Ctx {
             journal::rename::recover_dead(
                 s,
                 &state::rename_journal_dir(),
+                held,
+                |uuid| match held {
+                    Some(h) if h.eq_ignore_ascii_case(uuid) => Some(None),
+                    _ => DomainLock::try_acquire(&lockdir, uuid, self.tool)
+                        .ok()
+                        .flatten()
+                        .map(Some),
+                },
+            );
+        for (warning, text) in notes {
+            if warning {
+                self.warn(text);
+            } else {
+                self.info(text);
+            }
+        }
+        let notes =
+            journal::remove::recover_dead(
+                s,
+                &state::remove_journal_dir(),
                 held,
                 |uuid| match held {
                     Some(h) if h.eq_ignore_ascii_case(uuid) => Some(None),

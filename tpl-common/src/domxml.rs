@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use xmltree::{Element, EmitterConfig, XMLNode};
 
 use crate::error::{Error, Result};
-use crate::record::{Device, Disk, DiskKind};
+use crate::record::{Device, Disk, DiskKind, RbdSource};
 
 /// A parsed domain definition. Edits go through the tree and are written back whole.
 #[derive(Debug, Clone)]
@@ -85,6 +85,63 @@ impl DomainXml {
         Ok(())
     }
 
+    /// Point the RBD disk with this target at another image of its pool (`image`), at
+    /// `snapshot` or at its head.
+    pub fn set_rbd_image(
+        &mut self,
+        target: &str,
+        image: &str,
+        snapshot: Option<&str>,
+    ) -> Result<()> {
+        self.set_rbd_source(target, None, image, snapshot)
+    }
+
+    /// Point the RBD disk with this target at `POOL[/NS]/IMAGE` (`name`; None keeps its
+    /// pool and namespace and takes `image`), at `snapshot` or at its head.
+    pub fn set_rbd_source(
+        &mut self,
+        target: &str,
+        name: Option<&str>,
+        image: &str,
+        snapshot: Option<&str>,
+    ) -> Result<()> {
+        let disk = self
+            .disk_elements_mut()
+            .find(|d| disk_target(d).as_deref() == Some(target))
+            .ok_or_else(|| {
+                Error::failed(
+                    format!("no disk '{target}' in the definition"),
+                    "it changed meanwhile?",
+                )
+            })?;
+        let src = disk
+            .get_mut_child("source")
+            .filter(|s| s.attributes.get("protocol").map(String::as_str) == Some("rbd"))
+            .ok_or_else(|| {
+                Error::failed(
+                    format!("disk '{target}' is not an RBD disk"),
+                    "it changed meanwhile?",
+                )
+            })?;
+        let new = match name {
+            Some(n) => n.to_string(),
+            None => {
+                let old = src.attributes.get("name").cloned().unwrap_or_default();
+                let (prefix, _) = old.rsplit_once('/').unwrap_or(("", ""));
+                format!("{prefix}/{image}")
+            }
+        };
+        src.attributes.insert("name".into(), new);
+        src.children
+            .retain(|c| c.as_element().is_none_or(|e| e.name != "snapshot"));
+        if let Some(snap) = snapshot {
+            let mut e = Element::new("snapshot");
+            e.attributes.insert("name".into(), snap.into());
+            src.children.push(XMLNode::Element(e));
+        }
+        Ok(())
+    }
+
     /// The NVRAM file, when the domain has one: `<os><nvram>PATH</nvram>`, or the form
     /// libvirt 8.5 added and keeps when a definition uses it,
     /// `<nvram type='file'><source file='PATH'/></nvram>`.
@@ -153,8 +210,12 @@ pub fn disk_target(disk: &Element) -> Option<String> {
 
 fn disk_of(d: &Element) -> Disk {
     let attr = |e: Option<&Element>, a: &str| e.and_then(|e| e.attributes.get(a).cloned());
-    let kind = DiskKind::parse(d.attributes.get("type").map_or("file", String::as_str));
     let source = d.get_child("source");
+    let rbd = rbd_source(d);
+    let kind = match &rbd {
+        Some(_) => DiskKind::Rbd,
+        None => DiskKind::parse(d.attributes.get("type").map_or("file", String::as_str)),
+    };
     let path = match kind {
         DiskKind::File => attr(source, "file"),
         DiskKind::Block => attr(source, "dev"),
@@ -171,9 +232,52 @@ fn disk_of(d: &Element) -> Disk {
         shareable: d.get_child("shareable").is_some(),
         own: false,
         backing: Vec::new(),
+        rbd,
     };
-    disk.own = disk.is_writable() && disk.kind == DiskKind::File && disk.path.is_some();
+    disk.own = disk.is_writable()
+        && ((disk.kind == DiskKind::File && disk.path.is_some()) || disk.kind == DiskKind::Rbd);
     disk
+}
+
+/// An RBD disk's source (`<disk type='network'><source protocol='rbd' name='POOL/IMAGE'>`).
+fn rbd_source(d: &Element) -> Option<RbdSource> {
+    if d.attributes.get("type").map(String::as_str) != Some("network") {
+        return None;
+    }
+    let src = d.get_child("source")?;
+    if src.attributes.get("protocol").map(String::as_str) != Some("rbd") {
+        return None;
+    }
+    let name = src.attributes.get("name")?;
+    let parts: Vec<&str> = name.split('/').collect();
+    let (pool, namespace, image) = match parts.as_slice() {
+        [p, i] => (p.to_string(), String::new(), i.to_string()),
+        [p, n, i] => (p.to_string(), n.to_string(), i.to_string()),
+        _ => return None,
+    };
+    let hosts = children_named(src, "host")
+        .filter_map(|h| {
+            let name = h.attributes.get("name")?;
+            Some(match h.attributes.get("port") {
+                Some(p) => format!("{name}:{p}"),
+                None => name.clone(),
+            })
+        })
+        .collect();
+    let auth = d.get_child("auth").or_else(|| src.get_child("auth"));
+    Some(RbdSource {
+        pool,
+        namespace,
+        image,
+        snapshot: src
+            .get_child("snapshot")
+            .and_then(|s| s.attributes.get("name").cloned()),
+        hosts,
+        user: auth.and_then(|a| a.attributes.get("username").cloned()),
+        secret: auth
+            .and_then(|a| a.get_child("secret"))
+            .and_then(|s| s.attributes.get("uuid").cloned()),
+    })
 }
 
 impl Disk {
@@ -215,6 +319,33 @@ mod tests {
             x.nvram().unwrap(),
             Path::new("/var/lib/libvirt/qemu/nvram/VM_VARS.fd")
         );
+    }
+
+    #[test]
+    fn rbd_disks_are_read_and_pointed_elsewhere() {
+        let xml = XML.replace(
+            "<disk type='block' device='disk'><source dev='/dev/sdz'/><target dev='vdb'/><shareable/></disk>",
+            "<disk type='network' device='disk'><driver name='qemu' type='raw'/>\
+             <source protocol='rbd' name='tpl/Tpl'><host name='127.0.0.1' port='6789'/>\
+             <snapshot name='tpl'/></source><auth username='admin'>\
+             <secret type='ceph' uuid='11111111-2222-3333-4444-555555555555'/></auth>\
+             <target dev='vdb' bus='virtio'/></disk>",
+        );
+        let mut x = DomainXml::parse(&xml).unwrap();
+        let d = &x.disks()[2];
+        assert_eq!(d.kind, DiskKind::Rbd);
+        assert!(d.own && d.path.is_none());
+        let r = d.rbd.clone().unwrap();
+        assert_eq!((r.pool.as_str(), r.image.as_str()), ("tpl", "Tpl"));
+        assert_eq!(r.snapshot.as_deref(), Some("tpl"));
+        assert_eq!(r.hosts, ["127.0.0.1:6789"]);
+        assert_eq!(r.user.as_deref(), Some("admin"));
+        assert_eq!(r.to_string(), "rbd:tpl/Tpl@tpl");
+        x.set_rbd_image("vdb", "web1", None).unwrap();
+        let r = x.disks()[2].rbd.clone().unwrap();
+        assert_eq!((r.image.as_str(), r.snapshot), ("web1", None));
+        assert!(x.to_xml().contains("127.0.0.1"), "hosts and auth stay");
+        assert!(x.set_rbd_image("vda", "x", None).is_err(), "a file disk");
     }
 
     #[test]

@@ -208,6 +208,12 @@ pub enum Dependent {
     /// A file or directory that could not be read, so whether it depends on the image is
     /// unknown; counted as a dependent, because guessing "no" could break a linked clone.
     Unchecked { path: PathBuf, reason: String },
+    /// An RBD clone of a snapshot of the image (`POOL/IMAGE`), and the domain using it.
+    RbdClone {
+        image: String,
+        domain: Option<String>,
+        in_trash: bool,
+    },
 }
 
 impl fmt::Display for Dependent {
@@ -238,6 +244,21 @@ impl fmt::Display for Dependent {
                 "'{}', which could not be checked ({reason})",
                 shown_path(path)
             ),
+            Dependent::RbdClone {
+                image,
+                domain,
+                in_trash,
+            } => {
+                write!(f, "RBD clone '{}'", shown(image))?;
+                match domain {
+                    Some(d) => write!(f, " of domain '{}'", shown(d))?,
+                    None => f.write_str(" (no domain uses it)")?,
+                }
+                if *in_trash {
+                    f.write_str(" in Ceph's trash")?;
+                }
+                Ok(())
+            }
         }
     }
 }

@@ -70,7 +70,13 @@ impl Meta {
             root.children.push(XMLNode::Element(e));
         }
         if t.locked {
-            let mut e = elem("locked", &[("at", t.locked_at.as_ref())]);
+            let mut e = elem(
+                "locked",
+                &[
+                    ("at", t.locked_at.as_ref()),
+                    ("snapshot", t.snapshot.as_ref()),
+                ],
+            );
             e.attributes.insert(
                 "immutable".into(),
                 if t.immutable { "yes" } else { "no" }.into(),
@@ -152,6 +158,7 @@ impl Meta {
             m.template.locked = true;
             m.template.locked_at = get(l, "at");
             m.template.immutable = get(l, "immutable").as_deref() == Some("yes");
+            m.template.snapshot = get(l, "snapshot");
         }
         if let Some(c) = root.get_child("clone") {
             let mode = get(c, "mode").unwrap_or_default();
@@ -219,6 +226,7 @@ mod tests {
         m.template.locked = true;
         m.template.locked_at = Some("2026-01-02T00:00:00Z".into());
         m.template.immutable = true;
+        m.template.snapshot = Some("tpl".into());
         m.clone = Some(CloneOrigin {
             template_uuid: "u".into(),
             template_name: "T & <x>".into(),

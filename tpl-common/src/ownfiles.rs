@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domxml::DomainXml;
 use crate::error::{Error, Result};
-use crate::record::DiskKind;
+use crate::record::{DiskKind, RbdSource};
 use crate::text::{shown, shown_path};
 
 /// What an own file is to its domain.
@@ -63,10 +63,30 @@ impl OwnFile {
     }
 }
 
-/// A domain's own files, each checked.
+/// A domain's own RBD image: a writable disk on Ceph.
+#[derive(Debug, Clone)]
+pub struct OwnRbd {
+    pub target: String,
+    pub source: RbdSource,
+}
+
+impl fmt::Display for OwnRbd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "disk {} '{}'",
+            self.target,
+            shown(&self.source.to_string())
+        )
+    }
+}
+
+/// A domain's own files and RBD images, each checked.
 #[derive(Debug, Clone, Default)]
 pub struct OwnFiles {
     pub files: Vec<OwnFile>,
+    /// Its RBD disks, handled disk by disk beside the files.
+    pub rbd: Vec<OwnRbd>,
     /// An NVRAM file the definition names that does not exist yet: libvirt makes it from
     /// its template at the first start. Every tool skips it, with a note.
     pub missing_nvram: Option<PathBuf>,
@@ -82,6 +102,13 @@ impl OwnFiles {
             |why: String| Error::refused(format!("cannot {action} domain '{}'", shown(name)), why);
         let mut out = OwnFiles::default();
         for d in x.disks().into_iter().filter(|d| d.is_writable()) {
+            if let Some(source) = d.rbd {
+                out.rbd.push(OwnRbd {
+                    target: d.target,
+                    source,
+                });
+                continue;
+            }
             if d.kind != DiskKind::File {
                 let src = d
                     .path
@@ -90,8 +117,8 @@ impl OwnFiles {
                     .unwrap_or_default();
                 return Err(refuse(format!(
                     "its disk {} is a {} disk{src} that it writes to, and tpl handles only \
-                     file disks as a domain's own; detach it, or mark it <readonly/> or \
-                     <shareable/> if it is meant to be shared",
+                     file and RBD disks as a domain's own; detach it, or mark it <readonly/> \
+                     or <shareable/> if it is meant to be shared",
                     d.target,
                     d.kind.as_str()
                 )));
@@ -163,6 +190,21 @@ impl OwnFiles {
         action: &str,
         others: impl IntoIterator<Item = &'a OtherFiles> + Clone,
     ) -> Result<()> {
+        for r in &self.rbd {
+            let image = r.source.name();
+            for o in others.clone() {
+                if let Some((t, _)) = o.rbd.iter().find(|(_, n)| *n == image) {
+                    return Err(Error::refused(
+                        format!("cannot {action} domain '{}'", shown(name)),
+                        format!(
+                            "its {r} is also the disk {t} image of domain '{}', so it is not \
+                             this domain's own; give each domain its own image first",
+                            shown(&o.name)
+                        ),
+                    ));
+                }
+            }
+        }
         for f in &self.files {
             for o in others.clone() {
                 if let Some(how) = o.names(f) {
@@ -189,6 +231,8 @@ pub struct OtherFiles {
     /// Its disks' top-level sources (not their backing chains: a linked clone's overlay
     /// backs onto the template's image without sharing it) with their targets.
     pub disks: Vec<(String, PathBuf)>,
+    /// Its RBD disks' images (`POOL/IMAGE`) with their targets.
+    pub rbd: Vec<(String, String)>,
     pub nvram: Option<PathBuf>,
 }
 
@@ -411,6 +455,7 @@ mod tests {
         let other = OtherFiles {
             name: "B".into(),
             disks: vec![("vdb".into(), d.path().join("B.qcow2"))],
+            rbd: Vec::new(),
             nvram: Some(nv.clone()),
         };
         let e = own

@@ -120,8 +120,51 @@ pub struct Disk {
     /// shareable). What tpl-lock locks, tpl-clone copies and `tpl-rename --disks` renames.
     #[serde(default)]
     pub own: bool,
-    /// The images under `path`, nearest first, read from the qcow2 headers.
+    /// The images under `path`, nearest first, read from the qcow2 headers; for an RBD
+    /// disk its parent chain (`rbd:POOL/IMAGE@SNAP`, qemu's notation).
     pub backing: Vec<BackingImage>,
+    /// Where an RBD disk's image is (`kind` is `rbd`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rbd: Option<RbdSource>,
+}
+
+/// An RBD disk's source: `<source protocol='rbd' name='POOL/IMAGE'>` with its monitors
+/// and cephx user and secret, and the snapshot it is pointed at (a locked template).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RbdSource {
+    pub pool: String,
+    /// The RADOS namespace (`POOL/NS/IMAGE`); empty for the pool's default one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    pub image: String,
+    pub snapshot: Option<String>,
+    /// The monitors as `HOST:PORT` (`HOST` alone when no port is given).
+    pub hosts: Vec<String>,
+    /// The cephx user (`<auth username=…>`).
+    pub user: Option<String>,
+    /// The UUID of the libvirt secret holding the user's key.
+    pub secret: Option<String>,
+}
+
+impl RbdSource {
+    /// `POOL/IMAGE` or `POOL/NS/IMAGE`, as libvirt's `name` has it.
+    pub fn name(&self) -> String {
+        if self.namespace.is_empty() {
+            format!("{}/{}", self.pool, self.image)
+        } else {
+            format!("{}/{}/{}", self.pool, self.namespace, self.image)
+        }
+    }
+}
+
+impl std::fmt::Display for RbdSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "rbd:{}", self.name())?;
+        if let Some(s) = &self.snapshot {
+            write!(f, "@{s}")?;
+        }
+        Ok(())
+    }
 }
 
 /// What a disk is to the guest (`<disk device=…>`).
@@ -134,14 +177,17 @@ pub enum Device {
     Lun,
 }
 
-/// Where a disk's data is (`<disk type=…>`).
+/// Where a disk's data is (`<disk type=…>`; `rbd` for a network disk on Ceph RBD).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DiskKind {
     File,
     Block,
     Dir,
+    /// A network disk of another protocol than RBD (nbd, iscsi, …).
     Network,
+    /// An RBD image (`<disk type='network'>` with `<source protocol='rbd'>`).
+    Rbd,
     Volume,
     Nvme,
     Vhostuser,
@@ -158,6 +204,7 @@ impl DiskKind {
             "block" => DiskKind::Block,
             "dir" => DiskKind::Dir,
             "network" => DiskKind::Network,
+            "rbd" => DiskKind::Rbd,
             "volume" => DiskKind::Volume,
             "nvme" => DiskKind::Nvme,
             "vhostuser" => DiskKind::Vhostuser,
@@ -172,6 +219,7 @@ impl DiskKind {
             DiskKind::Block => "block",
             DiskKind::Dir => "dir",
             DiskKind::Network => "network",
+            DiskKind::Rbd => "rbd",
             DiskKind::Volume => "volume",
             DiskKind::Nvme => "nvme",
             DiskKind::Vhostuser => "vhostuser",
@@ -206,6 +254,9 @@ pub struct TemplateState {
     pub locked: bool,
     pub locked_at: Option<String>,
     pub immutable: bool,
+    /// The protected snapshot a locked template's RBD disks point at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

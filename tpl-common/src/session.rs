@@ -14,6 +14,8 @@ use crate::error::{Error, Result};
 use crate::image::{self, canonical, Dependent};
 use crate::meta::{self, Meta, Registered};
 use crate::ownfiles::OtherFiles;
+use crate::ownfiles::OwnFiles;
+use crate::rbd::{self, Ceph, CephOptions};
 use crate::record::{Disk, DiskKind, DomainRef, Record, State, SCHEMA};
 use crate::text::{shown, shown_path};
 
@@ -31,10 +33,14 @@ pub fn resolve_uri(opt: Option<&str>) -> String {
         .unwrap_or_else(|| DEFAULT_URI.to_string())
 }
 
-/// An open libvirt connection.
+/// An open libvirt connection, and the run's Ceph connection for RBD disks.
 pub struct Session {
     pub conn: Connect,
     pub uri: String,
+    pub ceph: Ceph,
+    /// What the locality probe found for each directory, once per run: None for the same
+    /// files, else why not and whether that was proven (rather than undecided).
+    seen_dirs: std::cell::RefCell<std::collections::HashMap<PathBuf, Option<(String, bool)>>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -63,6 +69,11 @@ pub fn state_of(s: DomainState) -> State {
 
 impl Session {
     pub fn open(uri: &str) -> Result<Session> {
+        Session::open_with(uri, CephOptions::default())
+    }
+
+    /// Open the connection, with how to reach Ceph when an RBD disk needs it.
+    pub fn open_with(uri: &str, ceph: CephOptions) -> Result<Session> {
         virt::error::clear_error_callback();
         let conn = Connect::open(Some(uri)).map_err(|e| {
             Error::libvirt(
@@ -76,6 +87,8 @@ impl Session {
         Ok(Session {
             conn,
             uri: uri.to_string(),
+            ceph: Ceph::new(ceph),
+            seen_dirs: Default::default(),
         })
     }
 
@@ -198,6 +211,53 @@ impl Session {
 }
 
 impl Session {
+    /// Why the hypervisor does not (or may not) see `dir` as this process does; None when
+    /// it was proven to see the same directory. Probed once per directory per run.
+    pub fn not_same_files(&self, dir: &Path) -> Option<String> {
+        self.locality(dir).map(|(why, _)| why)
+    }
+
+    /// Whether the hypervisor was proven to see another directory at `dir` (not merely
+    /// that it could not be told).
+    pub fn proven_other_files(&self, dir: &Path) -> bool {
+        self.locality(dir).is_some_and(|(_, proven)| proven)
+    }
+
+    fn locality(&self, dir: &Path) -> Option<(String, bool)> {
+        if let Some(r) = self.seen_dirs.borrow().get(dir) {
+            return r.clone();
+        }
+        let r = match crate::locality::probe(&self.conn, dir) {
+            Ok(crate::locality::Locality::Same) => None,
+            Ok(crate::locality::Locality::Different(why)) => Some((why, true)),
+            Err(e) => Some((e.to_string(), false)),
+        };
+        self.seen_dirs
+            .borrow_mut()
+            .insert(dir.to_path_buf(), r.clone());
+        r
+    }
+
+    /// Refuse (exit 2) to act on `path` (`what` names it: "disk vda '…'") unless the
+    /// hypervisor sees its directory as this process does: on another host's domain this
+    /// machine's file of the same path is someone else's.
+    pub fn require_same_files(&self, path: &Path, what: &str) -> Result<()> {
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        match self.not_same_files(dir) {
+            None => Ok(()),
+            Some(why) => Err(Error::usage(
+                format!(
+                    "{what} is a file of the hypervisor at {}, not known to be this machine's",
+                    shown(&self.uri)
+                ),
+                format!(
+                    "{why}; tpl acts only on files it sees as the hypervisor does: run tpl on \
+                     that host, or keep the template on Ceph RBD, which every host reaches"
+                ),
+            )),
+        }
+    }
+
     /// The user and group libvirt runs qemu as for domains of `domain_type` (`qemu`, `kvm`),
     /// from the DAC security model in the host capabilities; None when libvirt does not
     /// say (no DAC model, a remote driver that hides it).
@@ -387,6 +447,12 @@ impl<'a> Dom<'a> {
                 // A missing or unreadable image still describes, with what could be read.
                 d.backing = image::readable_chain(p).0;
             }
+            if let Some(src) = &d.rbd {
+                // Likewise a cluster that cannot be reached: the chain stays empty.
+                if let Ok(c) = self.session.ceph.cluster_for(src) {
+                    d.backing = rbd::parent_chain(c, &rbd::spec_of(src)).unwrap_or_default();
+                }
+            }
         }
         Ok(Record {
             schema: SCHEMA,
@@ -400,6 +466,29 @@ impl<'a> Dom<'a> {
             clone: m.clone,
             history: m.history,
         })
+    }
+
+    /// The domain's own files and RBD images (see [`OwnFiles::of`]), each file checked to be
+    /// one the hypervisor sees as this process does.
+    pub fn own_files(&self, action: &str) -> Result<OwnFiles> {
+        let own = OwnFiles::of(&self.name, &self.xml()?, action)?;
+        for f in &own.files {
+            self.session.require_same_files(
+                &f.path,
+                &format!("the {f} of domain '{}'", shown(&self.name)),
+            )?;
+        }
+        if let Some(nv) = &own.missing_nvram {
+            self.session.require_same_files(
+                nv,
+                &format!(
+                    "the NVRAM '{}' of domain '{}'",
+                    shown_path(nv),
+                    shown(&self.name)
+                ),
+            )?;
+        }
+        Ok(own)
     }
 
     /// Every other domain of the connection, with the files it names. A domain undefined
@@ -431,6 +520,10 @@ impl<'a> Dom<'a> {
                     .iter()
                     .filter_map(|d| Some((d.target.clone(), d.path.clone()?)))
                     .collect(),
+                rbd: disks
+                    .iter()
+                    .filter_map(|d| Some((d.target.clone(), d.rbd.as_ref()?.name())))
+                    .collect(),
                 nvram: x.nvram(),
             };
             out.push(OtherDomain {
@@ -440,6 +533,41 @@ impl<'a> Dom<'a> {
             });
         }
         Ok(out)
+    }
+
+    /// Everything that depends on the domain's own images: for files, see
+    /// [`Dom::dependents`]; for RBD images, the clones of their snapshots (Ceph's list,
+    /// each named with the domain that uses it, if one does).
+    pub fn dependents_of(
+        &self,
+        own: &OwnFiles,
+        others: &[OtherDomain],
+        registered: &[Registered],
+    ) -> Result<Dependents> {
+        let mut deps = self.dependents(&own.images(), others, registered)?;
+        for r in &own.rbd {
+            let cluster = self.session.ceph.cluster_for(&r.source)?;
+            let spec = rbd::spec_of(&r.source);
+            let kids = rbd::children(cluster, &spec)?;
+            for k in &kids {
+                let name = k.spec.to_string();
+                let domain = others
+                    .iter()
+                    .find(|o| o.files.rbd.iter().any(|(_, n)| *n == name))
+                    .map(|o| o.files.name.clone());
+                deps.list.push(Dependent::RbdClone {
+                    image: name,
+                    domain,
+                    in_trash: k.in_trash,
+                });
+            }
+            deps.looked.push_str(&format!(
+                "; and Ceph's list of the clones of '{}' ({} found)",
+                shown(&spec.to_string()),
+                kids.len()
+            ));
+        }
+        Ok(deps)
     }
 
     /// Everything that depends on these images of this domain: other domains whose disks
@@ -452,10 +580,79 @@ impl<'a> Dom<'a> {
         others: &[OtherDomain],
         registered: &[Registered],
     ) -> Result<Dependents> {
-        let wanted: Vec<PathBuf> = images.iter().map(|p| canonical(p)).collect();
-        let reaches = |chain: &[PathBuf]| chain.iter().any(|p| wanted.contains(&canonical(p)));
-        let mut out = Vec::new();
-        let mut listed = Vec::new();
+        let mut found = Found {
+            wanted: images.iter().map(|p| canonical(p)).collect(),
+            ..Default::default()
+        };
+        found.domains(others);
+        let live_registered = found.registered(registered);
+        let dirs = self.scan_dirs(images)?;
+        for o in image::overlays_in(&dirs, images) {
+            // A file a domain uses, or one registered, is listed once.
+            let path = match &o {
+                Dependent::Overlay { path, .. } | Dependent::Unchecked { path, .. } => path,
+                Dependent::Domain { .. }
+                | Dependent::Registered { .. }
+                | Dependent::RbdClone { .. } => continue,
+            };
+            if !found.listed.contains(&canonical(path)) {
+                found.out.push(o);
+            }
+        }
+        let looked = format!(
+            "looked at the {} other domains on {}, the {} overlays registered by tpl-clone \
+             ({live_registered} still there), and {}",
+            others.len(),
+            shown(&self.session.uri),
+            registered.len(),
+            if dirs.is_empty() {
+                "no directory (no image file, no storage pool)".to_string()
+            } else {
+                format!(
+                    "the qcow2 files in {}",
+                    crate::text::list(dirs.iter().map(|d| shown_path(d)), ", ")
+                )
+            }
+        );
+        Ok(Dependents {
+            list: found.out,
+            looked,
+        })
+    }
+
+    /// The directories whose qcow2 files may back onto `images`: theirs, and the storage
+    /// pools'. A pool's directory of another host is not this machine's directory of the
+    /// same path: its files are not scanned here. One that cannot be told is scanned: a
+    /// dependent found wrongly only refuses, one missed could be corrupted.
+    fn scan_dirs(&self, images: &[PathBuf]) -> Result<Vec<PathBuf>> {
+        let mut dirs: Vec<PathBuf> = images
+            .iter()
+            .filter_map(|p| p.parent().map(Path::to_path_buf))
+            .collect();
+        dirs.extend(self.session.pool_dirs()?.into_iter().map(|(_, p)| p));
+        dirs.sort();
+        dirs.dedup();
+        dirs.retain(|d| !self.session.proven_other_files(d));
+        Ok(dirs)
+    }
+}
+
+/// What the dependents search has found so far, and which files it has listed.
+#[derive(Default)]
+struct Found {
+    /// The images looked for, canonical.
+    wanted: Vec<PathBuf>,
+    out: Vec<Dependent>,
+    listed: Vec<PathBuf>,
+}
+
+impl Found {
+    fn reaches(&self, chain: &[PathBuf]) -> bool {
+        chain.iter().any(|p| self.wanted.contains(&canonical(p)))
+    }
+
+    /// Other domains whose file disks are, or back onto, the images.
+    fn domains(&mut self, others: &[OtherDomain]) {
         for other in others {
             for disk in &other.disks {
                 let Some(path) = disk.path.clone().filter(|_| disk.kind == DiskKind::File) else {
@@ -472,17 +669,17 @@ impl<'a> Dom<'a> {
                     unreadable =
                         err.filter(|e| matches!(e, Error::Io { .. }) && !image::is_not_found(e));
                 }
-                if reaches(&chain) {
-                    listed.push(canonical(&path));
-                    out.push(Dependent::Domain {
+                if self.reaches(&chain) {
+                    self.listed.push(canonical(&path));
+                    self.out.push(Dependent::Domain {
                         name: other.files.name.clone(),
                         target: disk.target.clone(),
                         path,
                     });
                 } else if let Some(e) = unreadable {
                     // Part of the chain could not be read: it may reach the images below.
-                    listed.push(canonical(&path));
-                    out.push(Dependent::Unchecked {
+                    self.listed.push(canonical(&path));
+                    self.out.push(Dependent::Unchecked {
                         path,
                         reason: format!(
                             "disk {} of domain '{}': {e}",
@@ -493,26 +690,29 @@ impl<'a> Dom<'a> {
                 }
             }
         }
-        let mut live_registered = 0;
+    }
+
+    /// The overlays tpl-clone registered that still back onto the images (wherever they
+    /// are); returns how many of them are still there.
+    fn registered(&mut self, registered: &[Registered]) -> usize {
+        let mut live = 0;
         for r in registered {
-            if listed.contains(&canonical(&r.path)) {
-                live_registered += 1;
+            if self.listed.contains(&canonical(&r.path)) {
+                live += 1;
                 continue;
             }
             let (links, err) = image::readable_chain(&r.path);
-            let chain: Vec<PathBuf> = std::iter::once(r.path.clone())
-                .chain(links.into_iter().map(|b| b.path))
-                .collect();
-            if reaches(&chain[1..]) {
-                live_registered += 1;
-                listed.push(canonical(&r.path));
-                out.push(Dependent::Registered {
+            let backing: Vec<PathBuf> = links.into_iter().map(|b| b.path).collect();
+            if self.reaches(&backing) {
+                live += 1;
+                self.listed.push(canonical(&r.path));
+                self.out.push(Dependent::Registered {
                     path: r.path.clone(),
                     clone_name: r.clone_name.clone(),
                 });
             } else if let Some(e) = err.filter(|e| !image::is_not_found(e)) {
-                listed.push(canonical(&r.path));
-                out.push(Dependent::Unchecked {
+                self.listed.push(canonical(&r.path));
+                self.out.push(Dependent::Unchecked {
                     path: r.path.clone(),
                     reason: format!(
                         "the overlay of clone '{}' registered by tpl-clone: {e}",
@@ -521,32 +721,7 @@ impl<'a> Dom<'a> {
                 });
             }
         }
-        let mut dirs: Vec<PathBuf> = images
-            .iter()
-            .filter_map(|p| p.parent().map(Path::to_path_buf))
-            .collect();
-        dirs.extend(self.session.pool_dirs()?.into_iter().map(|(_, p)| p));
-        dirs.sort();
-        dirs.dedup();
-        for o in image::overlays_in(&dirs, images) {
-            // A file a domain uses, or one registered, is listed once.
-            let path = match &o {
-                Dependent::Overlay { path, .. } | Dependent::Unchecked { path, .. } => path,
-                Dependent::Domain { .. } | Dependent::Registered { .. } => continue,
-            };
-            if !listed.contains(&canonical(path)) {
-                out.push(o);
-            }
-        }
-        let looked = format!(
-            "looked at the {} other domains on {}, the {} overlays registered by tpl-clone \
-             ({live_registered} still there), and the qcow2 files in {}",
-            others.len(),
-            shown(&self.session.uri),
-            registered.len(),
-            crate::text::list(dirs.iter().map(|d| shown_path(d)), ", ")
-        );
-        Ok(Dependents { list: out, looked })
+        live
     }
 }
 

@@ -34,3 +34,8 @@ pub fn clone_journal_dir() -> PathBuf {
 pub fn rename_journal_dir() -> PathBuf {
     state_dir().join("rename-journal")
 }
+
+/// The journals of tpl-rm.
+pub fn remove_journal_dir() -> PathBuf {
+    state_dir().join("remove-journal")
+}

@@ -10,7 +10,6 @@ use tpl_common::cli::{self, Common, Ctx};
 use tpl_common::domxml::DomainXml;
 use tpl_common::error::{Error, IoContext, Result};
 use tpl_common::hostname::{kernel_hostname, validate_hostname};
-use tpl_common::ownfiles::OwnFiles;
 use tpl_common::record::{DomainRef, Generalized, Method, Record};
 use tpl_common::session::{Dom, Session};
 use tpl_common::text::{list, shown};
@@ -213,8 +212,8 @@ fn check_fit(ctx: &Ctx, dom: &Dom, args: &Args) -> Result<()> {
     }
     // An unlock forced past linked clones leaves them on this image: rewriting it
     // changes what they read.
-    let own = OwnFiles::of(&dom.name, &dom.xml()?, "generalize")?;
-    let deps = dom.dependents(&own.images(), &dom.others()?, &meta.overlays)?;
+    let own = dom.own_files("generalize")?;
+    let deps = dom.dependents_of(&own, &dom.others()?, &meta.overlays)?;
     if !deps.list.is_empty() {
         let names = list(deps.list.iter(), "; ");
         if !args.force {

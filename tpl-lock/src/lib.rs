@@ -11,9 +11,12 @@ use tpl_common::fsutil::{attr_unsupported, is_immutable, set_immutable};
 use tpl_common::image::writable_backing;
 use tpl_common::meta::Meta;
 use tpl_common::ownfiles::{OwnFile, OwnFiles};
+use tpl_common::rbd::TEMPLATE_SNAPSHOT;
 use tpl_common::record::{DomainRef, Record, TemplateState};
-use tpl_common::session::{Dom, Session};
+use tpl_common::session::{Dependents, Dom, Session};
 use tpl_common::text::{list, shown, shown_path};
+
+mod rbd;
 
 const TOOL: &str = "tpl-lock";
 
@@ -29,6 +32,11 @@ const TOOL: &str = "tpl-lock";
 ///
 /// A disk whose image backs onto a writable file is refused: lock that file's own
 /// domain first, or flatten the image. A file another domain also uses is refused.
+///
+/// An RBD disk gets a protected snapshot of its image (@tpl) and is pointed at it without
+/// <readonly/>, so that starting the template fails ("Block node is read-only"); its
+/// linked clones are rbd clones of that snapshot. --unlock points it back and removes the
+/// snapshot, and refuses while the snapshot has clones (Ceph's own list).
 ///
 /// With no DOMAIN, the domains come as records on stdin, so it fits in a pipe:
 ///
@@ -269,48 +277,18 @@ fn lock_one(ctx: &mut Ctx, s: &Session, r: &DomainRef, args: &Args) -> Result<Re
     dom.require_shut_off("lock")?;
     let meta = dom.meta()?;
     check_generalized(ctx, &dom, &meta, args.force)?;
-    let own = OwnFiles::of(&dom.name, &dom.xml()?, "lock")?;
+    let own = dom.own_files("lock")?;
     if let Some(note) = own.missing_nvram_note(&dom.name) {
         ctx.warn(note);
     }
     let others = dom.others()?;
     own.check_not_shared(&dom.name, "lock", others.iter().map(|o| &o.files))?;
     check_chain(&dom, &own)?;
-    let qemu = s.qemu_ids(&domain_type(&dom)?);
-    let mut unsupported = Vec::new();
-    let changes = plan(&own, |f, b| {
-        let mut a = *b;
-        a.mode &= !0o222;
-        if let Some((quid, qgid)) = qemu {
-            // Owned by qemu's user (libvirt chowns an image to it when a domain using it
-            // starts, and does not always give a backing file back), it could chmod it
-            // writable again: root owns a locked file.
-            if a.uid == quid {
-                a.uid = 0;
-            }
-            // Linked clones' qemu must still read it, without libvirt relabelling it.
-            let readable = a.mode & 0o004 != 0 || (a.gid == qgid && a.mode & 0o040 != 0);
-            if !readable {
-                a.gid = qgid;
-                a.mode |= 0o040;
-            }
-        }
-        match b.immutable {
-            None if args.immutable => unsupported.push(f.to_string()),
-            Some(i) => a.immutable = Some(i || args.immutable),
-            None => {}
-        }
-        a
-    })?;
-    for f in unsupported {
-        ctx.warn(format!(
-            "{f}: its file system does not support the immutable attribute; it is read-only \
-             by its mode only"
-        ));
-    }
-    let all_immutable =
-        !changes.is_empty() && changes.iter().all(|c| c.after.immutable == Some(true));
-    let files_change = changes.iter().any(|c| c.before != c.after);
+    let changes = plan_lock_files(ctx, s, &dom, &own, args.immutable)?;
+    let rbd_changes = rbd::plan_lock(&dom, &own.rbd)?;
+    let all_immutable = own.rbd.is_empty()
+        && !changes.is_empty()
+        && changes.iter().all(|c| c.after.immutable == Some(true));
     let autostart = dom.dom.autostart().map_err(|e| {
         Error::libvirt(
             format!("cannot read the autostart of domain '{}'", shown(&dom.name)),
@@ -327,9 +305,13 @@ fn lock_one(ctx: &mut Ctx, s: &Session, r: &DomainRef, args: &Args) -> Result<Re
             .filter(|_| meta.template.locked)
             .or_else(|| Some(tpl_common::now_rfc3339())),
         immutable: all_immutable,
+        snapshot: (!own.rbd.is_empty()).then(|| TEMPLATE_SNAPSHOT.to_string()),
         ..meta.template.clone()
     };
-    if !files_change && !autostart && new_meta.template == meta.template {
+    let changing = changes.iter().any(|c| c.before != c.after)
+        || rbd_changes.iter().any(rbd::RbdChange::changes_anything)
+        || autostart;
+    if !changing && new_meta.template == meta.template {
         ctx.info(format!(
             "domain '{}' is already locked; nothing to do",
             shown(&dom.name)
@@ -338,54 +320,125 @@ fn lock_one(ctx: &mut Ctx, s: &Session, r: &DomainRef, args: &Args) -> Result<Re
     }
     if args.dry_run {
         ctx.info(format!("would lock domain '{}'", shown(&dom.name)));
-        for c in &changes {
-            for line in describe(&c.what, &c.before, &c.after) {
-                ctx.info(format!("would change {line}"));
-            }
-        }
+        say_would(ctx, &changes, &rbd_changes);
         if autostart {
             ctx.info("would turn autostart off");
         }
         return dom.describe();
     }
-
     apply(ctx, &changes, &own)?;
-    let res = (|| {
-        if autostart {
-            dom.dom.set_autostart(false).map_err(|e| {
-                Error::libvirt(
-                    format!("cannot turn off autostart of domain '{}'", shown(&dom.name)),
-                    e,
-                )
-            })?;
-            ctx.info(format!(
-                "domain '{}': autostart turned off",
-                shown(&dom.name)
-            ));
-        }
-        new_meta.record_step(
-            TOOL,
-            format!(
-                "locked: read-only (a-w){}: {}",
-                if all_immutable { " and immutable" } else { "" },
-                if own.files.is_empty() {
-                    "no writable files".to_string()
-                } else {
-                    list(own.files.iter(), ", ")
-                }
-            ),
-        );
-        dom.set_meta(&new_meta)
-    })();
-    if let Err(e) = res {
+    if let Err(e) = rbd::apply_lock(ctx, &dom, &rbd_changes) {
         undo(ctx, &changes, &own);
-        if autostart {
-            let _ = dom.dom.set_autostart(true);
+        return Err(e);
+    }
+    let detail = format!(
+        "locked: read-only (a-w){}: {}",
+        if all_immutable { " and immutable" } else { "" },
+        if own.files.is_empty() && own.rbd.is_empty() {
+            "no writable files".to_string()
+        } else {
+            list(
+                own.files.iter().map(ToString::to_string).chain(
+                    own.rbd
+                        .iter()
+                        .map(|r| format!("{r} at @{TEMPLATE_SNAPSHOT}")),
+                ),
+                ", ",
+            )
         }
+    );
+    if let Err(e) = finish_lock(ctx, &dom, autostart, new_meta, detail) {
+        // The RBD snapshots stay: the next lock takes them as they are, an unlock removes them.
+        undo(ctx, &changes, &own);
         return Err(e);
     }
     ctx.info(format!("locked domain '{}'", shown(&dom.name)));
     dom.describe()
+}
+
+/// The new state of each own file: no write bits; root, not qemu's user, owns it (libvirt
+/// chowns an image to that user when a domain using it starts, and does not always give
+/// a backing file back: that user could chmod it writable again); qemu's user can still
+/// read it without libvirt relabelling it (its linked clones' backing chains say so);
+/// immutable when asked or when it was.
+fn plan_lock_files(
+    ctx: &Ctx,
+    s: &Session,
+    dom: &Dom,
+    own: &OwnFiles,
+    immutable: bool,
+) -> Result<Vec<Change>> {
+    let qemu = s.qemu_ids(&domain_type(dom)?);
+    let mut unsupported = Vec::new();
+    let changes = plan(own, |f, b| {
+        let mut a = *b;
+        a.mode &= !0o222;
+        if let Some((quid, qgid)) = qemu {
+            if a.uid == quid {
+                a.uid = 0;
+            }
+            let readable = a.mode & 0o004 != 0 || (a.gid == qgid && a.mode & 0o040 != 0);
+            if !readable {
+                a.gid = qgid;
+                a.mode |= 0o040;
+            }
+        }
+        match b.immutable {
+            None if immutable => unsupported.push(f.to_string()),
+            Some(i) => a.immutable = Some(i || immutable),
+            None => {}
+        }
+        a
+    })?;
+    for f in unsupported {
+        ctx.warn(format!(
+            "{f}: its file system does not support the immutable attribute; it is read-only \
+             by its mode only"
+        ));
+    }
+    Ok(changes)
+}
+
+/// `--dry-run`: what would change.
+fn say_would(ctx: &Ctx, changes: &[Change], rbd_changes: &[rbd::RbdChange]) {
+    for c in changes {
+        for line in describe(&c.what, &c.before, &c.after) {
+            ctx.info(format!("would change {line}"));
+        }
+    }
+    for c in rbd_changes {
+        for line in c.describe() {
+            ctx.info(format!("would change {line}"));
+        }
+    }
+}
+
+/// Autostart off, and the metadata saying "locked", with the step in the history.
+fn finish_lock(
+    ctx: &Ctx,
+    dom: &Dom,
+    autostart: bool,
+    mut meta: Meta,
+    detail: String,
+) -> Result<()> {
+    if autostart {
+        dom.dom.set_autostart(false).map_err(|e| {
+            Error::libvirt(
+                format!("cannot turn off autostart of domain '{}'", shown(&dom.name)),
+                e,
+            )
+        })?;
+        ctx.info(format!(
+            "domain '{}': autostart turned off",
+            shown(&dom.name)
+        ));
+    }
+    meta.record_step(TOOL, detail);
+    let res = dom.set_meta(&meta);
+    if res.is_err() && autostart {
+        let _ = dom.dom.set_autostart(true);
+    }
+    res
 }
 
 /// An already locked template passed (or forced) this check when it was locked.
@@ -415,44 +468,27 @@ fn unlock_one(ctx: &mut Ctx, s: &Session, r: &DomainRef, args: &Args) -> Result<
     let _held = ctx.lock(&mut dom)?;
     dom.require_shut_off("unlock")?;
     let meta = dom.meta()?;
-    let own = OwnFiles::of(&dom.name, &dom.xml()?, "unlock")?;
+    let own = dom.own_files("unlock")?;
     let others = dom.others()?;
     own.check_not_shared(&dom.name, "unlock", others.iter().map(|o| &o.files))?;
-    let deps = dom.dependents(&own.images(), &others, &meta.overlays)?;
-    if !deps.list.is_empty() {
-        let names = list(deps.list.iter(), "; ");
-        if !args.force {
-            return Err(Error::refused(
-                format!("cannot unlock domain '{}'", shown(&dom.name)),
-                format!(
-                    "{} linked clones depend on its images: {names}; a change to the template \
-                     would corrupt them: remove them (or flatten them with 'qemu-img rebase' or \
-                     'virsh blockpull') first, or pass --force ({})",
-                    deps.list.len(),
-                    deps.looked
-                ),
-            ));
-        }
-        ctx.warn(format!(
-            "unlocking domain '{}' although {} linked clones depend on its images (--force); \
-             any write to the template corrupts them: {names}",
-            shown(&dom.name),
-            deps.list.len()
-        ));
-    }
+    let deps = dom.dependents_of(&own, &others, &meta.overlays)?;
+    check_no_dependents(ctx, &dom, &deps, args.force)?;
     let changes = plan(&own, |_, b| FileState {
         mode: b.mode | 0o200,
         immutable: b.immutable.map(|_| false),
         ..*b
     })?;
-    let files_change = changes.iter().any(|c| c.before != c.after);
+    let rbd_changes = rbd::plan_unlock(&dom, &own.rbd)?;
     let mut new_meta = meta.clone();
     new_meta.template.locked = false;
     new_meta.template.locked_at = None;
     new_meta.template.immutable = false;
+    new_meta.template.snapshot = None;
     // Registrations of overlays that are gone are of no use any more.
     new_meta.overlays.retain(|o| o.path.exists());
-    if !files_change && new_meta == meta {
+    let changing = changes.iter().any(|c| c.before != c.after)
+        || rbd_changes.iter().any(rbd::RbdChange::changes_anything);
+    if !changing && new_meta == meta {
         ctx.info(format!(
             "domain '{}' is not locked; nothing to do",
             shown(&dom.name)
@@ -461,27 +497,32 @@ fn unlock_one(ctx: &mut Ctx, s: &Session, r: &DomainRef, args: &Args) -> Result<
     }
     if args.dry_run {
         ctx.info(format!("would unlock domain '{}'", shown(&dom.name)));
-        for c in &changes {
-            for line in describe(&c.what, &c.before, &c.after) {
-                ctx.info(format!("would change {line}"));
-            }
-        }
+        say_would(ctx, &changes, &rbd_changes);
         return dom.describe();
     }
     apply(ctx, &changes, &own)?;
-    new_meta.record_step(
-        TOOL,
-        format!(
-            "unlocked{}: owner writes {}",
-            if deps.list.is_empty() {
-                ""
-            } else {
-                " (forced past linked clones)"
-            },
-            list(own.files.iter(), ", ")
-        ),
-    );
-    if let Err(e) = dom.set_meta(&new_meta) {
+    let res = rbd::apply_unlock(ctx, &dom, &rbd_changes).and_then(|()| {
+        new_meta.record_step(
+            TOOL,
+            format!(
+                "unlocked{}: owner writes {}",
+                if deps.list.is_empty() {
+                    ""
+                } else {
+                    " (forced past linked clones)"
+                },
+                list(
+                    own.files
+                        .iter()
+                        .map(ToString::to_string)
+                        .chain(own.rbd.iter().map(ToString::to_string)),
+                    ", "
+                )
+            ),
+        );
+        dom.set_meta(&new_meta)
+    });
+    if let Err(e) = res {
         undo(ctx, &changes, &own);
         return Err(e);
     }
@@ -490,6 +531,34 @@ fn unlock_one(ctx: &mut Ctx, s: &Session, r: &DomainRef, args: &Args) -> Result<
         shown(&dom.name)
     ));
     dom.describe()
+}
+
+/// Refuse (or with --force, warn) while anything depends on the template's images.
+fn check_no_dependents(ctx: &Ctx, dom: &Dom, deps: &Dependents, force: bool) -> Result<()> {
+    if deps.list.is_empty() {
+        return Ok(());
+    }
+    let names = list(deps.list.iter(), "; ");
+    if !force {
+        return Err(Error::refused(
+            format!("cannot unlock domain '{}'", shown(&dom.name)),
+            format!(
+                "{} linked clones depend on its images: {names}; a change to the template \
+                 would corrupt them: remove them (or flatten them with 'qemu-img rebase', \
+                 'virsh blockpull' or 'rbd flatten') first, or pass --force ({})",
+                deps.list.len(),
+                deps.looked
+            ),
+        ));
+    }
+    ctx.warn(format!(
+        "unlocking domain '{}' although {} linked clones depend on its images (--force); \
+         any write to the template's files corrupts them (RBD clones keep reading their \
+         snapshot, which stays): {names}",
+        shown(&dom.name),
+        deps.list.len()
+    ));
+    Ok(())
 }
 
 #[cfg(test)]

@@ -5,9 +5,10 @@ use std::process::ExitCode;
 use clap::Parser;
 use tpl_common::cli::{self, Common, Ctx};
 use tpl_common::error::{Error, Result};
-use tpl_common::journal::rename::{Intent, Move};
+use tpl_common::journal::rename::{Intent, Move, RbdMove};
 use tpl_common::names::validate_name;
-use tpl_common::ownfiles::{renamed_file, Naming, OwnFiles, Role};
+use tpl_common::ownfiles::{renamed_file, Naming, Role};
+use tpl_common::rbd::{ceph_error, spec_of};
 use tpl_common::record::{DomainRef, Record};
 use tpl_common::session::{Dom, Session};
 use tpl_common::state;
@@ -167,7 +168,12 @@ fn rename_one(
         ));
     }
     if let Some(i) = &intent {
-        for dir in i.moves.iter().filter_map(|m| m.to.parent()) {
+        for dir in i
+            .moves
+            .iter()
+            .filter(|m| m.rbd.is_none())
+            .filter_map(|m| m.to.parent())
+        {
             s.refresh_pools_for(dir);
         }
     }
@@ -186,7 +192,7 @@ fn rename_domain(dom: &Dom, old: &str, new: &str) -> Result<()> {
 /// Where each own file goes, all checked before anything moves.
 fn plan(ctx: &Ctx, dom: &Dom, new: &str) -> Result<Intent> {
     let action = "rename the files of";
-    let own = OwnFiles::of(&dom.name, &dom.xml()?, action).map_err(|e| match e {
+    let own = dom.own_files(action).map_err(|e| match e {
         Error::Refused { what, why } => {
             Error::refused(what, format!("{why}; or rename the domain without --disks"))
         }
@@ -200,7 +206,7 @@ fn plan(ctx: &Ctx, dom: &Dom, new: &str) -> Result<Intent> {
             why,
         )
     };
-    let deps = dom.dependents(&own.images(), &others, &dom.meta()?.overlays)?;
+    let deps = dom.dependents_of(&own, &others, &dom.meta()?.overlays)?;
     if !deps.list.is_empty() {
         return Err(refuse(format!(
             "its images are in use by {} linked clones: {} ({})",
@@ -209,7 +215,7 @@ fn plan(ctx: &Ctx, dom: &Dom, new: &str) -> Result<Intent> {
             deps.looked
         )));
     }
-    let several = own.disks().count() > 1;
+    let several = own.disks().count() + own.rbd.len() > 1;
     let mut moves: Vec<Move> = Vec::new();
     for f in &own.files {
         let naming = match &f.role {
@@ -234,7 +240,11 @@ fn plan(ctx: &Ctx, dom: &Dom, new: &str) -> Result<Intent> {
             dev: f.dev,
             ino: f.ino,
             absent: false,
+            rbd: None,
         });
+    }
+    for r in &own.rbd {
+        moves.push(plan_rbd(dom, r, new, several, &refuse)?);
     }
     // An NVRAM not made yet: the definition names it under the new name, or libvirt
     // would make it under the old one at the first start (and a later domain of that name
@@ -262,6 +272,7 @@ fn plan(ctx: &Ctx, dom: &Dom, new: &str) -> Result<Intent> {
             dev: 0,
             ino: 0,
             absent: true,
+            rbd: None,
         });
     }
     Ok(Intent {
@@ -273,13 +284,67 @@ fn plan(ctx: &Ctx, dom: &Dom, new: &str) -> Result<Intent> {
     })
 }
 
+/// Where an RBD image goes (`rbd rename` in its pool): free, and not open elsewhere.
+fn plan_rbd(
+    dom: &Dom,
+    r: &tpl_common::ownfiles::OwnRbd,
+    new: &str,
+    several: bool,
+    refuse: &dyn Fn(String) -> Error,
+) -> Result<Move> {
+    let cluster = dom.session.ceph.cluster_for(&r.source)?;
+    let spec = spec_of(&r.source);
+    let naming = Naming::Disk {
+        target: &r.target,
+        several,
+        ext: None,
+    };
+    let to = renamed_file(std::path::Path::new(&spec.image), &dom.name, new, naming);
+    let to_spec = spec.sibling(to.to_string_lossy().into_owned());
+    let info = cluster
+        .info(&spec)
+        .map_err(|e| ceph_error(&format!("read the RBD image '{spec}'"), e))?;
+    let watchers = cluster
+        .watchers(&spec)
+        .map_err(|e| ceph_error(&format!("list the users of '{spec}'"), e))?;
+    if !watchers.is_empty() {
+        return Err(refuse(format!(
+            "its {r} is open elsewhere ({} watchers: a running VM, or an rbd map)",
+            watchers.len()
+        )));
+    }
+    if cluster
+        .exists(&to_spec)
+        .map_err(|e| ceph_error(&format!("look up '{to_spec}'"), e))?
+    {
+        return Err(refuse(format!(
+            "the RBD image '{to_spec}' already exists; nothing is ever overwritten"
+        )));
+    }
+    Ok(Move {
+        role: Role::Disk {
+            target: r.target.clone(),
+        },
+        from: spec.image.clone().into(),
+        to,
+        dev: 0,
+        ino: 0,
+        absent: false,
+        rbd: Some(RbdMove {
+            pool: spec.pool.clone(),
+            namespace: spec.namespace.clone(),
+            id: info.id,
+        }),
+    })
+}
+
 /// The rename with its files, as the journal's module describes: journal, move, point
 /// the definition at the new files, rename (the commit). A failure before the commit
 /// undoes it all and says so.
 fn rename_with_files(ctx: &Ctx, dom: &mut Dom, intent: &Intent) -> Result<()> {
     let journal = intent.journal(&state::rename_journal_dir())?;
     let res = (|| {
-        intent.move_files(true, true)?;
+        intent.move_files(dom.session, true, true)?;
         ctx.intr.check()?;
         intent.point_definition(dom, true)?;
         ctx.intr.check()?;

@@ -1,9 +1,10 @@
-//! xtask: writes the man pages and shell completions of every tool from its clap definition.
+//! xtask: writes the man pages and shell completions of every tool from its clap definition, and the JSON Schema of the record from its Rust types.
 //!
 //!     cargo run -p xtask -- docs OUTDIR
 //!
-//! writes OUTDIR/man/man1/tpl-*.1 and OUTDIR/completions/{bash,zsh,fish}/…, which
-//! `make install` puts where man, bash-completion, zsh and fish look.
+//! writes OUTDIR/man/man1/tpl-*.1, OUTDIR/completions/{bash,zsh,fish}/… and
+//! OUTDIR/tpl-record.schema.json, which `make install` puts where man, bash-completion,
+//! zsh and fish look (the schema beside the man pages' share directory).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -17,10 +18,20 @@ fn commands() -> Vec<Command> {
         tpl_lock::Args::command(),
         tpl_rename::Args::command(),
         tpl_clone::Args::command(),
+        tpl_list::Args::command(),
+        tpl_rm::Args::command(),
     ]
 }
 
+/// The JSON Schema of a record, generated from `tpl_common::record::Record`.
+fn record_schema() -> String {
+    let schema = schemars::schema_for!(tpl_common::record::Record);
+    serde_json::to_string_pretty(&schema).expect("a schema serializes")
+}
+
 fn write_docs(out: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join("tpl-record.schema.json"), record_schema() + "\n")?;
     let man = out.join("man/man1");
     std::fs::create_dir_all(&man)?;
     for cmd in commands() {
@@ -71,7 +82,14 @@ mod tests {
         }
         let d = std::env::temp_dir().join(format!("tpl-xtask-{}", std::process::id()));
         write_docs(&d).unwrap();
-        for t in ["tpl-generalize", "tpl-lock", "tpl-rename", "tpl-clone"] {
+        for t in [
+            "tpl-generalize",
+            "tpl-lock",
+            "tpl-rename",
+            "tpl-clone",
+            "tpl-list",
+            "tpl-rm",
+        ] {
             let page = std::fs::read_to_string(d.join(format!("man/man1/{t}.1"))).unwrap();
             assert!(
                 page.contains(".TH") && page.contains("connect"),
@@ -82,6 +100,23 @@ mod tests {
             assert!(d.join(format!("completions/zsh/_{t}")).is_file());
             assert!(d.join(format!("completions/fish/{t}.fish")).is_file());
         }
+        let schema: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(d.join("tpl-record.schema.json")).unwrap(),
+        )
+        .unwrap();
+        for field in [
+            "schema", "uri", "name", "uuid", "state", "disks", "template", "history",
+        ] {
+            assert!(
+                schema["required"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|f| f == field),
+                "{field} is not required in {schema}"
+            );
+        }
+        assert!(schema.to_string().contains("shut off"), "the state names");
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -64,7 +64,24 @@ pub enum Entry {
     Undone {
         uuid: String,
     },
+    /// An RBD image (`POOL[/NS]/IMAGE`) is about to be made under this run's temporary name.
+    RbdTmp {
+        uuid: String,
+        image: String,
+    },
+    /// A finished RBD image (its id, which a same-named image of another run does not
+    /// have) is about to be renamed to its final name.
+    RbdFile {
+        uuid: String,
+        image: String,
+        id: String,
+    },
 }
+
+/// Removing an RBD image a dead run left: `remove(image, id)` removes it if it exists (and,
+/// with an id, only if it is that very image), and says whether it did; None when it
+/// cannot tell (the cluster does not answer: the journal is kept for a later run).
+pub type RemoveImage<'a> = &'a mut dyn FnMut(&str, Option<&str>) -> Option<bool>;
 
 /// Note the file at `tmp` (finished) before renaming it to `final_path`.
 pub fn log_file(j: &mut Journal, uuid: &str, tmp: &Path, final_path: &Path) -> Result<()> {
@@ -84,6 +101,7 @@ pub fn clean_dead(
     dir: &Path,
     uri: &str,
     mut domain_exists: impl FnMut(&str) -> Option<bool>,
+    remove_image: RemoveImage,
 ) -> Vec<String> {
     let mut done = Vec::new();
     for d in dead::<Entry>(dir, KIND) {
@@ -94,7 +112,7 @@ pub fn clean_dead(
         if !ours {
             continue;
         }
-        if let Some(removed) = clean_one(&d.entries, &mut domain_exists) {
+        if let Some(removed) = clean_one(&d.entries, &mut domain_exists, remove_image) {
             done.extend(removed);
             d.remove();
         }
@@ -106,6 +124,7 @@ pub fn clean_dead(
 fn clean_one(
     entries: &[Entry],
     domain_exists: &mut impl FnMut(&str) -> Option<bool>,
+    remove_image: RemoveImage,
 ) -> Option<Vec<String>> {
     // In journal order: a clone undone after it was done is unfinished again.
     let mut finished = BTreeSet::new();
@@ -155,6 +174,22 @@ fn clean_one(
                             crate::text::shown(name)
                         ));
                     }
+                }
+                Entry::RbdTmp { uuid: u, image } | Entry::RbdFile { uuid: u, image, .. }
+                    if u == uuid =>
+                {
+                    let (id, what) = match f {
+                        Entry::RbdFile { id, .. } => (Some(id.as_str()), "RBD image"),
+                        _ => (None, "temporary RBD image"),
+                    };
+                    let gone = remove_image(image, id)?;
+                    removed.extend(gone.then(|| {
+                        format!(
+                            "{what} '{}' of unfinished clone '{}'",
+                            crate::text::shown(image),
+                            crate::text::shown(name)
+                        )
+                    }));
                 }
                 _ => {}
             }
@@ -336,7 +371,12 @@ mod tests {
             "",
         );
 
-        let removed = clean_dead(&jdir, "test:///x", |uuid| Some(uuid == "u2"));
+        let removed = clean_dead(
+            &jdir,
+            "test:///x",
+            |uuid| Some(uuid == "u2"),
+            &mut |_, _| Some(false),
+        );
         assert_eq!(removed.len(), 2, "{removed:?}");
         assert!(!tmp.exists() && !a.exists() && !new.exists());
         assert!(b.exists(), "a file that is not the one journaled stays");
@@ -387,10 +427,15 @@ mod tests {
         let jpath = d.path().join(format!("tpl-clone-{pid}-0badf00d.journal"));
         write_journal(&jpath, &entries, "");
         let mut asked = Vec::new();
-        let removed = clean_dead(d.path(), "test:///x", |uuid| {
-            asked.push(uuid.to_string());
-            Some(false)
-        });
+        let removed = clean_dead(
+            d.path(),
+            "test:///x",
+            |uuid| {
+                asked.push(uuid.to_string());
+                Some(false)
+            },
+            &mut |_, _| Some(false),
+        );
         assert_eq!(removed.len(), 2, "{removed:?}");
         assert!(
             a.exists(),
@@ -412,7 +457,7 @@ mod tests {
             uri: "x".into(),
         };
         write_journal(&jpath, &[e], "");
-        assert!(clean_dead(d.path(), "x", |_| None).is_empty());
+        assert!(clean_dead(d.path(), "x", |_| None, &mut |_, _| Some(false)).is_empty());
         assert!(jpath.exists());
     }
 

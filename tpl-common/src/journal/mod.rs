@@ -14,6 +14,7 @@
 //! domain's lock ([`crate::cli::Ctx`]).
 
 pub mod clone;
+pub mod remove;
 pub mod rename;
 
 use std::fs::{self, File, OpenOptions};

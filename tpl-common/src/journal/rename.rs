@@ -48,6 +48,19 @@ pub struct Move {
     /// definition's path changes, so that it is made under the new name.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub absent: bool,
+    /// An RBD image rather than a file: `from` and `to` are image names in this pool (and
+    /// namespace), and the image's id says it is the very image (dev and ino are 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rbd: Option<RbdMove>,
+}
+
+/// Where an RBD image being renamed is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RbdMove {
+    pub pool: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    pub id: String,
 }
 
 /// How a recovered rename ended.
@@ -58,9 +71,48 @@ pub enum Outcome {
 }
 
 impl Move {
-    fn is_at(&self, p: &Path) -> bool {
+    fn is_at(&self, s: &Session, p: &Path) -> bool {
         use std::os::unix::fs::MetadataExt;
-        fs::symlink_metadata(p).is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino)
+        match &self.rbd {
+            None => {
+                fs::symlink_metadata(p).is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino)
+            }
+            Some(r) => s
+                .ceph
+                .cluster()
+                .and_then(|c| {
+                    c.info(&r.spec(p))
+                        .map_err(|e| crate::rbd::ceph_error("read an RBD image", e))
+                })
+                .is_ok_and(|i| i.id == r.id),
+        }
+    }
+
+    /// Move it from `src` to `dst`, never over another file or image.
+    fn rename(&self, s: &Session, src: &Path, dst: &Path) -> Result<()> {
+        match &self.rbd {
+            None => rename_noreplace(src, dst),
+            Some(r) => {
+                let from = r.spec(src);
+                s.ceph
+                    .cluster()?
+                    .rename(&from, &dst.to_string_lossy())
+                    .map(drop)
+                    .map_err(|e| {
+                        crate::rbd::ceph_error(
+                            &format!("rename '{from}' to '{}'", shown_path(dst)),
+                            e,
+                        )
+                    })
+            }
+        }
+    }
+}
+
+impl RbdMove {
+    /// The image `name` of this pool and namespace.
+    pub fn spec(&self, name: &Path) -> tpl_ceph::ImageSpec {
+        tpl_ceph::ImageSpec::new(&self.pool, name.to_string_lossy()).in_namespace(&self.namespace)
     }
 }
 
@@ -76,7 +128,7 @@ impl Intent {
     /// Move the files to their new names (`forward`) or back. With `strict` the first
     /// failure ends it (a live rename stops there and rolls back); otherwise every file
     /// that can be moved is, and the others are reported (recovery does all it can).
-    pub fn move_files(&self, forward: bool, strict: bool) -> Result<Vec<String>> {
+    pub fn move_files(&self, s: &Session, forward: bool, strict: bool) -> Result<Vec<String>> {
         let mut problems = Vec::new();
         let order: Vec<&Move> = if forward {
             self.moves.iter().collect()
@@ -89,11 +141,11 @@ impl Intent {
             } else {
                 (&m.to, &m.from)
             };
-            if m.is_at(dst) {
+            if m.is_at(s, dst) {
                 continue;
             }
-            let res = if m.is_at(src) {
-                rename_noreplace(src, dst)
+            let res = if m.is_at(s, src) {
+                m.rename(s, src, dst)
             } else {
                 Err(Error::failed(
                     format!(
@@ -117,6 +169,7 @@ impl Intent {
         let dirs: BTreeSet<&Path> = self
             .moves
             .iter()
+            .filter(|m| m.rbd.is_none())
             .flat_map(|m| [m.from.parent(), m.to.parent()])
             .flatten()
             .collect();
@@ -137,20 +190,25 @@ impl Intent {
         let mut changed = false;
         for m in &self.moves {
             let want = if forward { &m.to } else { &m.from };
-            let now = match &m.role {
-                Role::Disk { target } => x
-                    .disks()
-                    .into_iter()
-                    .find(|d| &d.target == target)
-                    .and_then(|d| d.path),
-                Role::Nvram => x.nvram(),
+            let disk = match &m.role {
+                Role::Disk { target } => x.disks().into_iter().find(|d| &d.target == target),
+                Role::Nvram => None,
+            };
+            let now = match (&m.role, &disk) {
+                (Role::Nvram, _) => x.nvram(),
+                (_, Some(d)) if m.rbd.is_some() => d.rbd.as_ref().map(|r| PathBuf::from(&r.image)),
+                (_, d) => d.as_ref().and_then(|d| d.path.clone()),
             };
             if now.as_ref() == Some(want) {
                 continue;
             }
-            match &m.role {
-                Role::Disk { target } => x.set_disk_path(target, want)?,
-                Role::Nvram => x.set_nvram(want)?,
+            match (&m.role, &m.rbd) {
+                (Role::Disk { target }, Some(_)) => {
+                    let snap = disk.and_then(|d| d.rbd).and_then(|r| r.snapshot);
+                    x.set_rbd_image(target, &want.to_string_lossy(), snap.as_deref())?
+                }
+                (Role::Disk { target }, None) => x.set_disk_path(target, want)?,
+                (Role::Nvram, _) => x.set_nvram(want)?,
             }
             changed = true;
         }
@@ -176,7 +234,7 @@ impl Intent {
         if let Err(e) = self.point_definition(dom, false) {
             problems.push(e.to_string());
         }
-        match self.move_files(false, false) {
+        match self.move_files(dom.session, false, false) {
             Ok(p) => problems.extend(p),
             Err(e) => problems.push(e.to_string()),
         }
@@ -194,13 +252,13 @@ impl Intent {
             // The domain was undefined since: its files go back to their old names where
             // they still are; nothing else needs them, so nothing is left to wait for.
             Err(Error::Usage { .. }) => {
-                let _ = self.move_files(false, false);
+                let _ = self.move_files(s, false, false);
                 return Ok((Outcome::RolledBack, Vec::new()));
             }
             Err(e) => return Err(e),
         };
         if dom.name == self.new {
-            let mut problems = self.move_files(true, false)?;
+            let mut problems = self.move_files(s, true, false)?;
             if let Err(e) = self.point_definition(&dom, true) {
                 problems.push(e.to_string());
             }
@@ -285,6 +343,7 @@ mod tests {
             dev: m.dev(),
             ino: m.ino(),
             absent: false,
+            rbd: None,
         }
     }
 
@@ -308,13 +367,14 @@ mod tests {
                 mv(d.path(), "A_VARS.fd", "B_VARS.fd", Role::Nvram),
             ],
         };
-        assert!(intent.move_files(true, true).unwrap().is_empty());
+        let s = Session::open("test:///default").unwrap();
+        assert!(intent.move_files(&s, true, true).unwrap().is_empty());
         assert!(d.path().join("B.qcow2").exists() && !d.path().join("A.qcow2").exists());
         // Moving on again is a no-op.
-        assert!(intent.move_files(true, true).unwrap().is_empty());
+        assert!(intent.move_files(&s, true, true).unwrap().is_empty());
         // Someone put another file at an old name meanwhile: that one is never moved over.
         fs::write(d.path().join("A_VARS.fd"), "someone else's").unwrap();
-        let problems = intent.move_files(false, false).unwrap();
+        let problems = intent.move_files(&s, false, false).unwrap();
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(d.path().join("A.qcow2").exists(), "the disk went back");
         assert_eq!(

@@ -1,0 +1,609 @@
+//! The journal of tpl-rm: a removal's intent, synced before the first change, so that a removal killed at any point leaves either the domain whole or nothing of it once the next run of any tool has recovered it.
+//!
+//! The steps, in order:
+//!
+//! 1. the intent is journaled: the domain (URI, UUID, name), each of its own files with its
+//!    device and inode, whether it has the immutable attribute, and the hidden name it is
+//!    to take next to itself (`.FILE.tpl-rm-RANDOM`);
+//! 2. each file loses the immutable attribute (a locked template's may have it) and is
+//!    renamed to its hidden name, never over another file; the directories are synced;
+//! 3. the domain is undefined (its NVRAM kept by libvirt: it is one of the files here).
+//!    **This is the commit point**: from here on the removal stands;
+//! 4. the hidden files are unlinked and the directories synced;
+//! 5. the domain's registration in its template's metadata is dropped, its lock file
+//!    removed, and the journal removed.
+//!
+//! Renaming first proves, before anything is lost, that every file can go: a file that
+//! cannot be renamed (immutable, on a read-only mount, in a directory we may not write)
+//! cannot be unlinked either, so the removal stops before the commit and puts back what
+//! it changed, the domain whole. After the commit only unlinks remain, and a file cannot
+//! be half unlinked.
+//!
+//! Recovering a dead run ([`recover_dead`], called by [`crate::cli::Ctx::recover`] whenever
+//! a tool opens its connection or takes a domain's lock) decides by the commit point:
+//!
+//! - the domain (by UUID) is still defined: **roll back**. Each file still at its hidden
+//!   name (the very file journaled: same device and inode) goes back to its own name and
+//!   gets its immutable attribute back;
+//! - the domain is gone: **finish**. The hidden files are unlinked, the registration
+//!   dropped (when the template's lock can be had; a registration whose file is gone is
+//!   harmless, and every later tpl-clone drops it anyway), the lock file removed. A file
+//!   still at its own name was never hidden, so never committed to removal: it stays;
+//! - libvirt cannot tell: the journal is kept for a later run.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{dead, Journal};
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil::{attr_unsupported, fsync_dir, is_immutable, rename_noreplace, set_immutable};
+use crate::lock::DomainLock;
+use crate::ownfiles::{OwnFile, Role};
+use crate::record::DomainRef;
+use crate::session::{Dom, Session};
+use crate::text::{shown, shown_path};
+
+/// The journal kind, and the start of its file names.
+pub const KIND: &str = "tpl-rm";
+
+/// What a removal is about to do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Intent {
+    pub uri: String,
+    pub uuid: String,
+    pub name: String,
+    pub files: Vec<Doomed>,
+    /// The template whose metadata registers this domain's overlays (a linked clone's
+    /// template), to drop the registration from once the domain is gone.
+    pub template_uuid: Option<String>,
+}
+
+/// One own file to remove: where it is, the hidden name it takes before the commit, and
+/// the file it is (device and inode when the intent was made).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Doomed {
+    #[serde(flatten)]
+    pub role: Role,
+    pub path: PathBuf,
+    pub hidden: PathBuf,
+    pub dev: u64,
+    pub ino: u64,
+    /// It had the immutable attribute (chattr +i), which a roll-back gives back.
+    pub immutable: bool,
+}
+
+/// What a roll-back or a finish left undone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// What failed and may work another time: the journal is kept for it.
+    pub problems: Vec<String>,
+    /// Files gone from both their names (deleted by hand, their directory removed):
+    /// nothing can bring them back, so nothing is kept waiting for them.
+    pub lost: Vec<String>,
+}
+
+/// How a recovered removal ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Finished,
+    RolledBack,
+}
+
+/// The hidden name a file takes while it is being removed: next to it (a rename never
+/// leaves its file system), hidden, and random so that it never meets another run's.
+pub fn hidden_name(path: &Path) -> PathBuf {
+    let file = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let rand = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    path.with_file_name(format!(".{file}.tpl-rm-{rand}"))
+}
+
+/// Open a file to change its attributes, never through a symbolic link, and only if it is
+/// the file journaled.
+fn open_same(path: &Path, dev: u64, ino: u64) -> Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .ctx("cannot open", path)?;
+    let m = f.metadata().ctx("cannot stat", path)?;
+    if m.dev() != dev || m.ino() != ino {
+        return Err(Error::failed(
+            format!("cannot remove '{}'", shown_path(path)),
+            "it is not the file that was checked any more; something replaced it meanwhile",
+        ));
+    }
+    Ok(f)
+}
+
+impl Doomed {
+    /// The removal of one checked own file: its hidden name and whether it is immutable
+    /// now (a file system without the attribute counts as not).
+    pub fn new(f: &OwnFile) -> Result<Doomed> {
+        let file = open_same(&f.path, f.dev, f.ino)?;
+        let immutable = match is_immutable(&file) {
+            Ok(i) => i,
+            Err(e) if attr_unsupported(&e) => false,
+            Err(e) => return Err(Error::io("cannot read the attributes of", &f.path, e)),
+        };
+        Ok(Doomed {
+            role: f.role.clone(),
+            path: f.path.clone(),
+            hidden: hidden_name(&f.path),
+            dev: f.dev,
+            ino: f.ino,
+            immutable,
+        })
+    }
+
+    fn is_at(&self, p: &Path) -> bool {
+        fs::symlink_metadata(p).is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino)
+    }
+
+    /// Clear the immutable attribute and move the file to its hidden name.
+    fn hide(&self) -> Result<()> {
+        if self.is_at(&self.hidden) {
+            return Ok(());
+        }
+        if !self.is_at(&self.path) {
+            return Err(Error::failed(
+                format!(
+                    "cannot remove the {} '{}'",
+                    self.role,
+                    shown_path(&self.path)
+                ),
+                "it is not the file that was checked any more; something replaced or moved \
+                 it meanwhile",
+            ));
+        }
+        if self.immutable {
+            let f = open_same(&self.path, self.dev, self.ino)?;
+            set_immutable(&f, false).ctx("cannot clear the immutable attribute of", &self.path)?;
+        }
+        rename_noreplace(&self.path, &self.hidden)
+    }
+
+    /// Move the file back to its own name and give it its immutable attribute back.
+    /// False when it is at neither name any more: lost.
+    fn unhide(&self) -> Result<bool> {
+        if self.is_at(&self.hidden) {
+            rename_noreplace(&self.hidden, &self.path)?;
+        } else if !self.is_at(&self.path) {
+            return Ok(false);
+        }
+        if self.immutable {
+            let f = open_same(&self.path, self.dev, self.ino)?;
+            set_immutable(&f, true).ctx("cannot set the immutable attribute of", &self.path)?;
+        }
+        Ok(true)
+    }
+
+    /// Unlink the hidden file, if it is still the one journaled.
+    fn unlink(&self) -> Result<()> {
+        if !self.is_at(&self.hidden) {
+            return Ok(());
+        }
+        match fs::remove_file(&self.hidden) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            // A roll-back that got as far as the attribute, then the domain went: clear it.
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                let f = open_same(&self.hidden, self.dev, self.ino)?;
+                set_immutable(&f, false)
+                    .ctx("cannot clear the immutable attribute of", &self.hidden)?;
+                fs::remove_file(&self.hidden).ctx("cannot remove", &self.hidden)
+            }
+            Err(e) => Err(e).ctx("cannot remove", &self.hidden),
+        }
+    }
+}
+
+impl Intent {
+    /// Journal this intent (synced) in `dir` before anything changes. The caller keeps the
+    /// journal while it works and closes it when the removal is done or undone.
+    pub fn journal(&self, dir: &Path) -> Result<Journal> {
+        let mut j = Journal::create(dir, KIND)?;
+        j.log(self)?;
+        Ok(j)
+    }
+
+    fn dirs(&self) -> BTreeSet<&Path> {
+        self.files.iter().filter_map(|f| f.path.parent()).collect()
+    }
+
+    /// Sync the directories; what could not be synced, for the messages. A directory
+    /// that is gone holds nothing of this removal any more.
+    fn sync_dirs(&self) -> Vec<String> {
+        self.dirs()
+            .into_iter()
+            .filter_map(|d| fsync_dir(d).err())
+            .filter(|e| !crate::image::is_not_found(e))
+            .map(|e| e.to_string())
+            .collect()
+    }
+
+    /// Step 2: every file to its hidden name, durably. The first failure ends it; the
+    /// caller then rolls back with [`Intent::unhide`].
+    pub fn hide(&self) -> Result<()> {
+        for f in &self.files {
+            f.hide()?;
+        }
+        for d in self.dirs() {
+            fsync_dir(d)?;
+        }
+        Ok(())
+    }
+
+    /// The roll-back before the commit: every file back to its own name, immutable again
+    /// where it was. Does all it can; reports what could not be undone.
+    pub fn unhide(&self) -> Report {
+        let mut r = Report::default();
+        for f in self.files.iter().rev() {
+            match f.unhide() {
+                Ok(true) => {}
+                Ok(false) => r.lost.push(format!(
+                    "its {} '{}' is neither there nor at '{}' any more",
+                    f.role,
+                    shown_path(&f.path),
+                    shown_path(&f.hidden)
+                )),
+                Err(e) => r.problems.push(e.to_string()),
+            }
+        }
+        r.problems.extend(self.sync_dirs());
+        r
+    }
+
+    /// Step 4, after the commit: unlink the hidden files, durably. Does all it can;
+    /// reports what could not be removed.
+    pub fn unlink(&self) -> Report {
+        let mut r = Report::default();
+        for f in &self.files {
+            if let Err(e) = f.unlink() {
+                r.problems.push(e.to_string());
+            }
+        }
+        r.problems.extend(self.sync_dirs());
+        r
+    }
+
+    /// Finish or roll back this removal after its run died, as the module says.
+    pub fn recover(&self, s: &Session) -> Result<(Outcome, Report)> {
+        match s.domain_exists(&self.uuid) {
+            Some(true) => Ok((Outcome::RolledBack, self.unhide())),
+            Some(false) => Ok((Outcome::Finished, self.unlink())),
+            None => Err(Error::failed(
+                format!(
+                    "cannot tell whether domain '{}' is still defined",
+                    shown(&self.name)
+                ),
+                format!("libvirt at '{}' does not answer", shown(&s.uri)),
+            )),
+        }
+    }
+}
+
+/// Drop the overlays of the clone with this UUID from the template's registrations (the
+/// caller holds the template's lock). Whether there were any.
+pub fn drop_registration(tpl: &Dom, clone_uuid: &str) -> Result<bool> {
+    let mut meta = tpl.meta()?;
+    let before = meta.overlays.len();
+    meta.overlays
+        .retain(|o| !o.clone_uuid.eq_ignore_ascii_case(clone_uuid));
+    if meta.overlays.len() == before {
+        return Ok(false);
+    }
+    tpl.set_meta(&meta)?;
+    Ok(true)
+}
+
+/// The template with this UUID, if it is defined.
+fn template<'s>(s: &'s Session, uuid: &str) -> Option<Dom<'s>> {
+    let r = DomainRef {
+        uuid: Some(uuid.to_string()),
+        ..Default::default()
+    };
+    Dom::lookup(s, &r).ok()
+}
+
+/// Finish or roll back the removals of dead runs on this connection (only the one of
+/// domain `only`, when given). `lock(uuid)` takes a domain's lock: `Some(Some(lock))`,
+/// `Some(None)` when the caller holds it already, None when another tool does (that tool
+/// recovers it when it takes the lock). Returns the messages for people: (warning?, text).
+pub fn recover_dead(
+    s: &Session,
+    dir: &Path,
+    only: Option<&str>,
+    mut lock: impl FnMut(&str) -> Option<Option<DomainLock>>,
+) -> Vec<(bool, String)> {
+    let mut notes = Vec::new();
+    for d in dead::<Intent>(dir, KIND) {
+        // Journaled before the first change: a journal without its intent changed nothing.
+        let Some(intent) = d.entries.first().cloned() else {
+            d.remove();
+            continue;
+        };
+        if intent.uri != s.uri || only.is_some_and(|u| !u.eq_ignore_ascii_case(&intent.uuid)) {
+            continue;
+        }
+        let Some(held) = lock(&intent.uuid) else {
+            continue;
+        };
+        let what = format!(
+            "the removal of domain '{}' (tpl-rm, pid {}, was killed)",
+            shown(&intent.name),
+            d.pid
+        );
+        let (outcome, mut report) = match intent.recover(s) {
+            Ok(r) => r,
+            Err(e) => {
+                notes.push((
+                    true,
+                    format!(
+                        "cannot recover {what} now: {e}; its journal '{}' is kept for the next run",
+                        shown_path(&d.path)
+                    ),
+                ));
+                continue;
+            }
+        };
+        if outcome == Outcome::Finished {
+            if let Some(t) = &intent.template_uuid {
+                // Best effort, see the module: only under the template's lock.
+                if let (Some(_tl), Some(tpl)) = (lock(t), template(s, t)) {
+                    if let Err(e) = drop_registration(&tpl, &intent.uuid) {
+                        report.problems.push(e.to_string());
+                    }
+                }
+            }
+        }
+        if !report.lost.is_empty() {
+            notes.push((
+                true,
+                format!(
+                    "while recovering {what}: {}",
+                    crate::text::list(&report.lost, "; ")
+                ),
+            ));
+        }
+        if report.problems.is_empty() {
+            let done = match outcome {
+                Outcome::Finished => {
+                    if let Some(l) = &held {
+                        l.remove_file();
+                    }
+                    format!("finished {what}: it is gone with its files")
+                }
+                Outcome::RolledBack => {
+                    format!("rolled back {what}: the domain is whole, its files back in place")
+                }
+            };
+            notes.push((false, done));
+            d.remove();
+        } else {
+            notes.push((
+                true,
+                format!(
+                    "cannot fully recover {what}: {}; its journal '{}' is kept for the next run",
+                    crate::text::list(&report.problems, "; "),
+                    shown_path(&d.path)
+                ),
+            ));
+        }
+    }
+    notes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doomed(d: &Path, name: &str, role: Role) -> Doomed {
+        let path = d.join(name);
+        fs::write(&path, name.as_bytes()).unwrap();
+        let m = fs::metadata(&path).unwrap();
+        let own = OwnFile {
+            role,
+            path,
+            format: None,
+            dev: m.dev(),
+            ino: m.ino(),
+        };
+        Doomed::new(&own).unwrap()
+    }
+
+    fn intent(d: &Path) -> Intent {
+        Intent {
+            uri: "test:///default".into(),
+            uuid: "6695eb01-f6a4-8304-79aa-97f2502e193f".into(),
+            name: "c1".into(),
+            files: vec![
+                doomed(
+                    d,
+                    "c1.qcow2",
+                    Role::Disk {
+                        target: "vda".into(),
+                    },
+                ),
+                doomed(d, "c1_VARS.fd", Role::Nvram),
+            ],
+            template_uuid: None,
+        }
+    }
+
+    #[test]
+    fn hidden_names_are_hidden_next_to_the_file_and_never_the_same() {
+        let a = hidden_name(Path::new("/d/c1.qcow2"));
+        let b = hidden_name(Path::new("/d/c1.qcow2"));
+        assert_ne!(a, b);
+        assert_eq!(a.parent(), Some(Path::new("/d")));
+        let n = a.file_name().unwrap().to_str().unwrap();
+        assert!(n.starts_with(".c1.qcow2.tpl-rm-") && n.len() == ".c1.qcow2.tpl-rm-".len() + 8);
+    }
+
+    #[test]
+    fn files_hide_come_back_or_go_and_only_the_very_files() {
+        let d = tempfile::tempdir().unwrap();
+        let i = intent(d.path());
+        i.hide().unwrap();
+        for f in &i.files {
+            assert!(!f.path.exists() && f.hidden.exists());
+        }
+        // Hiding again (a recovery that went forward) is a no-op.
+        i.hide().unwrap();
+        assert_eq!(i.unhide(), Report::default());
+        for f in &i.files {
+            assert!(f.path.exists() && !f.hidden.exists());
+            assert_eq!(
+                fs::read_to_string(&f.path).unwrap(),
+                f.path.file_name().unwrap().to_str().unwrap()
+            );
+        }
+        // Someone else's file at a hidden name is never removed.
+        fs::write(&i.files[0].hidden, "someone else's").unwrap();
+        i.files[1].hide().unwrap();
+        assert_eq!(i.unlink(), Report::default());
+        assert_eq!(
+            fs::read_to_string(&i.files[0].hidden).unwrap(),
+            "someone else's"
+        );
+        assert!(i.files[0].path.exists(), "a file never hidden stays");
+        assert!(!i.files[1].hidden.exists() && !i.files[1].path.exists());
+        // The journal form round-trips.
+        let line = serde_json::to_string(&i).unwrap();
+        assert!(line.contains("\"role\":\"nvram\""), "{line}");
+        assert_eq!(serde_json::from_str::<Intent>(&line).unwrap(), i);
+    }
+
+    #[test]
+    fn a_replaced_file_is_not_hidden() {
+        let d = tempfile::tempdir().unwrap();
+        let i = intent(d.path());
+        // Replaced since the check (the old one kept, so its inode is not reused).
+        fs::rename(&i.files[1].path, d.path().join("old")).unwrap();
+        fs::write(&i.files[1].path, "new").unwrap();
+        assert!(i.hide().is_err());
+        assert!(i.files[0].hidden.exists(), "the first one had gone");
+        let r = i.unhide();
+        assert!(
+            r.problems.is_empty() && r.lost.len() == 1,
+            "the replaced one is reported: {r:?}"
+        );
+        assert!(i.files[0].path.exists());
+        assert_eq!(fs::read_to_string(&i.files[1].path).unwrap(), "new");
+    }
+
+    #[test]
+    fn recovery_rolls_back_while_the_domain_exists_and_finishes_once_it_is_gone() {
+        let s = Session::open("test:///default").unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let test = Dom::lookup(&s, &DomainRef::by_arg("test")).unwrap();
+        let mut i = intent(d.path());
+        i.uuid = test.uuid.clone();
+        i.hide().unwrap();
+        assert_eq!(
+            i.recover(&s).unwrap(),
+            (Outcome::RolledBack, Report::default())
+        );
+        assert!(i
+            .files
+            .iter()
+            .all(|f| f.path.exists() && !f.hidden.exists()));
+        i.uuid = "00000000-0000-0000-0000-00000000abcd".into();
+        i.hide().unwrap();
+        assert_eq!(
+            i.recover(&s).unwrap(),
+            (Outcome::Finished, Report::default())
+        );
+        assert!(i
+            .files
+            .iter()
+            .all(|f| !f.path.exists() && !f.hidden.exists()));
+    }
+
+    /// A pid no process has: a child that has exited and been reaped.
+    fn dead_pid() -> u32 {
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    }
+
+    #[test]
+    fn a_dead_runs_removal_is_finished_and_its_journal_and_lock_file_go() {
+        let s = Session::open("test:///default").unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let (jdir, ldir) = (d.path().join("j"), d.path().join("l"));
+        fs::create_dir_all(&jdir).unwrap();
+        let mut i = intent(d.path());
+        i.uri = s.uri.clone();
+        i.uuid = "00000000-0000-0000-0000-00000000abce".into();
+        i.hide().unwrap();
+        let lock = DomainLock::try_acquire(&ldir, &i.uuid, "t")
+            .unwrap()
+            .unwrap();
+        let lock_path = lock.path.clone();
+        drop(lock);
+        let pid = dead_pid();
+        let journal = jdir.join(format!("{KIND}-{pid}-0badf00d.journal"));
+        // The intent, and a line cut short by the kill.
+        fs::write(&journal, serde_json::to_string(&i).unwrap() + "\n{\"cut\":").unwrap();
+        // Another connection's journal is not this one's to recover.
+        let mut other = i.clone();
+        other.uri = "qemu+ssh://elsewhere/system".into();
+        let foreign = jdir.join(format!("{KIND}-{pid}-0ddba11a.journal"));
+        fs::write(&foreign, serde_json::to_string(&other).unwrap()).unwrap();
+        let notes = recover_dead(&s, &jdir, None, |u| {
+            DomainLock::try_acquire(&ldir, u, "t")
+                .ok()
+                .flatten()
+                .map(Some)
+        });
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(!notes[0].0 && notes[0].1.starts_with("finished the removal"));
+        assert!(i
+            .files
+            .iter()
+            .all(|f| !f.path.exists() && !f.hidden.exists()));
+        assert!(!journal.exists() && foreign.exists());
+        assert!(
+            !lock_path.exists(),
+            "the lock file of a domain that is gone goes"
+        );
+    }
+
+    #[test]
+    fn the_immutable_attribute_is_cleared_to_hide_and_given_back_to_unhide() {
+        let d = tempfile::tempdir().unwrap();
+        let i = intent(d.path());
+        let f = File::open(&i.files[0].path).unwrap();
+        // Where the file system or the user cannot set it, there is nothing to prove.
+        if set_immutable(&f, true).is_err() {
+            return;
+        }
+        let i = Intent {
+            files: vec![Doomed::new(&OwnFile {
+                role: i.files[0].role.clone(),
+                path: i.files[0].path.clone(),
+                format: None,
+                dev: i.files[0].dev,
+                ino: i.files[0].ino,
+            })
+            .unwrap()],
+            ..i
+        };
+        assert!(i.files[0].immutable);
+        i.hide().unwrap();
+        assert!(!is_immutable(&File::open(&i.files[0].hidden).unwrap()).unwrap());
+        assert_eq!(i.unhide(), Report::default());
+        assert!(is_immutable(&File::open(&i.files[0].path).unwrap()).unwrap());
+        set_immutable(&File::open(&i.files[0].path).unwrap(), false).unwrap();
+    }
+}

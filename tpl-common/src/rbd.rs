@@ -1,0 +1,215 @@
+//! RBD disks as the tools see them: the one Ceph connection of a run, the check that a disk's monitors are that cluster's, the template snapshot, children as dependents, and Ceph's errors in tpl's terms.
+//!
+//! The mapping (issue 12): a locked template's RBD disk points at a protected snapshot of
+//! its image, [`TEMPLATE_SNAPSHOT`], so that starting it fails ("Block node is
+//! read-only"); a linked clone is an `rbd clone` of that snapshot; the dependents are the
+//! snapshot's children (authoritative: Ceph keeps the list, no directory to scan); a full
+//! clone is a copy; `rename --disks` is an `rbd rename`. The connection goes through
+//! librados/librbd in-process ([`tpl_ceph`]): one per run, opened when the first RBD disk
+//! needs it, with the configuration and keyring from `--ceph-conf` or the standard places
+//! (`$CEPH_CONF`, /etc/ceph), and the cephx user from `--ceph-id`, else the disk's
+//! `<auth username>`, else `admin`.
+
+use std::cell::OnceCell;
+use std::net::ToSocketAddrs;
+use std::path::PathBuf;
+
+use tpl_ceph::{Child, Cluster, ConnectOptions, ImageSpec};
+
+use crate::error::{Error, Result};
+use crate::record::{BackingImage, RbdSource};
+use crate::text::shown;
+
+/// The snapshot a locked template's RBD images are protected at.
+pub const TEMPLATE_SNAPSHOT: &str = "tpl";
+
+/// How to reach Ceph (from the command line).
+#[derive(Debug, Clone, Default)]
+pub struct CephOptions {
+    pub conf: Option<PathBuf>,
+    pub user: Option<String>,
+}
+
+/// The run's Ceph connection, made at the first need.
+#[derive(Default)]
+pub struct Ceph {
+    opts: CephOptions,
+    cluster: OnceCell<Cluster>,
+}
+
+impl std::fmt::Debug for Ceph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ceph")
+            .field("opts", &self.opts)
+            .field("connected", &self.cluster.get().is_some())
+            .finish()
+    }
+}
+
+impl Ceph {
+    pub fn new(opts: CephOptions) -> Ceph {
+        Ceph {
+            opts,
+            cluster: OnceCell::new(),
+        }
+    }
+
+    /// The cluster holding the image of an RBD disk: connected once, and checked to be the
+    /// cluster the disk's `<host>` elements name (a disk of another cluster is refused,
+    /// never acted on in this one).
+    pub fn cluster_for(&self, src: &RbdSource) -> Result<&Cluster> {
+        let cluster = self.connect(src.user.as_deref())?;
+        check_monitors(cluster, src)?;
+        Ok(cluster)
+    }
+
+    /// The cluster of the configuration, without a disk to check it against (to clean up
+    /// what a killed run of this host left in it).
+    pub fn cluster(&self) -> Result<&Cluster> {
+        self.connect(None)
+    }
+
+    fn connect(&self, disk_user: Option<&str>) -> Result<&Cluster> {
+        Ok(match self.cluster.get() {
+            Some(c) => c,
+            None => {
+                let user = self
+                    .opts
+                    .user
+                    .clone()
+                    .or_else(|| disk_user.map(String::from))
+                    .unwrap_or_else(|| "admin".into());
+                let mut o = ConnectOptions::default().user(user);
+                if let Some(c) = &self.opts.conf {
+                    o = o.conf(c);
+                }
+                let c = Cluster::connect(&o).map_err(|e| {
+                    Error::failed(
+                        "cannot connect to the Ceph cluster",
+                        format!(
+                            "{e}; tpl reads the cluster's configuration from --ceph-conf, else \
+                             $CEPH_CONF, else /etc/ceph/ceph.conf"
+                        ),
+                    )
+                })?;
+                let _ = self.cluster.set(c);
+                self.cluster.get().expect("just set")
+            }
+        })
+    }
+}
+
+/// Refuse a disk whose monitors are none of this cluster's: its image is in another
+/// cluster, and an image of the same name here is not it.
+fn check_monitors(cluster: &Cluster, src: &RbdSource) -> Result<()> {
+    if src.hosts.is_empty() {
+        return Ok(());
+    }
+    let mons = cluster
+        .mon_addrs()
+        .map_err(|e| ceph_error("list the monitors", e))?;
+    let ours = |host: &str| {
+        let with_port = if host
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
+            host.to_string()
+        } else {
+            format!("{host}:6789")
+        };
+        with_port
+            .to_socket_addrs()
+            .map(|mut it| it.any(|a| mons.iter().any(|m| m.addr == a)))
+            .unwrap_or(false)
+    };
+    if src.hosts.iter().any(|h| ours(h)) {
+        return Ok(());
+    }
+    Err(Error::refused(
+        format!("cannot work on the RBD image '{}'", shown(&src.name())),
+        format!(
+            "the disk names the monitors {}, and the Ceph cluster tpl is connected to has {}; \
+             point --ceph-conf (or CEPH_CONF) at that cluster's configuration",
+            src.hosts.join(", "),
+            mons.iter()
+                .map(|m| m.addr.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    ))
+}
+
+/// The image of an RBD disk (its head: without the snapshot it may point at).
+pub fn spec_of(src: &RbdSource) -> ImageSpec {
+    ImageSpec::new(&src.pool, &src.image).in_namespace(&src.namespace)
+}
+
+/// A Ceph error as a tpl error: refusals for what a safety check would also refuse
+/// (busy, exists, not empty), failures for the rest.
+pub fn ceph_error(what: &str, e: tpl_ceph::Error) -> Error {
+    match e {
+        tpl_ceph::Error::AlreadyExists { .. }
+        | tpl_ceph::Error::Busy { .. }
+        | tpl_ceph::Error::NotEmpty { .. } => {
+            Error::refused(format!("cannot {what}"), e.to_string())
+        }
+        e => Error::failed(format!("cannot {what}"), e.to_string()),
+    }
+}
+
+/// Remove an RBD image a dead run left, if it is still there (and is the image with `id`,
+/// when given): whether it was removed, None when the cluster cannot tell.
+pub fn remove_leftover(cluster: &Cluster, image: &str, id: Option<&str>) -> Option<bool> {
+    let Ok(spec) = image.parse::<ImageSpec>() else {
+        return Some(false);
+    };
+    match cluster.info(&spec) {
+        Ok(i) if id.is_none_or(|id| i.id == id) => {}
+        Ok(_) | Err(tpl_ceph::Error::NotFound { .. }) => return Some(false),
+        Err(_) => return None,
+    }
+    match cluster.remove(&spec) {
+        Ok(()) => Some(true),
+        Err(tpl_ceph::Error::NotFound { .. }) => Some(false),
+        Err(_) => None,
+    }
+}
+
+/// The images under an RBD image, nearest first (`rbd:POOL/IMAGE@SNAP`, qemu's notation).
+pub fn parent_chain(cluster: &Cluster, spec: &ImageSpec) -> Result<Vec<BackingImage>> {
+    let mut out = Vec::new();
+    let mut cur = spec.clone();
+    while let Some(p) = cluster
+        .info(&cur)
+        .map_err(|e| ceph_error(&format!("read the RBD image '{cur}'"), e))?
+        .parent
+    {
+        out.push(BackingImage {
+            path: PathBuf::from(format!("rbd:{}", p.spec)),
+            format: Some("raw".into()),
+        });
+        if out.len() > 64 {
+            break;
+        }
+        cur = p.spec.head();
+    }
+    Ok(out)
+}
+
+/// Every clone of any snapshot of the image: what depends on it. Ceph keeps this list,
+/// clones in its trash included.
+pub fn children(cluster: &Cluster, spec: &ImageSpec) -> Result<Vec<Child>> {
+    let snaps = cluster
+        .snapshots(spec)
+        .map_err(|e| ceph_error(&format!("list the snapshots of '{spec}'"), e))?;
+    let mut out = Vec::new();
+    for s in snaps {
+        let at = spec.at(&s.name);
+        out.extend(
+            cluster
+                .children(&at)
+                .map_err(|e| ceph_error(&format!("list the clones of '{at}'"), e))?,
+        );
+    }
+    Ok(out)
+}

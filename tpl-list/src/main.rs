@@ -1,0 +1,4 @@
+//! The tpl-list binary: the tool lives in the library (lib.rs), where xtask also finds its clap definition for the man page.
+fn main() -> std::process::ExitCode {
+    tpl_list::main()
+}
