@@ -7,7 +7,7 @@
 PREFIX ?= /usr/local
 CARGO  ?= cargo
 URI    ?= qemu:///system
-# This machine's KVM cannot run qemu's -cpu host (ENVIRONMENT.md): libguestfs
+# This machine's KVM cannot run qemu's -cpu host (docs/ENVIRONMENT.md): libguestfs
 # runs its appliance under TCG here. A host with working KVM can override both.
 export LIBGUESTFS_BACKEND ?= direct
 export LIBGUESTFS_BACKEND_SETTINGS ?= force_tcg

@@ -12,7 +12,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 bin=${TPL_BIN_DIR:-$here/target/debug}
-# This machine class cannot run KVM guests (ENVIRONMENT.md): libguestfs runs its
+# This machine class cannot run KVM guests (docs/ENVIRONMENT.md): libguestfs runs its
 # appliance under TCG unless the caller says otherwise. The tools never set these.
 export LIBGUESTFS_BACKEND=${LIBGUESTFS_BACKEND:-direct}
 export LIBGUESTFS_BACKEND_SETTINGS=${LIBGUESTFS_BACKEND_SETTINGS:-force_tcg}

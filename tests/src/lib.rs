@@ -122,7 +122,7 @@ impl Run {
 }
 
 /// The environment every tool runs with in tests: the system libvirt, and libguestfs in
-/// TCG mode (this machine's KVM cannot run `-cpu host`; see ENVIRONMENT.md).
+/// TCG mode (this machine's KVM cannot run `-cpu host`; see docs/ENVIRONMENT.md).
 pub fn test_env(c: &mut Command) -> &mut Command {
     let keep = |k: &str, default: &str| std::env::var(k).unwrap_or_else(|_| default.into());
     c.env_remove("LIBVIRT_DEFAULT_URI")
@@ -425,7 +425,7 @@ impl Drop for Scratch {
     }
 }
 
-/// The host kernel and initrd the guests boot directly (TCG; see ENVIRONMENT.md).
+/// The host kernel and initrd the guests boot directly (TCG; see docs/ENVIRONMENT.md).
 pub fn host_kernel() -> (PathBuf, PathBuf) {
     let mut kernels: Vec<PathBuf> = fs::read_dir("/boot")
         .expect("/boot must exist (make deps installs linux-image-amd64)")
@@ -991,4 +991,519 @@ pub fn no_panic(tool: &str, stderr: &str) {
         !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
         "{tool} panicked: {stderr}"
     );
+}
+
+// RBD
+//
+// The RBD tests' corner of the test cluster (scripts/ceph-up.sh; `make test` starts it and
+// exports CEPH_CONF): one pool per test process, `tplt-<pid>` (8 PGs), made at the first
+// need and deleted when the process ends, however it ends (a reaper process waits for the
+// end of a pipe only this process holds); what a reaper could not delete (the cluster was
+// down) is deleted by the next run, as the pools of any test process that no longer runs
+// (tpl-ceph's own tests name theirs `tplt-<pid>-<n>` and sweep the same way). Each test
+// names its images after its Scratch prefix, and removes them when it ends, pass or fail.
+
+/// How to get a test cluster, for the loud failures.
+pub const CEPH_HOW_TO: &str = "start the test cluster and point CEPH_CONF at it (make test does both):\n\
+    \x20   TPL_CEPH_LIBVIRT_URI=qemu:///system scripts/ceph-up.sh   # as root, from the repository root\n\
+    \x20   export CEPH_CONF=/var/lib/tpl-ceph/ceph.conf";
+
+/// The test cluster's ceph.conf: `$CEPH_CONF`, which the tools read too. Unset is a loud
+/// failure, never a skip.
+pub fn ceph_conf() -> PathBuf {
+    match std::env::var_os("CEPH_CONF") {
+        Some(c) if !c.is_empty() && Path::new(&c).is_file() => PathBuf::from(c),
+        Some(c) if !c.is_empty() => panic!(
+            "CEPH_CONF={} does not exist: the RBD tests need a running Ceph cluster; {CEPH_HOW_TO}",
+            Path::new(&c).display()
+        ),
+        _ => {
+            panic!("CEPH_CONF is not set: the RBD tests need a running Ceph cluster; {CEPH_HOW_TO}")
+        }
+    }
+}
+
+/// ceph-up.sh's state directory (`$TPL_CEPH_DIR`, default /var/lib/tpl-ceph).
+pub fn ceph_dir() -> PathBuf {
+    std::env::var_os("TPL_CEPH_DIR")
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| PathBuf::from("/var/lib/tpl-ceph"), PathBuf::from)
+}
+
+thread_local! {
+    /// One connection per test thread (a `Cluster` is not `Send`).
+    static CEPH: std::cell::OnceCell<tpl_ceph::Cluster> = const { std::cell::OnceCell::new() };
+}
+
+/// Run `f` with this thread's connection to the test cluster (client.admin, `$CEPH_CONF`).
+pub fn with_ceph<R>(f: impl FnOnce(&tpl_ceph::Cluster) -> R) -> R {
+    CEPH.with(|c| {
+        f(c.get_or_init(|| {
+            let conf = ceph_conf();
+            let opts = tpl_ceph::ConnectOptions::default().timeout(Duration::from_secs(20));
+            tpl_ceph::Cluster::connect(&opts).unwrap_or_else(|e| {
+                panic!(
+                    "cannot reach the test cluster of CEPH_CONF={}: {e}\n{CEPH_HOW_TO}",
+                    conf.display()
+                )
+            })
+        }))
+    })
+}
+
+/// `POOL/IMAGE` as a spec.
+pub fn rbd_spec(pool: &str, image: &str) -> tpl_ceph::ImageSpec {
+    tpl_ceph::ImageSpec::new(pool, image)
+}
+
+/// This test process's pool, `tplt-<pid>`: made (8 PGs, no autoscaling, so no PG split
+/// stalls a test) at the first call, after the pools of dead test processes are deleted.
+pub fn rbd_pool() -> &'static str {
+    static POOL: OnceLock<String> = OnceLock::new();
+    POOL.get_or_init(|| {
+        // The domains of dead test processes first: they may name images in their pools.
+        guest_image();
+        sweep_stale_pools();
+        let pool = format!("tplt-{}", std::process::id());
+        with_ceph(|c| {
+            if !c.pool_exists(&pool).unwrap() {
+                c.pool_create(&pool, 8)
+                    .unwrap_or_else(|e| panic!("cannot create the test pool: {e}"));
+            }
+            c.mon_command(&serde_json::json!({
+                "prefix": "osd pool set", "pool": pool, "var": "pg_autoscale_mode", "val": "off",
+            }))
+            .unwrap_or_else(|e| panic!("cannot turn off autoscaling of {pool}: {e}"));
+        });
+        reap_pool_at_exit(&pool);
+        pool
+    })
+}
+
+/// A process in a session of its own (so a Ctrl-C of the tests does not take it along)
+/// that deletes `pool` once this process has ended: it waits for the end of a pipe whose
+/// write end only this process holds (close-on-exec, never passed on), which the kernel
+/// closes however the process ends, kill -9 included.
+fn reap_pool_at_exit(pool: &str) {
+    static WRITE_END: OnceLock<std::os::fd::OwnedFd> = OnceLock::new();
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    let script = format!(
+        "cat >/dev/null; exec timeout 60 ceph --connect-timeout 20 -c '{}' osd pool rm {pool} {pool} \
+         --yes-i-really-really-mean-it",
+        ceph_conf().display()
+    );
+    // setsid -f: the reaper runs on in a session of its own, setsid itself returns.
+    succeed(
+        Command::new("setsid")
+            .args(["-f", "sh", "-c", &script])
+            .stdin(Stdio::from(read))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let _ = WRITE_END.set(write);
+}
+
+/// Delete the pools `tplt-<pid>` (and tpl-ceph's `tplt-<pid>-<n>`) of test processes that
+/// no longer run.
+fn sweep_stale_pools() {
+    with_ceph(|c| {
+        for p in c.pools().unwrap_or_default() {
+            let Some(pid) = p
+                .strip_prefix("tplt-")
+                .and_then(|r| r.split('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                match c.pool_delete(&p) {
+                    Ok(()) => eprintln!("deleted the stale test pool {p}"),
+                    Err(e) => eprintln!("WARNING: stale test pool {p} not deleted: {e}"),
+                }
+            }
+        }
+    });
+}
+
+/// The images in a pool, by name.
+pub fn rbd_images(pool: &str) -> BTreeSet<String> {
+    with_ceph(|c| c.list(pool))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_iter()
+        .collect()
+}
+
+/// Whether an image (or `IMAGE@SNAP`) exists.
+pub fn rbd_exists(pool: &str, image: &str) -> bool {
+    let spec: tpl_ceph::ImageSpec = format!("{pool}/{image}").parse().unwrap();
+    with_ceph(|c| c.exists(&spec)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The parent of an image, `POOL/IMAGE@SNAP` (`rbd info`'s parent), or None.
+pub fn rbd_parent(pool: &str, image: &str) -> Option<String> {
+    with_ceph(|c| c.info(&rbd_spec(pool, image)))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .parent
+        .map(|p| p.spec.to_string())
+}
+
+/// The snapshots of an image: (name, protected).
+pub fn rbd_snapshots(pool: &str, image: &str) -> Vec<(String, bool)> {
+    with_ceph(|c| c.snapshots(&rbd_spec(pool, image)))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_iter()
+        .map(|s| (s.name, s.protected))
+        .collect()
+}
+
+/// The clones of `POOL/IMAGE@SNAP` (`rbd children`), as `POOL/IMAGE`.
+pub fn rbd_children(pool: &str, image: &str, snap: &str) -> BTreeSet<String> {
+    with_ceph(|c| c.children(&rbd_spec(pool, image).at(snap)))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_iter()
+        .map(|ch| ch.spec.to_string())
+        .collect()
+}
+
+/// An image as qemu-img names it: `rbd:POOL/IMAGE[@SNAP]:conf=CEPH_CONF:id=admin`.
+pub fn qemu_rbd(pool: &str, image: &str) -> String {
+    format!("rbd:{pool}/{image}:conf={}:id=admin", ceph_conf().display())
+}
+
+/// The SHA-256 of an image's (or a snapshot's) guest-visible bytes.
+pub fn rbd_sha256(pool: &str, image: &str) -> String {
+    let out = succeed(Command::new("sh").arg("-c").arg(format!(
+        "rbd -c '{}' export --no-progress '{pool}/{image}' - | sha256sum",
+        ceph_conf().display()
+    )));
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// The uuid of the libvirt secret that holds client.admin's key, which ceph-up.sh defines
+/// when run with TPL_CEPH_LIBVIRT_URI (make test and make ceph do).
+pub fn ceph_secret() -> String {
+    static SECRET: OnceLock<String> = OnceLock::new();
+    SECRET
+        .get_or_init(|| {
+            let f = ceph_dir().join("libvirt-secret.uuid");
+            let uuid = fs::read_to_string(&f)
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "no libvirt ceph secret ({}: {e}): run ceph-up.sh with \
+                         TPL_CEPH_LIBVIRT_URI=qemu:///system (make ceph does)",
+                        f.display()
+                    )
+                })
+                .trim()
+                .to_string();
+            let (ok, text) = virsh_try(&["secret-dumpxml", &uuid]);
+            assert!(
+                ok,
+                "the libvirt secret {uuid} named in {} is not defined: {text}; run ceph-up.sh \
+                 with TPL_CEPH_LIBVIRT_URI=qemu:///system again (make ceph does)",
+                f.display()
+            );
+            uuid
+        })
+        .clone()
+}
+
+/// The monitor address libvirt's `<host>` names: the cluster's msgr-v1 address, which
+/// qemu's librbd reaches (from the monmap).
+pub fn ceph_mon() -> (String, u16) {
+    let mons = with_ceph(|c| c.mon_addrs()).unwrap_or_else(|e| panic!("{e}"));
+    let m = mons
+        .iter()
+        .find(|m| m.protocol == "v1")
+        .or_else(|| mons.first())
+        .unwrap_or_else(|| panic!("the test cluster has no monitor address: {mons:?}"));
+    (m.addr.ip().to_string(), m.addr.port())
+}
+
+/// A `<disk>` element for `POOL/IMAGE` as the guest's `target` (virtio), with the
+/// monitor and the cephx user and secret: the disk the issue describes.
+pub fn rbd_disk_xml(pool: &str, image: &str, target: &str) -> String {
+    let (host, port) = ceph_mon();
+    format!(
+        "<disk type='network' device='disk'>\n      <driver name='qemu' type='raw'/>\n      \
+         <source protocol='rbd' name='{pool}/{image}'><host name='{host}' port='{port}'/></source>\n      \
+         <auth username='admin'><secret type='ceph' uuid='{}'/></auth>\n      \
+         <target dev='{target}' bus='virtio'/>\n    </disk>",
+        ceph_secret()
+    )
+}
+
+/// The tiny guest's domain (tests/guest/domain.xml) with its vda on `POOL/IMAGE` instead of
+/// a file.
+pub fn rbd_guest_xml(name: &str, pool: &str, image: &str, console: &Path, extra: &str) -> String {
+    let xml = guest_xml(name, Path::new("/nonexistent.qcow2"), console, extra);
+    let start = xml
+        .find("<disk type='file'")
+        .expect("tests/guest/domain.xml has a file disk");
+    let end = start
+        + xml[start..]
+            .find("</disk>")
+            .expect("tests/guest/domain.xml: </disk>")
+        + "</disk>".len();
+    format!(
+        "{}{}{}",
+        &xml[..start],
+        rbd_disk_xml(pool, image, "vda"),
+        &xml[end..]
+    )
+}
+
+/// Copy the guest disk into `POOL/IMAGE` as a raw image (qemu-img convert, as an
+/// administrator moves a VM onto Ceph).
+pub fn rbd_import_guest(pool: &str, image: &str) {
+    sh(
+        "qemu-img",
+        &[
+            "convert",
+            "-q",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            p(guest_image()),
+            &qemu_rbd(pool, image),
+        ],
+    );
+}
+
+/// Remove an image, its snapshots first (unprotected), retrying while it is busy: qemu's
+/// watcher outlives `virsh destroy` for a few seconds. Panics after `secs`.
+pub fn rbd_remove(pool: &str, image: &str, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match try_remove_image(pool, image) {
+            Ok(()) => return,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "cannot remove {pool}/{image} within {secs} s: {e}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One attempt: the image's snapshots without clones, then the image.
+fn try_remove_image(pool: &str, image: &str) -> Result<(), String> {
+    with_ceph(|c| {
+        let spec = rbd_spec(pool, image);
+        let snaps = match c.snapshots(&spec) {
+            Ok(s) => s,
+            Err(tpl_ceph::Error::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e.to_string()),
+        };
+        for s in snaps {
+            let at = spec.at(&s.name);
+            if s.protected {
+                c.snap_unprotect(&at).map_err(|e| e.to_string())?;
+            }
+            c.snap_remove(&at).map_err(|e| e.to_string())?;
+        }
+        match c.remove(&spec) {
+            Ok(()) | Err(tpl_ceph::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+}
+
+/// Remove every image of `pool` that `mine` picks, clones before their parents, retrying
+/// busy ones until `secs` have passed; returns what could not be removed (never panics:
+/// it runs in drops).
+pub fn rbd_purge(pool: &str, secs: u64, mine: impl Fn(&str) -> bool) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let left: Vec<String> = match with_ceph(|c| c.list(pool)) {
+            Ok(l) => l.into_iter().filter(|i| mine(i)).collect(),
+            Err(e) => return vec![e.to_string()],
+        };
+        if left.is_empty() {
+            return Vec::new();
+        }
+        // A parent's protected snapshot cannot go while its clones exist: every round
+        // removes what it can, the clones first by the nature of it.
+        let errors: Vec<String> = left
+            .iter()
+            .filter_map(|i| try_remove_image(pool, i).err())
+            .collect();
+        if errors.is_empty() {
+            continue;
+        }
+        if Instant::now() > deadline {
+            return errors;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A test domain on an RBD image.
+#[derive(Debug, Clone)]
+pub struct RbdGuest {
+    pub name: String,
+    pub uuid: String,
+    pub pool: String,
+    pub image: String,
+    pub console: PathBuf,
+}
+
+/// A [`Scratch`] whose test also uses this process's pool: on drop (pass or fail) its
+/// domains are stopped, then every image named after its prefix (temporary names of
+/// tpl-clone included) is removed, then the Scratch removes the domains and directory.
+#[derive(Debug)]
+pub struct RbdScratch {
+    pub s: Scratch,
+    pub pool: String,
+}
+
+impl RbdScratch {
+    pub fn new() -> RbdScratch {
+        let pool = rbd_pool().to_string();
+        RbdScratch {
+            s: Scratch::new(),
+            pool,
+        }
+    }
+
+    /// Whether an image name is this test's: named after its prefix, or tpl-clone's
+    /// temporary name for such an image (`.NAME.tpl-tmp-HOST-PID`).
+    pub fn owns(&self, image: &str) -> bool {
+        image
+            .strip_prefix('.')
+            .unwrap_or(image)
+            .strip_prefix(&self.s.prefix)
+            .is_some_and(|r| r.starts_with('-'))
+    }
+
+    /// This test's images in the pool.
+    pub fn images(&self) -> BTreeSet<String> {
+        rbd_images(&self.pool)
+            .into_iter()
+            .filter(|i| self.owns(i))
+            .collect()
+    }
+
+    /// A shut-off guest domain `<prefix>-<tag>` whose vda is its own copy of the guest disk
+    /// in RBD, `POOL/<prefix>-<tag>`.
+    pub fn rbd_guest(&mut self, tag: &str) -> RbdGuest {
+        self.rbd_guest_with(tag, "")
+    }
+
+    /// Like `rbd_guest`, with extra XML in `<devices>`.
+    pub fn rbd_guest_with(&mut self, tag: &str, extra_devices: &str) -> RbdGuest {
+        let name = self.s.name(tag);
+        rbd_import_guest(&self.pool, &name);
+        let console = self.s.dir.join(format!("{name}.console.log"));
+        let xml = rbd_guest_xml(&name, &self.pool, &name, &console, extra_devices);
+        let uuid = self.s.define(&xml);
+        RbdGuest {
+            name: name.clone(),
+            uuid,
+            pool: self.pool.clone(),
+            image: name,
+            console,
+        }
+    }
+
+    /// An empty image `POOL/<prefix>-<tag>` of `mib` MiB; its name.
+    pub fn rbd_image(&self, tag: &str, mib: u64) -> String {
+        let name = self.s.name(tag);
+        with_ceph(|c| {
+            c.create(
+                &rbd_spec(&self.pool, &name),
+                mib << 20,
+                &tpl_ceph::NewImageOptions::default(),
+            )
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        name
+    }
+
+    /// Undefine a clone and remove its RBD images (and its files), waiting out qemu's
+    /// watcher.
+    pub fn remove_clone(&self, name: &str) {
+        if !domain_exists(name) {
+            return;
+        }
+        let x = dom_xml(name);
+        remove_domain(name);
+        for d in x.disks() {
+            if let Some(r) = &d.rbd {
+                rbd_remove(&r.pool, &r.image, 60);
+            } else if let Some(f) = &d.path {
+                let _ = fs::remove_file(f);
+            }
+        }
+    }
+}
+
+impl Default for RbdScratch {
+    fn default() -> Self {
+        RbdScratch::new()
+    }
+}
+
+impl std::ops::Deref for RbdScratch {
+    type Target = Scratch;
+    fn deref(&self) -> &Scratch {
+        &self.s
+    }
+}
+
+impl std::ops::DerefMut for RbdScratch {
+    fn deref_mut(&mut self) -> &mut Scratch {
+        &mut self.s
+    }
+}
+
+impl Drop for RbdScratch {
+    fn drop(&mut self) {
+        // Stopped first, so no qemu holds an image; the Scratch undefines them after.
+        for n in domains_with_prefix(&format!("{}-", self.s.prefix)) {
+            let _ = virsh_try(&["destroy", &n]);
+        }
+        let left = rbd_purge(&self.pool, 90, |i| self.owns(i));
+        if !left.is_empty() {
+            // Never panic in drop; the pool goes with the process anyway.
+            eprintln!(
+                "WARNING: images of {} left in {}: {left:?}",
+                self.s.prefix, self.pool
+            );
+        }
+    }
+}
+
+/// A domain's disk `target` as an RBD source (its pool, image and snapshot), from libvirt.
+pub fn rbd_source_of(domain: &str, target: &str) -> tpl_common::record::RbdSource {
+    dom_xml(domain)
+        .disks()
+        .into_iter()
+        .find(|d| d.target == target)
+        .and_then(|d| d.rbd)
+        .unwrap_or_else(|| panic!("{domain} has no RBD disk {target}"))
+}
+
+/// Start a domain that must not start because its RBD disk is a snapshot (read-only to
+/// qemu): "Block node is read-only", from virsh or (when libvirt read the log too early)
+/// from the domain's log, within a deadline.
+pub fn start_is_read_only(name: &str) -> String {
+    let log = PathBuf::from(format!("/var/log/libvirt/qemu/{name}.log"));
+    let before = fs::metadata(&log).map(|m| m.len()).unwrap_or(0) as usize;
+    let (ok, text) = virsh_try(&["start", name]);
+    assert!(!ok, "a locked template must not start: {text}");
+    let needle = "Block node is read-only";
+    if text.contains(needle) {
+        return text;
+    }
+    wait_until(10, &format!("{needle:?} in {}", log.display()), || {
+        let all = fs::read(&log).unwrap_or_default();
+        String::from_utf8_lossy(all.get(before..).unwrap_or_default()).contains(needle)
+    });
+    text
 }

@@ -1,4 +1,4 @@
-//! The one error type of the tools, and how each kind maps to the exit codes of DESIGN.md.
+//! The one error type of the tools, and how each kind maps to the exit codes of docs/DESIGN.md.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Every failure a tool reports. The variant decides the exit code; the text is
-/// `<what> (<why>)` so that `tpl-x: error: <text>` reads as DESIGN.md asks.
+/// `<what> (<why>)` so that `tpl-x: error: <text>` reads as docs/DESIGN.md asks.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Bad command line or bad input: exit 2.
@@ -75,7 +75,7 @@ impl Error {
         }
     }
 
-    /// The process exit code for this error (DESIGN.md: 1 failed, 2 usage/bad input, 3 refused).
+    /// The process exit code for this error (docs/DESIGN.md: 1 failed, 2 usage/bad input, 3 refused).
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Usage { .. } => 2,

@@ -545,6 +545,21 @@ impl<'a> Dom<'a> {
         registered: &[Registered],
     ) -> Result<Dependents> {
         let mut deps = self.dependents(&own.images(), others, registered)?;
+        let (rbd, looked) = self.rbd_dependents(own, others)?;
+        deps.list.extend(rbd);
+        deps.looked.push_str(&looked);
+        Ok(deps)
+    }
+
+    /// The clones of the snapshots of the domain's RBD images (Ceph's list, each named
+    /// with the domain of `others` that uses it, if one does), and where it looked.
+    pub fn rbd_dependents(
+        &self,
+        own: &OwnFiles,
+        others: &[OtherDomain],
+    ) -> Result<(Vec<Dependent>, String)> {
+        let mut out = Vec::new();
+        let mut looked = String::new();
         for r in &own.rbd {
             let cluster = self.session.ceph.cluster_for(&r.source)?;
             let spec = rbd::spec_of(&r.source);
@@ -555,19 +570,19 @@ impl<'a> Dom<'a> {
                     .iter()
                     .find(|o| o.files.rbd.iter().any(|(_, n)| *n == name))
                     .map(|o| o.files.name.clone());
-                deps.list.push(Dependent::RbdClone {
+                out.push(Dependent::RbdClone {
                     image: name,
                     domain,
                     in_trash: k.in_trash,
                 });
             }
-            deps.looked.push_str(&format!(
+            looked.push_str(&format!(
                 "; and Ceph's list of the clones of '{}' ({} found)",
                 shown(&spec.to_string()),
                 kids.len()
             ));
         }
-        Ok(deps)
+        Ok((out, looked))
     }
 
     /// Everything that depends on these images of this domain: other domains whose disks

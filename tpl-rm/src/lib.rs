@@ -12,7 +12,7 @@ use tpl_common::cli::{self, Common, Ctx};
 use tpl_common::domxml::{disk_target, DomainXml};
 use tpl_common::error::{Error, Result};
 use tpl_common::image::{canonical, is_not_found, readable_chain, Dependent};
-use tpl_common::journal::remove::{drop_registration, Doomed, Intent};
+use tpl_common::journal::remove::{drop_registration, Doomed, DoomedImage, Intent};
 use tpl_common::journal::Journal;
 use tpl_common::lock::DomainLock;
 use tpl_common::ownfiles::{OtherFiles, OwnFiles};
@@ -220,6 +220,11 @@ impl Remover<'_> {
             )));
         }
         let (own, missing) = own_files(&name, &dom.xml()?)?;
+        // Another host's domain: this machine's file of the same path is not its file.
+        for f in &own.files {
+            dom.session
+                .require_same_files(&f.path, &format!("the {f} of domain '{}'", shown(&name)))?;
+        }
         let images = own.images();
         let (others, mut deps) = match snap {
             None => {
@@ -235,6 +240,9 @@ impl Remover<'_> {
                 (others, deps)
             }
         };
+        let (rbd_deps, rbd_looked) = dom.rbd_dependents(&own, &others)?;
+        deps.list.extend(rbd_deps);
+        deps.looked.push_str(&rbd_looked);
         if !deps.list.is_empty() && with_clones {
             self.remove_clones(&dom, &deps, &others, held)?;
             deps = if self.args.dry_run {
@@ -245,7 +253,7 @@ impl Remover<'_> {
                 }
             } else {
                 let others = dom.others()?;
-                dom.dependents(&images, &others, &dom.meta()?.overlays)?
+                dom.dependents_of(&own, &others, &dom.meta()?.overlays)?
             };
         }
         if !deps.list.is_empty() {
@@ -260,6 +268,11 @@ impl Remover<'_> {
             )));
         }
         let files: Vec<Doomed> = own.files.iter().map(Doomed::new).collect::<Result<_>>()?;
+        let doomed_images = own
+            .rbd
+            .iter()
+            .map(|r| doomed_image(&dom, r))
+            .collect::<Result<Vec<_>>>()?;
         let what = describe(&name, &own, &missing, reg.as_ref());
         if self.args.dry_run {
             let stop = if st == DomainState::Shutoff {
@@ -282,6 +295,7 @@ impl Remover<'_> {
             name: name.clone(),
             files,
             template_uuid: reg.as_ref().map(|t| t.uuid.clone()),
+            images: doomed_images,
         };
         let journal = self.commit(&dom, &intent)?;
         // Committed: what is left cannot undo the removal, only fail to tidy up; the
@@ -368,7 +382,7 @@ impl Remover<'_> {
             }
             return Err(e);
         }
-        let problems = intent.unlink().problems;
+        let problems = intent.unlink(self.s).problems;
         if problems.is_empty() {
             return Ok(Some(journal));
         }
@@ -404,7 +418,16 @@ impl Remover<'_> {
         let loose: Vec<&Dependent> = deps
             .list
             .iter()
-            .filter(|d| !matches!(d, Dependent::Domain { .. }))
+            .filter(|d| {
+                !matches!(
+                    d,
+                    Dependent::Domain { .. }
+                        | Dependent::RbdClone {
+                            domain: Some(_),
+                            ..
+                        }
+                )
+            })
             .collect();
         if !loose.is_empty() {
             return Err(refuse(format!(
@@ -420,8 +443,12 @@ impl Remover<'_> {
         // Each clone once (one with two disks on the template is listed twice).
         let mut clones: Vec<&OtherDomain> = Vec::new();
         for d in &deps.list {
-            let Dependent::Domain { name, .. } = d else {
-                continue;
+            let name = match d {
+                Dependent::Domain { name, .. }
+                | Dependent::RbdClone {
+                    domain: Some(name), ..
+                } => name,
+                _ => continue,
             };
             if let Some(o) = others.iter().find(|o| &o.files.name == name) {
                 if !clones.iter().any(|c| c.uuid == o.uuid) {
@@ -562,6 +589,43 @@ impl Snapshot {
     }
 }
 
+/// The removal of one of the domain's RBD images: the very image (its id), not open
+/// elsewhere, with the template snapshot to take off it when it has one.
+fn doomed_image(dom: &Dom, r: &tpl_common::ownfiles::OwnRbd) -> Result<DoomedImage> {
+    let cluster = dom.session.ceph.cluster_for(&r.source)?;
+    let spec = tpl_common::rbd::spec_of(&r.source);
+    let err = |op: &str, e| tpl_common::rbd::ceph_error(&format!("{op} '{spec}'"), e);
+    let info = cluster.info(&spec).map_err(|e| err("read", e))?;
+    let watchers = cluster
+        .watchers(&spec)
+        .map_err(|e| err("list the users of", e))?;
+    if !watchers.is_empty() {
+        return Err(Error::refused(
+            format!("cannot remove domain '{}'", shown(&dom.name)),
+            format!(
+                "its disk {} image '{spec}' is open elsewhere ({} watchers: a VM that runs or \
+                 has just stopped, or an rbd map); try again in a moment",
+                r.target,
+                watchers.len()
+            ),
+        ));
+    }
+    let snap = tpl_common::rbd::TEMPLATE_SNAPSHOT;
+    let has_snap = cluster
+        .snapshots(&spec)
+        .map_err(|e| err("list the snapshots of", e))?
+        .iter()
+        .any(|x| x.name == snap);
+    Ok(DoomedImage {
+        target: r.target.clone(),
+        pool: spec.pool.clone(),
+        namespace: spec.namespace.clone(),
+        image: spec.image.clone(),
+        id: info.id,
+        snapshot: has_snap.then(|| snap.to_string()),
+    })
+}
+
 /// The domain's own files ([`OwnFiles::of`]), leaving out disk images that are gone
 /// already (a broken clone whose overlay someone deleted must still be removable): those
 /// are returned apart, with their targets, for the messages.
@@ -571,14 +635,15 @@ fn own_files(name: &str, x: &DomainXml) -> Result<(OwnFiles, Vec<(String, PathBu
     if let Some(d) = x
         .disks()
         .into_iter()
-        .find(|d| d.is_writable() && d.kind != DiskKind::File)
+        .find(|d| d.is_writable() && !matches!(d.kind, DiskKind::File | DiskKind::Rbd))
     {
         return Err(Error::refused(
             format!("cannot remove domain '{}'", shown(name)),
             format!(
                 "its disk {} is a {} disk, and tpl-rm removes a domain only with all its \
-                 disks, which it can do for files alone; detach that disk first (and remove \
-                 its image with the tool of its storage), then run tpl-rm again",
+                 disks, which it can do for files and RBD images alone; detach that disk \
+                 first (and remove its image with the tool of its storage), then run tpl-rm \
+                 again",
                 d.target,
                 d.kind.as_str()
             ),
@@ -617,11 +682,17 @@ fn describe(
     reg: Option<&Dom>,
 ) -> String {
     let mut out = format!("domain '{}'", shown(name));
-    if own.files.is_empty() {
+    if own.files.is_empty() && own.rbd.is_empty() {
         out.push_str(" (it has no files of its own)");
     } else {
         out.push_str(" and its ");
-        out.push_str(&list(own.files.iter(), ", "));
+        out.push_str(&list(
+            own.files
+                .iter()
+                .map(ToString::to_string)
+                .chain(own.rbd.iter().map(|r| format!("{r} (RBD image)"))),
+            ", ",
+        ));
     }
     if !missing.is_empty() {
         out.push_str(&format!(

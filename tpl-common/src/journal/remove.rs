@@ -61,6 +61,72 @@ pub struct Intent {
     /// The template whose metadata registers this domain's overlays (a linked clone's
     /// template), to drop the registration from once the domain is gone.
     pub template_uuid: Option<String>,
+    /// Its RBD images, removed after the commit (before it they are not touched: there
+    /// is nothing to roll back).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<DoomedImage>,
+}
+
+/// One RBD image to remove, the image it is (its id when the intent was made), and the
+/// template snapshot to take off it first (a locked template's).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DoomedImage {
+    pub target: String,
+    pub pool: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    pub image: String,
+    pub id: String,
+    pub snapshot: Option<String>,
+}
+
+impl DoomedImage {
+    pub fn spec(&self) -> tpl_ceph::ImageSpec {
+        tpl_ceph::ImageSpec::new(&self.pool, &self.image).in_namespace(&self.namespace)
+    }
+
+    /// Remove the image if it is still the one journaled, its snapshot first. A VM that
+    /// just stopped still watches it for a few seconds (30 after a kill -9): removal is
+    /// retried while the image is busy, for a bounded time.
+    fn remove(&self, s: &Session) -> Result<()> {
+        use tpl_ceph::Error as E;
+        let spec = self.spec();
+        let cluster = s.ceph.cluster()?;
+        match cluster.info(&spec) {
+            Ok(i) if i.id == self.id => {}
+            Ok(_) | Err(E::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(crate::rbd::ceph_error(&format!("read '{spec}'"), e)),
+        }
+        let what = |op: &str, e: E| crate::rbd::ceph_error(&format!("{op} '{spec}'"), e);
+        if let Some(snap) = &self.snapshot {
+            let at = spec.at(snap);
+            let exists = cluster
+                .snapshots(&spec)
+                .map_err(|e| what("list the snapshots of", e))?
+                .into_iter()
+                .find(|x| &x.name == snap);
+            if let Some(x) = exists {
+                if x.protected {
+                    cluster
+                        .snap_unprotect(&at)
+                        .map_err(|e| what("unprotect the snapshot of", e))?;
+                }
+                cluster
+                    .snap_remove(&at)
+                    .map_err(|e| what("remove the snapshot of", e))?;
+            }
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+        loop {
+            match cluster.remove(&spec) {
+                Ok(()) | Err(E::NotFound { .. }) => return Ok(()),
+                Err(E::Busy { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                }
+                Err(e) => return Err(what("remove", e)),
+            }
+        }
+    }
 }
 
 /// One own file to remove: where it is, the hidden name it takes before the commit, and
@@ -261,9 +327,9 @@ impl Intent {
         r
     }
 
-    /// Step 4, after the commit: unlink the hidden files, durably. Does all it can;
-    /// reports what could not be removed.
-    pub fn unlink(&self) -> Report {
+    /// Step 4, after the commit: unlink the hidden files, durably, and remove the RBD
+    /// images. Does all it can; reports what could not be removed.
+    pub fn unlink(&self, s: &Session) -> Report {
         let mut r = Report::default();
         for f in &self.files {
             if let Err(e) = f.unlink() {
@@ -271,6 +337,11 @@ impl Intent {
             }
         }
         r.problems.extend(self.sync_dirs());
+        for i in &self.images {
+            if let Err(e) = i.remove(s) {
+                r.problems.push(e.to_string());
+            }
+        }
         r
     }
 
@@ -278,7 +349,7 @@ impl Intent {
     pub fn recover(&self, s: &Session) -> Result<(Outcome, Report)> {
         match s.domain_exists(&self.uuid) {
             Some(true) => Ok((Outcome::RolledBack, self.unhide())),
-            Some(false) => Ok((Outcome::Finished, self.unlink())),
+            Some(false) => Ok((Outcome::Finished, self.unlink(s))),
             None => Err(Error::failed(
                 format!(
                     "cannot tell whether domain '{}' is still defined",
@@ -435,6 +506,7 @@ mod tests {
                 doomed(d, "c1_VARS.fd", Role::Nvram),
             ],
             template_uuid: None,
+            images: Vec::new(),
         }
     }
 
@@ -469,7 +541,8 @@ mod tests {
         // Someone else's file at a hidden name is never removed.
         fs::write(&i.files[0].hidden, "someone else's").unwrap();
         i.files[1].hide().unwrap();
-        assert_eq!(i.unlink(), Report::default());
+        let s = Session::open("test:///default").unwrap();
+        assert_eq!(i.unlink(&s), Report::default());
         assert_eq!(
             fs::read_to_string(&i.files[0].hidden).unwrap(),
             "someone else's"

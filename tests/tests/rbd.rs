@@ -1,0 +1,624 @@
+//! Templates on Ceph RBD (issue 12), against the real test cluster (scripts/ceph-up.sh,
+//! started by `make test`), the real libvirtd and real guests booting under TCG: the
+//! pipeline on an RBD-backed guest, a locked template that refuses to start, linked and
+//! full clones that boot as machines of their own, unlock refused while a clone exists,
+//! kill -9 at random points of a 20-clone batch, a clone racing an unlock, and a domain
+//! with a file disk and an RBD disk. Every random choice prints its seed;
+//! `TPL_FAULT_SEED=N cargo test -p tpl-tests --test rbd` replays a run.
+//!
+//! Each test process has its own pool (`tplt-<pid>`), each test its own images, named
+//! after its Scratch prefix and removed when it ends (see the rig's RBD section).
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tpl_tests::*;
+
+/// The snapshot tpl-lock protects (tpl_common::rbd::TEMPLATE_SNAPSHOT).
+const SNAP: &str = "tpl";
+
+/// Wait for a spawned tool: (exit code, stderr).
+fn finish(c: Child) -> (i32, String) {
+    let out = c.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// An RBD guest marked generalized and locked by the real tpl-lock.
+fn locked_rbd_template(s: &mut RbdScratch, tag: &str) -> RbdGuest {
+    let g = s.rbd_guest(tag);
+    mark_generalized(&g.name);
+    run("tpl-lock", &[&g.name], None).ok(1);
+    assert_eq!(rbd_snapshots(&g.pool, &g.image), [(SNAP.into(), true)]);
+    g
+}
+
+/// `POOL/IMAGE@tpl`, the snapshot linked clones of a template stand on.
+fn at_snap(pool: &str, image: &str) -> String {
+    format!("{pool}/{image}@{SNAP}")
+}
+
+/// What the template's disk `target` is now, in libvirt and in Ceph: (the snapshot the
+/// definition points at, the template snapshot's protection if it exists).
+fn template_state(domain: &str, target: &str) -> (Option<String>, Option<bool>) {
+    let src = rbd_source_of(domain, target);
+    let snap = rbd_snapshots(&src.pool, &src.image)
+        .into_iter()
+        .find(|(n, _)| n == SNAP)
+        .map(|(_, p)| p);
+    (src.snapshot, snap)
+}
+
+/// The whole job on an RBD-backed guest: the pipeline form (records on stdin) of
+/// generalize | lock | rename --disks renames the image in Ceph and points the domain at
+/// `POOL/NEW@tpl`; the locked template refuses to start; two linked clones (rbd clones of
+/// the template snapshot) and a full clone (a copy, no parent) boot as machines of their
+/// own (distinct machine-id, hostname and SSH host keys, from their consoles) and leave the
+/// template's image as it was; unlock is refused while a linked clone exists, naming them,
+/// and not because of the full clone; once they are removed it removes the snapshot and
+/// points the disk back at the image's head, which then starts.
+#[test]
+fn pipeline_on_rbd_then_linked_and_full_clones_boot_and_unlock_waits_for_them() {
+    let mut s = RbdScratch::new();
+    let g = s.rbd_guest("vm");
+    let pool = g.pool.clone();
+    let tpl = s.name("Tpl");
+    let t0 = Instant::now();
+    let r = pipeline(&format!(
+        "tpl-generalize {vm} --hostname TplRbd | tpl-lock | tpl-rename --disks {tpl}",
+        vm = g.name
+    ))
+    .ok(1);
+    eprintln!(
+        "generalize | lock | rename --disks on RBD: {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let rec = only(&r);
+    assert_eq!(
+        (rec.name.as_str(), rec.uuid.as_str()),
+        (tpl.as_str(), g.uuid.as_str())
+    );
+    assert!(
+        rec.template.locked && rec.template.generalized.is_some(),
+        "{rec:?}"
+    );
+    assert_eq!(rec.template.snapshot.as_deref(), Some(SNAP), "{rec:?}");
+    let d = &rec.disks[0];
+    assert_eq!(d.kind.as_str(), "rbd", "{d:?}");
+    let src = d.rbd.as_ref().expect("the record's rbd object");
+    assert_eq!(
+        (
+            src.pool.as_str(),
+            src.image.as_str(),
+            src.snapshot.as_deref()
+        ),
+        (pool.as_str(), tpl.as_str(), Some(SNAP)),
+        "{src:?}"
+    );
+    assert_eq!(src.user.as_deref(), Some("admin"));
+    assert_eq!(src.secret.as_deref(), Some(ceph_secret().as_str()));
+    // In Ceph: the image renamed, with its protected snapshot; in libvirt: the disk reads it.
+    assert!(rbd_exists(&pool, &tpl) && !rbd_exists(&pool, &g.image));
+    assert_eq!(rbd_snapshots(&pool, &tpl), [(SNAP.into(), true)]);
+    let live = rbd_source_of(&tpl, "vda");
+    assert_eq!(
+        (live.image.as_str(), live.snapshot.as_deref()),
+        (tpl.as_str(), Some(SNAP))
+    );
+    assert!(
+        !dom_xml(&tpl).disks()[0].readonly,
+        "no <readonly/>: qemu refuses to open the snapshot for writing"
+    );
+    assert_eq!(read_meta(&tpl).template.snapshot.as_deref(), Some(SNAP));
+
+    // The locked template refuses to start, and stays shut off.
+    let said = start_is_read_only(&tpl);
+    eprintln!("virsh start {tpl}: {}", said.trim());
+    assert_eq!(virsh(&["domstate", &tpl]).trim(), "shut off");
+    let head_before = rbd_sha256(&pool, &tpl);
+    assert_eq!(
+        rbd_sha256(&pool, &format!("{tpl}@{SNAP}")),
+        head_before,
+        "the snapshot is the generalized image"
+    );
+
+    // Two linked clones and one full clone.
+    let (w1, w2, f1) = (s.name("web1"), s.name("web2"), s.name("full1"));
+    let l = run("tpl-clone", &[&tpl, &w1, &w2, "--linked"], None).ok(2);
+    let f = run("tpl-clone", &[&tpl, &f1, "--full"], None).ok(1);
+    let parent = at_snap(&pool, &tpl);
+    for (rec, mode) in l
+        .records
+        .iter()
+        .map(|r| (r, "linked"))
+        .chain(f.records.iter().map(|r| (r, "full")))
+    {
+        let what = format!("{} ({mode}): {rec:?}", rec.name);
+        assert_eq!(rec.clone.as_ref().unwrap().mode.as_str(), mode, "{what}");
+        let d = &rec.disks[0];
+        let r = d
+            .rbd
+            .as_ref()
+            .unwrap_or_else(|| panic!("not on RBD: {what}"));
+        // Named after the clone as a file would be, in the template's pool, with the
+        // template's monitors, cephx user and libvirt secret.
+        assert_eq!(
+            (r.pool.as_str(), r.image.as_str(), r.snapshot.as_deref()),
+            (pool.as_str(), rec.name.as_str(), None),
+            "{what}"
+        );
+        assert_eq!(
+            (&r.hosts, &r.user, &r.secret),
+            (&src.hosts, &src.user, &src.secret),
+            "{what}"
+        );
+        let backing: Vec<String> = d
+            .backing
+            .iter()
+            .map(|b| b.path.display().to_string())
+            .collect();
+        let ceph_parent = rbd_parent(&pool, &rec.name);
+        if mode == "linked" {
+            assert_eq!(backing, [format!("rbd:{parent}")], "{what}");
+            assert_eq!(ceph_parent.as_deref(), Some(parent.as_str()), "{what}");
+        } else {
+            assert!(backing.is_empty(), "{what}");
+            assert_eq!(ceph_parent, None, "a full clone stands alone: {what}");
+        }
+    }
+    let kids = rbd_children(&pool, &tpl, SNAP);
+    let want: BTreeSet<String> = [&w1, &w2].iter().map(|n| format!("{pool}/{n}")).collect();
+    assert_eq!(kids, want, "rbd children of the template snapshot");
+
+    // Each boots once, as a machine of its own.
+    let names = vec![w1.clone(), w2.clone(), f1.clone()];
+    let t0 = Instant::now();
+    boot_until_off(&names, Duration::from_secs(600));
+    eprintln!(
+        "3 clones on RBD booted and powered off in {:.0} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let (mut ids, mut hosts, mut keys) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+    for name in &names {
+        let log = fs::read_to_string(console_path(name)).unwrap();
+        assert_eq!(boot_values(&log, "root"), ["/dev/vda"], "{name}: {log}");
+        assert_eq!(boot_values(&log, "firstboot"), ["run"], "{name}: {log}");
+        assert_eq!(
+            boot_values(&log, "machine-id-at-boot"),
+            [""],
+            "{name}: {log}"
+        );
+        assert_eq!(
+            boot_values(&log, "hostname"),
+            [name.as_str()],
+            "{name}: {log}"
+        );
+        assert!(
+            boot_values(&log, "serial")[0].starts_with(&format!("ds=nocloud;h={name};i=")),
+            "{log}"
+        );
+        let mid = boot_values(&log, "machine-id");
+        assert_eq!(mid.len(), 1, "{name}: {log}");
+        assert_eq!(mid[0].len(), 32, "{name}: {log}");
+        assert!(
+            ids.insert(mid[0].to_string()),
+            "{name} shares a machine-id: {log}"
+        );
+        assert!(hosts.insert(boot_values(&log, "hostname")[0].to_string()));
+        let hk = boot_values(&log, "hostkey");
+        assert_eq!(hk.len(), 3, "{name}: fresh host keys expected: {log}");
+        for k in hk {
+            assert!(
+                keys.insert(k.split(' ').next().unwrap().to_string()),
+                "{name} shares a host key: {log}"
+            );
+        }
+    }
+    eprintln!(
+        "identities: {} machine-ids, {} hostnames, {} SSH host keys, all distinct",
+        ids.len(),
+        hosts.len(),
+        keys.len()
+    );
+    // The clones wrote into their own images; the template's is as it was.
+    assert_eq!(
+        rbd_sha256(&pool, &tpl),
+        head_before,
+        "the template image changed"
+    );
+    assert_eq!(rbd_sha256(&pool, &format!("{tpl}@{SNAP}")), head_before);
+    for n in &names {
+        assert_ne!(
+            rbd_sha256(&pool, n),
+            head_before,
+            "{n} never wrote to its image"
+        );
+    }
+
+    // Unlock is refused while the linked clones exist, naming them (and not the full one).
+    let u = run("tpl-lock", &["--unlock", &tpl], None).fails(3);
+    let u = u.says(&[&format!("{pool}/{w1}"), &format!("{pool}/{w2}")]);
+    assert!(
+        !u.stderr.contains(&f1),
+        "the full clone is no dependent: {}",
+        u.stderr
+    );
+    assert!(read_meta(&tpl).template.locked);
+    assert_eq!(
+        template_state(&tpl, "vda"),
+        (Some(SNAP.into()), Some(true)),
+        "nothing changed"
+    );
+    // Removed (undefine + rbd rm), they no longer hold it; the full clone stays.
+    for n in [&w1, &w2] {
+        s.remove_clone(n);
+    }
+    assert!(rbd_children(&pool, &tpl, SNAP).is_empty());
+    let u = run("tpl-lock", &["--unlock", &tpl], None).ok(1);
+    let rec = only(&u);
+    assert!(
+        !rec.template.locked && rec.template.snapshot.is_none(),
+        "{rec:?}"
+    );
+    assert_eq!(rec.disks[0].rbd.as_ref().unwrap().snapshot, None, "{rec:?}");
+    assert_eq!(
+        template_state(&tpl, "vda"),
+        (None, None),
+        "snapshot gone, disk at its head"
+    );
+    assert!(rbd_snapshots(&pool, &tpl).is_empty());
+    assert!(domain_exists(&f1) && rbd_exists(&pool, &f1));
+    // A template pointed back at its image starts again.
+    virsh(&["start", &tpl]);
+    virsh(&["destroy", &tpl]);
+}
+
+/// kill -9 at random points of a batch of 20 linked clones on RBD, 12 trials spread
+/// uniformly over the time an unkilled batch takes: after the next run of a tool (which
+/// cleans what dead runs left, from their journals), every image in the pool is the
+/// template's or is named by a defined domain, no temporary image is left, Ceph's list of
+/// the template snapshot's clones is exactly the domains' images, every defined clone's
+/// image stands on the snapshot, and the killed run's journal is gone.
+#[test]
+fn kill_9_at_random_points_of_a_20_clone_rbd_batch_leaves_nothing_unaccounted() {
+    let mut s = RbdScratch::new();
+    let t = locked_rbd_template(&mut s, "tpl");
+    let pool = t.pool.clone();
+    let parent = at_snap(&pool, &t.image);
+    let batch = |prefix: &str| {
+        vec![
+            t.name.clone(),
+            "--count".into(),
+            "20".into(),
+            "--prefix".into(),
+            prefix.to_string(),
+            "--linked".into(),
+            "--no-identity".into(),
+        ]
+    };
+    // What an unkilled batch takes: the span the kills are spread over.
+    let base = format!("{}-base-", s.prefix);
+    let t0 = Instant::now();
+    let args = batch(&base);
+    run(
+        "tpl-clone",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        None,
+    )
+    .ok(20);
+    let span = t0.elapsed();
+    assert_eq!(rbd_children(&pool, &t.image, SNAP).len(), 20);
+    for n in domains_with_prefix(&base) {
+        s.remove_clone(&n);
+    }
+    assert_eq!(s.images(), BTreeSet::from([t.image.clone()]));
+
+    let mut rng = Rng::seeded("kill -9 of a 20-clone RBD batch");
+    let trials = 12;
+    let (mut defined, mut cleaned, mut left_by_kill, mut untouched) = (0, 0, 0, 0);
+    for trial in 0..trials {
+        let prefix = format!("{}-k{trial}-", s.prefix);
+        let after = Duration::from_micros(rng.range(0, span.as_micros() as u64));
+        let args = batch(&prefix);
+        let child = spawn_tool(
+            "tpl-clone",
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        let pid = child.id();
+        std::thread::sleep(after);
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        let (code, err) = finish(child);
+        // What the kill left that no domain accounts for (another test's tool may clean
+        // it first: counted, not asserted).
+        let accounted = |images: &BTreeSet<String>| -> (Vec<String>, Vec<String>) {
+            let doms = domains_with_prefix(&prefix);
+            let named: BTreeSet<String> =
+                doms.iter().map(|d| rbd_source_of(d, "vda").image).collect();
+            images
+                .iter()
+                .filter(|i| **i != t.image && !named.contains(*i))
+                .cloned()
+                .partition(|i| i.contains(".tpl-tmp-"))
+        };
+        let (tmp0, fin0) = accounted(&s.images());
+        if tmp0.len() + fin0.len() > 0 {
+            left_by_kill += 1;
+        }
+        // The next run of any tool cleans what the dead one left.
+        let next = run("tpl-lock", &["--dry-run", &t.name], None);
+        let what = format!(
+            "trial {trial}: killed after {after:?} of {span:?} (exit {code}: {}); left {tmp0:?} \
+             {fin0:?}; the next run said: {}",
+            err.trim(),
+            next.stderr.trim()
+        );
+        assert_eq!(next.code, 0, "{what}");
+        no_panic("tpl-lock", &next.stderr);
+        let images = s.images();
+        let (tmp, fin) = accounted(&images);
+        assert!(tmp.is_empty(), "temporary images left: {tmp:?}; {what}");
+        assert!(fin.is_empty(), "images no domain names: {fin:?}; {what}");
+        let doms = domains_with_prefix(&prefix);
+        let mut kids_want = BTreeSet::new();
+        for d in &doms {
+            let src = rbd_source_of(d, "vda");
+            assert!(
+                images.contains(&src.image),
+                "{d} names a missing image: {what}"
+            );
+            assert_eq!(
+                rbd_parent(&pool, &src.image).as_deref(),
+                Some(parent.as_str()),
+                "{what}"
+            );
+            kids_want.insert(format!("{pool}/{}", src.image));
+        }
+        assert_eq!(
+            rbd_children(&pool, &t.image, SNAP),
+            kids_want,
+            "Ceph's clones of the template snapshot are the domains' images: {what}"
+        );
+        assert!(
+            journals_of(pid).is_empty(),
+            "the killed run's journal is left: {what}"
+        );
+        assert_eq!(
+            template_state(&t.name, "vda"),
+            (Some(SNAP.into()), Some(true)),
+            "{what}"
+        );
+        eprintln!(
+            "trial {trial}: killed after {:.0} ms: {} clones defined, {} temporary and {} \
+             final images left by the kill, all removed by the next run",
+            after.as_secs_f64() * 1000.0,
+            doms.len(),
+            tmp0.len(),
+            fin0.len()
+        );
+        if doms.is_empty() && tmp0.is_empty() && fin0.is_empty() {
+            untouched += 1;
+        }
+        defined += doms.len();
+        cleaned += tmp0.len() + fin0.len();
+        for d in &doms {
+            s.remove_clone(d);
+        }
+    }
+    eprintln!(
+        "kill -9 of a 20-clone RBD batch: {trials} trials over {:.0} ms (the unkilled batch): \
+         {defined} clones finished and kept, {cleaned} leftover images in {left_by_kill} trials \
+         removed by the next run, {untouched} trials killed before the first image",
+        span.as_secs_f64() * 1000.0
+    );
+}
+
+/// The file case's first race on RBD, 24 trials at random offsets and in both orders: a
+/// linked clone racing `tpl-lock --unlock` of its template never ends as a clone of an
+/// unlocked template. Either the clone exists and the template is locked as before (its
+/// disk at the protected snapshot, which is the clone's parent; the unlock refused naming
+/// it), or the template is unlocked (no snapshot, disk at its head) and no image of the
+/// clone exists (the clone refused).
+#[test]
+fn an_rbd_linked_clone_racing_an_unlock_never_stands_on_an_unlocked_template() {
+    let mut s = RbdScratch::new();
+    let t = locked_rbd_template(&mut s, "tpl");
+    let pool = t.pool.clone();
+    let parent = at_snap(&pool, &t.image);
+    let mut rng = Rng::seeded("RBD clone vs unlock");
+    let trials = 24;
+    let (mut clone_won, mut unlock_won) = (0, 0);
+    for trial in 0..trials {
+        let c = s.name(&format!("c{trial}"));
+        let offset = Duration::from_millis(rng.range(0, 150));
+        let clone_first = rng.next_u64() % 2 == 0;
+        let clone_args = [t.name.as_str(), c.as_str(), "--linked", "--no-identity"];
+        let unlock_args = ["--unlock", t.name.as_str()];
+        let (clone, unlock) = if clone_first {
+            let c1 = spawn_tool("tpl-clone", &clone_args);
+            std::thread::sleep(offset);
+            (c1, spawn_tool("tpl-lock", &unlock_args))
+        } else {
+            let u = spawn_tool("tpl-lock", &unlock_args);
+            std::thread::sleep(offset);
+            (spawn_tool("tpl-clone", &clone_args), u)
+        };
+        let (cc, cerr) = finish(clone);
+        let (uc, uerr) = finish(unlock);
+        no_panic("tpl-clone", &cerr);
+        no_panic("tpl-lock", &uerr);
+        let made = domain_exists(&c);
+        let locked = read_meta(&t.name).template.locked;
+        let (points_at, snap) = template_state(&t.name, "vda");
+        let what = format!(
+            "trial {trial} (offset {offset:?}, clone first {clone_first}): clone exit {cc} \
+             ({}), unlock exit {uc} ({}); locked {locked}, disk at {points_at:?}, snapshot {snap:?}",
+            cerr.trim(),
+            uerr.trim()
+        );
+        assert!(!(cc == 0 && uc == 0), "both succeeded: {what}");
+        if made {
+            assert_eq!(cc, 0, "{what}");
+            assert!(
+                locked && points_at.as_deref() == Some(SNAP) && snap == Some(true),
+                "a linked clone of an unlocked template: {what}"
+            );
+            assert_eq!(
+                rbd_parent(&pool, &c).as_deref(),
+                Some(parent.as_str()),
+                "{what}"
+            );
+            assert_eq!(uc, 3, "{what}");
+            assert!(uerr.contains(&c), "the refusal names the clone: {what}");
+            clone_won += 1;
+        } else {
+            assert_eq!(uc, 0, "{what}");
+            assert!(!locked && points_at.is_none() && snap.is_none(), "{what}");
+            assert_eq!(cc, 3, "{what}");
+            assert!(cerr.contains("needs a locked template"), "{what}");
+            let mine: Vec<String> = s
+                .images()
+                .into_iter()
+                .filter(|i| i.trim_start_matches('.').starts_with(&c))
+                .collect();
+            assert!(
+                mine.is_empty(),
+                "the refused clone left images {mine:?}: {what}"
+            );
+            unlock_won += 1;
+        }
+        s.remove_clone(&c);
+        if !locked {
+            run("tpl-lock", &[&t.name], None).ok(1);
+        }
+    }
+    eprintln!(
+        "RBD clone vs unlock: {trials} trials, the clone won {clone_won}, the unlock {unlock_won}"
+    );
+}
+
+/// A domain with a qcow2 file disk (vda) and an RBD data disk (vdb): tpl-lock locks each
+/// as its kind wants (the file a-w, the image at a protected snapshot); a linked clone
+/// gets a qcow2 overlay and an rbd clone, a full clone a copy of each; unlock and
+/// rename --disks are refused while the linked clone exists (nothing of either disk
+/// changes); once it is gone, rename --disks renames the file and the image, and the
+/// template keeps working under its new name; unlock then makes both writable again.
+#[test]
+fn a_domain_with_a_file_disk_and_an_rbd_disk_works_disk_by_disk() {
+    let mut s = RbdScratch::new();
+    let name = s.name("mix");
+    let pool = s.pool.clone();
+    let data = s.rbd_image("mix-data", 16);
+    assert_eq!(data, format!("{name}-data"));
+    let disk = s.disk(&format!("{name}.qcow2"));
+    let console = s.dir.join(format!("{name}.console.log"));
+    let xml = guest_xml(&name, &disk, &console, &rbd_disk_xml(&pool, &data, "vdb"));
+    let uuid = s.define(&xml);
+    mark_generalized(&name);
+
+    let r = run("tpl-lock", &[&name], None).ok(1);
+    let rec = only(&r);
+    let kinds: Vec<&str> = rec.disks.iter().map(|d| d.kind.as_str()).collect();
+    assert_eq!(kinds, ["file", "rbd"], "{rec:?}");
+    assert_eq!(mode(&disk) & 0o222, 0, "the file is read-only");
+    assert_eq!(rbd_snapshots(&pool, &data), [(SNAP.into(), true)]);
+    assert_eq!(
+        template_state(&name, "vdb"),
+        (Some(SNAP.into()), Some(true))
+    );
+    let (ok, text) = virsh_try(&["start", &name]);
+    assert!(!ok, "the locked template started: {text}");
+
+    // A linked clone: a qcow2 overlay on the file and an rbd clone of the snapshot.
+    let lc = s.name("lc");
+    let r = run(
+        "tpl-clone",
+        &[&name, &lc, "--linked", "--no-identity"],
+        None,
+    )
+    .ok(1);
+    let rec = only(&r);
+    let overlay = s.dir.join(format!("{lc}.qcow2"));
+    assert_eq!(
+        rec.disks[0].path.as_deref(),
+        Some(overlay.as_path()),
+        "{rec:?}"
+    );
+    assert_eq!(rec.disks[0].backing[0].path, disk, "{rec:?}");
+    let lc_data = format!("{lc}-data");
+    assert_eq!(rec.disks[1].rbd.as_ref().unwrap().image, lc_data, "{rec:?}");
+    let parent = at_snap(&pool, &data);
+    assert_eq!(
+        rbd_parent(&pool, &lc_data).as_deref(),
+        Some(parent.as_str())
+    );
+    // A full clone: a copy of each.
+    let fc = s.name("fc");
+    let r = run("tpl-clone", &[&name, &fc, "--full", "--no-identity"], None).ok(1);
+    let rec = only(&r);
+    assert!(rec.disks.iter().all(|d| d.backing.is_empty()), "{rec:?}");
+    assert!(same_content(&disk, &s.dir.join(format!("{fc}.qcow2"))));
+    assert_eq!(rbd_parent(&pool, &format!("{fc}-data")), None);
+
+    // While the linked clone exists: unlock and rename --disks are refused, nothing moves.
+    let before = (mode(&disk), s.images());
+    run("tpl-lock", &["--unlock", &name], None)
+        .fails(3)
+        .says(&[&format!("{pool}/{lc_data}"), p(&overlay)]);
+    let renamed = s.name("Mix2");
+    let r = run("tpl-rename", &["--disks", &name, &renamed], None).fails(3);
+    no_panic("tpl-rename", &r.stderr);
+    assert_eq!((mode(&disk), s.images()), before, "{}", r.stderr);
+    assert_eq!(virsh(&["domname", &uuid]).trim(), name);
+    assert!(read_meta(&name).template.locked);
+    assert_eq!(
+        template_state(&name, "vdb"),
+        (Some(SNAP.into()), Some(true))
+    );
+
+    // Once it is gone: both renamed, the image with its protected snapshot.
+    s.remove_clone(&lc);
+    let r = run("tpl-rename", &["--disks", &name, &renamed], None).ok(1);
+    let rec = only(&r);
+    let new_disk = s.dir.join(format!("{renamed}.qcow2"));
+    let new_data = format!("{renamed}-data");
+    assert_eq!(
+        rec.disks[0].path.as_deref(),
+        Some(new_disk.as_path()),
+        "{rec:?}"
+    );
+    assert_eq!(
+        rec.disks[1].rbd.as_ref().unwrap().image,
+        new_data,
+        "{rec:?}"
+    );
+    assert!(new_disk.exists() && !disk.exists());
+    assert!(rbd_exists(&pool, &new_data) && !rbd_exists(&pool, &data));
+    assert_eq!(rbd_snapshots(&pool, &new_data), [(SNAP.into(), true)]);
+    assert_eq!(
+        template_state(&renamed, "vdb"),
+        (Some(SNAP.into()), Some(true))
+    );
+    assert_eq!(mode(&new_disk) & 0o222, 0, "still locked");
+    // The renamed template clones from its new names.
+    let lc2 = s.name("lc2");
+    run("tpl-clone", &[&renamed, &lc2, "--no-identity"], None).ok(1);
+    assert_eq!(
+        rbd_parent(&pool, &format!("{lc2}-data")),
+        Some(at_snap(&pool, &new_data))
+    );
+    run("tpl-lock", &["--unlock", &renamed], None)
+        .fails(3)
+        .says(&[&format!("{pool}/{lc2}-data")]);
+    s.remove_clone(&lc2);
+    // Unlocked: the file writable, the snapshot gone, the disk at the image's head.
+    run("tpl-lock", &["--unlock", &renamed], None).ok(1);
+    assert_eq!(mode(&new_disk) & 0o200, 0o200);
+    assert_eq!(template_state(&renamed, "vdb"), (None, None));
+    assert!(rbd_snapshots(&pool, &new_data).is_empty());
+}
