@@ -158,15 +158,20 @@ pub fn ceph_error(what: &str, e: tpl_ceph::Error) -> Error {
 }
 
 /// Remove an RBD image a dead run left, if it is still there (and is the image with `id`,
-/// when given): whether it was removed, None when the cluster cannot tell.
+/// when given): whether it was removed, None when the cluster cannot tell. An image under
+/// a run's temporary name (no id) is removed even when it cannot be opened: an `rbd clone`
+/// killed halfway leaves one that is listed but has no header, which only a removal
+/// clears.
 pub fn remove_leftover(cluster: &Cluster, image: &str, id: Option<&str>) -> Option<bool> {
     let Ok(spec) = image.parse::<ImageSpec>() else {
         return Some(false);
     };
-    match cluster.info(&spec) {
-        Ok(i) if id.is_none_or(|id| i.id == id) => {}
-        Ok(_) | Err(tpl_ceph::Error::NotFound { .. }) => return Some(false),
-        Err(_) => return None,
+    if let Some(id) = id {
+        match cluster.info(&spec) {
+            Ok(i) if i.id == id => {}
+            Ok(_) | Err(tpl_ceph::Error::NotFound { .. }) => return Some(false),
+            Err(_) => return None,
+        }
     }
     match cluster.remove(&spec) {
         Ok(()) => Some(true),

@@ -210,6 +210,20 @@ fn item_of(s: &Session, dom: &Dom, x: &DomainXml, state: State, warn: &mut Vec<S
     let mut images = Vec::new();
     let mut alloc = 0;
     for d in rec.disks.iter().filter(|d| d.own) {
+        // An RBD image: what Ceph says it takes (its own objects, not its parent's).
+        if let Some(r) = &d.rbd {
+            let spec = tpl_common::rbd::spec_of(r);
+            match s.ceph.cluster_for(r).map(|c| c.allocated_bytes(&spec)) {
+                Ok(Ok(b)) => alloc += b,
+                Ok(Err(tpl_ceph::Error::NotFound { .. })) => missing.push(format!(
+                    "its disk {} image 'rbd:{spec}' is missing",
+                    d.target
+                )),
+                // A cluster that cannot be reached: its space is not counted.
+                _ => {}
+            }
+            continue;
+        }
         let Some(p) = &d.path else { continue };
         images.push(p.clone());
         match fs::symlink_metadata(p) {
@@ -392,7 +406,19 @@ fn relate(s: &Session, inv: &mut Inventory) {
         };
         let mut problems = std::mem::take(&mut items[i].missing);
         if let Some(o) = origin.as_ref().filter(|o| o.mode == CloneMode::Linked) {
-            if by_meta.is_none() {
+            // A linked clone whose template is not on this connection may stand on it all
+            // the same (an RBD clone made with tpl-clone --to, a shared file): broken only
+            // when what it backs onto is gone.
+            let stands = items[i]
+                .rec
+                .disks
+                .iter()
+                .filter(|d| d.own)
+                .all(|d| match d.kind {
+                    tpl_common::record::DiskKind::Rbd => !d.backing.is_empty(),
+                    _ => d.backing.first().is_some_and(|b| b.path.exists()),
+                });
+            if by_meta.is_none() && !stands {
                 problems.push(format!(
                     "the template it was made from, '{}' (UUID {}), is gone",
                     shown(&o.template_name),

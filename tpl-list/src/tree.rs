@@ -102,9 +102,14 @@ fn clone_details(items: &[Item], it: &Item) -> String {
     let mut parts = Vec::new();
     match (it.parent, &it.rec.clone) {
         (None, Some(o)) => parts.push(format!(
-            "its template '{}' (UUID {}) is gone",
+            "its template '{}' (UUID {}) is {}",
             shown(&o.template_name),
-            shown(&o.template_uuid)
+            shown(&o.template_uuid),
+            if it.problems.is_empty() {
+                "not on this connection"
+            } else {
+                "gone"
+            }
         )),
         (Some(p), _) => {
             // Where it lives, when not next to its template's image (tpl-clone --dir).
