@@ -19,10 +19,21 @@ PKGS = qemu-utils/bookworm qemu-system-x86 libvirt-dev libvirt-daemon-system \
 CHECK = /usr/bin/qemu-system-x86_64 /usr/sbin/libvirtd /usr/bin/virsh /usr/bin/virt-sysprep \
         /usr/lib/x86_64-linux-gnu/pkgconfig/libvirt.pc /usr/bin/pkg-config /bin/busybox \
         /usr/sbin/dnsmasq /sbin/mkfs.btrfs /usr/bin/qemu-img /usr/bin/python3
+# Ceph RBD (issue 12): the build links librbd and librados (tpl-ceph; the -dev packages
+# bring the unversioned .so the linker needs); the tests use strace, the benchmark time.
+PKGS  += librbd-dev librados-dev strace time
+CHECK += /usr/lib/x86_64-linux-gnu/librbd.so /usr/lib/x86_64-linux-gnu/librados.so \
+         /usr/bin/strace /usr/bin/time
+
+# The test cluster of scripts/ceph-up.sh (one mon, mgr and OSD on 127.0.0.1, no systemd):
+# its state directory, shared with the scripts and the tests, and its configuration.
+export TPL_CEPH_DIR ?= /var/lib/tpl-ceph
+CEPH_TEST_CONF = $(TPL_CEPH_DIR)/ceph.conf
 
 BINS = tpl-generalize tpl-lock tpl-rename tpl-clone tpl-list tpl-rm
 
 .PHONY: all deps libvirtd build test demo install refresh bench clean
+.PHONY: ceph hv2
 
 all: build
 
@@ -47,13 +58,45 @@ libvirtd: deps
 build:
 	$(CARGO) build --workspace --all-targets
 
-# Every test: unit tests and the workspace tests against the real libvirtd.
-# Prerequisites run in this order: packages, libvirtd, then the build that needs them.
-test: deps libvirtd build
-	$(CARGO) test --workspace --no-fail-fast
+# The Ceph test cluster (ceph-up.sh installs the Ceph packages itself on a fresh machine)
+# and the libvirt secret holding its admin key, for RBD disks; a no-op when it runs.
+# Stop it with scripts/ceph-down.sh (--purge also deletes it).
+ceph: libvirtd
+	TPL_CEPH_LIBVIRT_URI=$(URI) scripts/ceph-up.sh
+
+# The second hypervisor of the multi-host tests (scripts/hv2-up.sh): a libvirtd in its own
+# mount namespace, with its own /var/lib/libvirt, at qemu+tcp://127.0.0.2/system (test
+# only: no authentication). Stop it with scripts/hv2-down.sh.
+hv2: libvirtd
+	scripts/hv2-up.sh
+
+# Every test: unit tests and the workspace tests against the real libvirtd and Ceph.
+# Prerequisites run in this order: packages, libvirtd, the build that needs them, then the
+# Ceph cluster. The cluster is stopped at the end, the tests passing or not (an interrupt
+# too), unless KEEP_CEPH=1; the exit status is the tests'.
+test: deps libvirtd build ceph hv2
+	@status=0; \
+	trap 'echo "make test: interrupted; stopping the Ceph cluster and hv2" >&2; scripts/hv2-down.sh >&2; scripts/ceph-down.sh >&2; exit 130' INT TERM HUP; \
+	CEPH_CONF=$(CEPH_TEST_CONF) $(CARGO) test --workspace --no-fail-fast || status=$$?; \
+	trap - INT TERM HUP; \
+	scripts/hv2-down.sh >/dev/null || { echo "make test: hv2 did not stop" >&2; [ $$status != 0 ] || status=1; }; \
+	if [ "$(KEEP_CEPH)" = 1 ]; then \
+	  echo "make test: the Ceph cluster keeps running (KEEP_CEPH=1): export CEPH_CONF=$(CEPH_TEST_CONF); stop it with scripts/ceph-down.sh"; \
+	else \
+	  scripts/ceph-down.sh || { echo "make test: the Ceph cluster did not stop" >&2; [ $$status != 0 ] || status=1; }; \
+	fi; \
+	exit $$status
 
 demo: deps libvirtd build
 	./scripts/demo.sh
+
+# make demo STORAGE=rbd: the same demo with the guest on Ceph RBD, in the pool tpl-demo of
+# the test cluster, which is started first and left running for the demo's domains.
+ifeq ($(STORAGE),rbd)
+demo: ceph
+demo: export STORAGE = rbd
+demo: export CEPH_CONF = $(CEPH_TEST_CONF)
+endif
 
 # Binaries, man pages and bash/zsh/fish completions (generated from the clap definitions).
 install:
@@ -85,6 +128,7 @@ bench: deps libvirtd
 	  virtinst time >/dev/null
 	@$(CARGO) build --release --workspace --bins
 	@TPL_BIN_DIR=$(CURDIR)/target/release URI=$(URI) python3 scripts/bench.py
+	@TPL_CEPH_LIBVIRT_URI=$(URI) scripts/ceph-up.sh >&2 && CEPH_CONF=$(CEPH_TEST_CONF) TPL_BIN_DIR=$(CURDIR)/target/release URI=$(URI) python3 scripts/bench_rbd.py
 
 clean:
 	$(CARGO) clean
