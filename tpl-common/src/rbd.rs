@@ -30,18 +30,19 @@ pub struct CephOptions {
     pub user: Option<String>,
 }
 
-/// The run's Ceph connection, made at the first need.
+/// The run's Ceph connection, made at the first need: once, or failed once (a cluster
+/// that does not answer costs one timeout per run, not one per image).
 #[derive(Default)]
 pub struct Ceph {
     opts: CephOptions,
-    cluster: OnceCell<Cluster>,
+    cluster: OnceCell<std::result::Result<Cluster, String>>,
 }
 
 impl std::fmt::Debug for Ceph {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ceph")
             .field("opts", &self.opts)
-            .field("connected", &self.cluster.get().is_some())
+            .field("connected", &self.cluster.get().is_some_and(|c| c.is_ok()))
             .finish()
     }
 }
@@ -70,31 +71,37 @@ impl Ceph {
     }
 
     fn connect(&self, disk_user: Option<&str>) -> Result<&Cluster> {
-        Ok(match self.cluster.get() {
-            Some(c) => c,
-            None => {
-                let user = self
-                    .opts
-                    .user
-                    .clone()
-                    .or_else(|| disk_user.map(String::from))
-                    .unwrap_or_else(|| "admin".into());
-                let mut o = ConnectOptions::default().user(user);
-                if let Some(c) = &self.opts.conf {
-                    o = o.conf(c);
+        let res = self.cluster.get_or_init(|| {
+            let user = self
+                .opts
+                .user
+                .clone()
+                .or_else(|| disk_user.map(String::from))
+                .unwrap_or_else(|| "admin".into());
+            let mut o = ConnectOptions::default().user(user);
+            match &self.opts.conf {
+                Some(c) => o = o.conf(c),
+                // No configuration anywhere: nothing to connect to, and librados would
+                // only print its own complaint on our stderr.
+                None if std::env::var_os("CEPH_CONF").is_none()
+                    && !std::path::Path::new("/etc/ceph/ceph.conf").exists() =>
+                {
+                    return Err("no Ceph configuration: no --ceph-conf, $CEPH_CONF is not \
+                                set and /etc/ceph/ceph.conf does not exist"
+                        .to_string());
                 }
-                let c = Cluster::connect(&o).map_err(|e| {
-                    Error::failed(
-                        "cannot connect to the Ceph cluster",
-                        format!(
-                            "{e}; tpl reads the cluster's configuration from --ceph-conf, else \
-                             $CEPH_CONF, else /etc/ceph/ceph.conf"
-                        ),
-                    )
-                })?;
-                let _ = self.cluster.set(c);
-                self.cluster.get().expect("just set")
+                None => {}
             }
+            Cluster::connect(&o).map_err(|e| e.to_string())
+        });
+        res.as_ref().map_err(|e| {
+            Error::failed(
+                "cannot connect to the Ceph cluster",
+                format!(
+                    "{e}; tpl reads the cluster's configuration from --ceph-conf, else \
+                     $CEPH_CONF, else /etc/ceph/ceph.conf"
+                ),
+            )
         })
     }
 }
