@@ -8,6 +8,12 @@
 # own demo domains and directory, and touches nothing else. A domain in its way that it
 # did not make (one of its names, or one using files in its directory) stops it, with
 # nothing changed.
+#
+# STORAGE=rbd (make demo STORAGE=rbd): the same demo with the guest's disk on Ceph RBD,
+# in a pool of its own (TPL_DEMO_POOL, default tpl-demo) of the cluster CEPH_CONF names
+# (default: the test cluster of scripts/ceph-up.sh, which make starts first). The pool
+# is the demo's as its directory is: a rerun deletes and makes it again. The template is
+# then a protected snapshot, the linked clones rbd clones of it, the full clone a copy.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -20,6 +26,27 @@ export PATH="$bin:$PATH"
 uri=qemu:///system
 export LIBVIRT_DEFAULT_URI=$uri
 dir=/var/lib/libvirt/images/tpl-demo
+storage=${STORAGE:-file}
+case $storage in
+  file|rbd) ;;
+  *) echo "demo: STORAGE must be 'file' or 'rbd', not '$storage'" >&2; exit 2 ;;
+esac
+# The demo's pool: its images are the demo's in either mode (a file demo after an RBD one
+# replaces the RBD demo's domains; their images go with the next RBD demo's new pool).
+demo_pool=${TPL_DEMO_POOL:-tpl-demo}
+pool=
+if [ "$storage" = rbd ]; then
+  ceph_dir=${TPL_CEPH_DIR:-/var/lib/tpl-ceph}
+  export CEPH_CONF=${CEPH_CONF:-$ceph_dir/ceph.conf}
+  pool=$demo_pool
+  [ -r "$CEPH_CONF" ] && timeout 30 ceph --connect-timeout 20 -s >/dev/null 2>&1 || {
+    echo "demo: no Ceph cluster answers at CEPH_CONF=$CEPH_CONF; start the test cluster with 'make ceph'" >&2; exit 1; }
+  secret=$(cat "$ceph_dir/libvirt-secret.uuid" 2>/dev/null) && virsh -q -c "$uri" secret-dumpxml "$secret" >/dev/null 2>&1 || {
+    echo "demo: no libvirt secret for Ceph ($ceph_dir/libvirt-secret.uuid); 'make ceph' defines it (TPL_CEPH_LIBVIRT_URI=$uri scripts/ceph-up.sh)" >&2; exit 1; }
+  # The monitor as qemu reaches it (msgr v1), from the cluster's configuration.
+  mon=$(sed -n 's/^mon_host = .*v1:\([^],]*\).*/\1/p' "$CEPH_CONF" | head -n1)
+  mon=${mon:-127.0.0.1:6789}
+fi
 vm=demo-vm
 tpl=TplDemo
 clones=(demo-web1 demo-web2 demo-full1)
@@ -39,10 +66,15 @@ classify() {
 import os, sys, xml.etree.ElementTree as ET
 d = ET.parse(sys.stdin).getroot()
 home = os.path.normpath(sys.argv[1]) + "/"
+pool = sys.argv[2]
 maker = [e.text for e in d.iterfind("sysinfo/system/entry") if e.get("name") == "manufacturer"]
 files = [s.get("file") for s in d.iterfind("devices/disk/source") if s.get("file")]
 files += [n.text.strip() for n in d.iterfind("os/nvram") if (n.text or "").strip()]
+# RBD images count as files: those in the demo pool (STORAGE=rbd) are inside.
+rbd = ["rbd:" + s.get("name") for s in d.iterfind("devices/disk/source") if s.get("protocol") == "rbd"]
 inside = [f for f in files if os.path.normpath(f).startswith(home)]
+inside += [r for r in rbd if pool and r.startswith("rbd:" + pool + "/")]
+files += rbd
 outside = [f for f in files if f not in inside]
 if maker == ["tpl demo"] and not outside:
     print("demo it uses " + (inside[0] if inside else "no files"))
@@ -51,7 +83,7 @@ elif inside:
 elif maker != ["tpl demo"]:
     print("other its SMBIOS manufacturer is not \"tpl demo\"")
 else:
-    print("other its disk " + outside[0] + " is outside " + home)' "$dir" <<<"$xml"
+    print("other its disk " + outside[0] + " is outside " + home + " and the pool " + pool)' "$dir" "$demo_pool" <<<"$xml"
 }
 
 say "cleaning up any earlier demo"
@@ -70,7 +102,7 @@ while IFS= read -r d; do
   fi
   # Not one of the demo's names, yet in its directory: a clone of TplDemo made by hand, say.
   if [ "${c%% *}" != other ]; then
-    echo "demo: error: domain '$d' is not one the demo made but uses files in $dir (${c#* }), which the demo deletes. Nothing was changed: remove '$d' or move its files, then run the demo again." >&2
+    echo "demo: error: domain '$d' is not one the demo made but uses files in $dir or images in the pool $demo_pool (${c#* }), which the demo deletes. Nothing was changed: remove '$d' or move its files, then run the demo again." >&2
     exit 1
   fi
 done < <(v list --all --name)
@@ -81,6 +113,16 @@ for d in "${ours[@]}"; do
 done
 if [ -d "$dir" ]; then chattr -R -i "$dir" 2>/dev/null || true; chmod -R u+w "$dir"; rm -rf "$dir"; fi
 mkdir -p "$dir"; chmod 755 "$dir"
+if [ "$storage" = rbd ]; then
+  # The demo's pool, as its directory: made afresh (needs mon_allow_pool_delete, which the
+  # test cluster has).
+  if ceph osd pool ls | grep -qx "$pool"; then
+    echo "  deleting the earlier demo's pool '$pool'" >&2
+    ceph osd pool rm "$pool" "$pool" --yes-i-really-really-mean-it >/dev/null
+  fi
+  ceph osd pool create "$pool" 8 >/dev/null 2>&1
+  rbd pool init "$pool"
+fi
 
 say "building the demo guest (a busybox root that looks like Debian)"
 "$here/tests/guest/build-guest.sh" "$dir/$vm.qcow2"
@@ -90,6 +132,24 @@ initrd=/boot/initrd.img-${kernel#/boot/vmlinuz-}
 sed -e "s|@NAME@|$vm|; s|@KERNEL@|$kernel|; s|@INITRD@|$initrd|; s|@DISK@|$dir/$vm.qcow2|" \
     -e "s|@CONSOLE@|$dir/$vm.console.log|; s|@EXTRA@||; s|tpl tests|tpl demo|" \
     "$here/tests/guest/domain.xml" > "$dir/$vm.xml"
+if [ "$storage" = rbd ]; then
+  say "moving its disk onto Ceph: qemu-img convert -O raw $vm.qcow2 rbd:$pool/$vm"
+  qemu-img convert -f qcow2 -O raw "$dir/$vm.qcow2" "rbd:$pool/$vm:conf=$CEPH_CONF:id=admin"
+  rm "$dir/$vm.qcow2"
+  # vda becomes the RBD image, with the monitor and the cephx user's libvirt secret.
+  python3 - "$dir/$vm.xml" "$pool/$vm" "${mon%:*}" "${mon##*:}" "$secret" <<'PY'
+import re, sys
+path, name, host, port, secret = sys.argv[1:]
+xml = open(path).read()
+disk = (f"<disk type='network' device='disk'>\n      <driver name='qemu' type='raw'/>\n"
+        f"      <source protocol='rbd' name='{name}'><host name='{host}' port='{port}'/></source>\n"
+        f"      <auth username='admin'><secret type='ceph' uuid='{secret}'/></auth>\n"
+        f"      <target dev='vda' bus='virtio'/>\n    </disk>")
+new, n = re.subn(r"<disk type='file'.*?</disk>", disk, xml, count=1, flags=re.S)
+assert n == 1, "tests/guest/domain.xml: no file disk to replace"
+open(path, "w").write(new)
+PY
+fi
 v define "$dir/$vm.xml" >/dev/null
 
 # Boot domains once (in parallel) and wait until their init powers them off.
@@ -124,15 +184,30 @@ identity "$vm" "$dir/original.console.log"
 say "tpl-generalize $vm --hostname $tpl | tpl-lock | tpl-rename --disks $tpl"
 tpl-generalize "$vm" --hostname "$tpl" | tpl-lock | tpl-rename --disks "$tpl"
 
-say "the template refuses to start (its images are read-only)"
+if [ "$storage" = rbd ]; then
+  say "the template refuses to start (its disk reads the protected snapshot $pool/$tpl@tpl)"
+else
+  say "the template refuses to start (its images are read-only)"
+fi
 if out=$(v start "$tpl" 2>&1); then
   echo "demo: the locked template started; that must not happen" >&2; exit 1
 fi
-echo "  virsh start $tpl: $(echo "$out" | grep -m1 -o "Could not open.*\|Permission denied.*" || echo "$out")" >&2
+echo "  virsh start $tpl: $(echo "$out" | grep -m1 -o "Could not open.*\|Permission denied.*\|Block node is read-only.*" || echo "$out")" >&2
 
 say "tpl-clone $tpl ${clones[0]} ${clones[1]} --linked ; tpl-clone $tpl ${clones[2]} --full"
 tpl-clone "$tpl" "${clones[0]}" "${clones[1]}" --linked
 tpl-clone "$tpl" "${clones[2]}" --full
+
+if [ "$storage" = rbd ]; then
+  say "rbd ls -l $pool: the linked clones are rbd clones of the template's snapshot, the full one a copy"
+  rbd ls -l "$pool" >&2
+  # Check what the listing shows: each linked clone's parent is the snapshot, the full has none.
+  for c in "${clones[@]}"; do
+    parent=$(rbd info --format json "$pool/$c" | python3 -c 'import json, sys; p = json.load(sys.stdin).get("parent"); print("%s/%s@%s" % (p["pool"], p["image"], p["snapshot"]) if p else "none")')
+    want=$pool/$tpl@tpl; [ "$c" = "${clones[2]}" ] && want=none
+    [ "$parent" = "$want" ] || { echo "demo: $pool/$c stands on '$parent', not '$want'" >&2; exit 1; }
+  done
+fi
 
 say "booting each clone once"
 boot "${clones[@]}"

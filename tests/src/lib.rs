@@ -1291,21 +1291,24 @@ pub fn rbd_remove(pool: &str, image: &str, secs: u64) {
     }
 }
 
-/// One attempt: the image's snapshots without clones, then the image.
+/// One attempt: the image's snapshots (unprotected), then the image. An image that cannot
+/// be opened (ENOENT: the remnant of a creation killed halfway, which `rbd ls` still
+/// lists) is removed all the same: rbd_remove clears such remnants.
 fn try_remove_image(pool: &str, image: &str) -> Result<(), String> {
     with_ceph(|c| {
         let spec = rbd_spec(pool, image);
-        let snaps = match c.snapshots(&spec) {
-            Ok(s) => s,
-            Err(tpl_ceph::Error::NotFound { .. }) => return Ok(()),
-            Err(e) => return Err(e.to_string()),
-        };
-        for s in snaps {
-            let at = spec.at(&s.name);
-            if s.protected {
-                c.snap_unprotect(&at).map_err(|e| e.to_string())?;
+        match c.snapshots(&spec) {
+            Ok(snaps) => {
+                for s in snaps {
+                    let at = spec.at(&s.name);
+                    if s.protected {
+                        c.snap_unprotect(&at).map_err(|e| e.to_string())?;
+                    }
+                    c.snap_remove(&at).map_err(|e| e.to_string())?;
+                }
             }
-            c.snap_remove(&at).map_err(|e| e.to_string())?;
+            Err(tpl_ceph::Error::NotFound { .. }) => {}
+            Err(e) => return Err(e.to_string()),
         }
         match c.remove(&spec) {
             Ok(()) | Err(tpl_ceph::Error::NotFound { .. }) => Ok(()),
@@ -1314,9 +1317,18 @@ fn try_remove_image(pool: &str, image: &str) -> Result<(), String> {
     })
 }
 
-/// Remove every image of `pool` that `mine` picks, clones before their parents, retrying
-/// busy ones until `secs` have passed; returns what could not be removed (never panics:
-/// it runs in drops).
+/// Whether an image has snapshots (None: it cannot be opened).
+fn has_snapshots(pool: &str, image: &str) -> Option<bool> {
+    with_ceph(|c| c.snapshots(&rbd_spec(pool, image)))
+        .ok()
+        .map(|s| !s.is_empty())
+}
+
+/// Remove every image of `pool` that `mine` picks, retrying busy ones until `secs` have
+/// passed; returns what could not be removed (never panics: it runs in drops). Images with
+/// snapshots (templates) go last, once nothing else is left: a clone, even one whose
+/// creation was killed halfway and that Ceph does not list among the children, must never
+/// lose its parent (librbd then cannot open it, and retries).
 pub fn rbd_purge(pool: &str, secs: u64, mine: impl Fn(&str) -> bool) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
@@ -1327,19 +1339,23 @@ pub fn rbd_purge(pool: &str, secs: u64, mine: impl Fn(&str) -> bool) -> Vec<Stri
         if left.is_empty() {
             return Vec::new();
         }
-        // A parent's protected snapshot cannot go while its clones exist: every round
-        // removes what it can, the clones first by the nature of it.
-        let errors: Vec<String> = left
+        let (parents, leaves): (Vec<&String>, Vec<&String>) = left
             .iter()
-            .filter_map(|i| try_remove_image(pool, i).err())
+            .partition(|i| has_snapshots(pool, i) == Some(true));
+        let now = if leaves.is_empty() { parents } else { leaves };
+        let errors: Vec<String> = now
+            .iter()
+            .filter_map(|i| try_remove_image(pool, i).err().map(|e| format!("{i}: {e}")))
             .collect();
-        if errors.is_empty() {
-            continue;
-        }
         if Instant::now() > deadline {
-            return errors;
+            return if errors.is_empty() { left } else { errors };
         }
-        std::thread::sleep(Duration::from_millis(200));
+        // Busy (a watcher), or removed and still listed for a moment: look again soon.
+        std::thread::sleep(Duration::from_millis(if errors.is_empty() {
+            20
+        } else {
+            200
+        }));
     }
 }
 
@@ -1468,7 +1484,7 @@ impl Drop for RbdScratch {
         for n in domains_with_prefix(&format!("{}-", self.s.prefix)) {
             let _ = virsh_try(&["destroy", &n]);
         }
-        let left = rbd_purge(&self.pool, 90, |i| self.owns(i));
+        let left = rbd_purge(&self.pool, 45, |i| self.owns(i));
         if !left.is_empty() {
             // Never panic in drop; the pool goes with the process anyway.
             eprintln!(

@@ -30,6 +30,51 @@ fn finish(c: Child) -> (i32, String) {
     )
 }
 
+/// The images (`POOL/IMAGE`) the journals of tpl-clone's run `pid` name.
+fn journal_images(pid: u32) -> BTreeSet<String> {
+    journals_of(pid)
+        .iter()
+        .flat_map(|j| {
+            fs::read_to_string(j)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter_map(|v| v["image"].as_str().map(String::from))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// What Ceph says of images, for failure messages: whether each opens, and its watchers.
+fn describe_images(pool: &str, images: &[String]) -> String {
+    images
+        .iter()
+        .map(|i| {
+            let spec = rbd_spec(pool, i);
+            let info = with_ceph(|c| c.info(&spec))
+                .map(|i| {
+                    format!(
+                        "id {}, parent {:?}",
+                        i.id,
+                        i.parent.map(|p| p.spec.to_string())
+                    )
+                })
+                .unwrap_or_else(|e| format!("cannot be opened: {e}"));
+            let watchers = with_ceph(|c| c.watchers(&spec))
+                .map(|w| {
+                    format!(
+                        "{} watchers {:?}",
+                        w.len(),
+                        w.iter().map(|w| &w.addr).collect::<Vec<_>>()
+                    )
+                })
+                .unwrap_or_else(|e| format!("watchers unknown: {e}"));
+            format!("{i}: {info}; {watchers}")
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// An RBD guest marked generalized and locked by the real tpl-lock.
 fn locked_rbd_template(s: &mut RbdScratch, tag: &str) -> RbdGuest {
     let g = s.rbd_guest(tag);
@@ -280,11 +325,12 @@ fn pipeline_on_rbd_then_linked_and_full_clones_boot_and_unlock_waits_for_them() 
 }
 
 /// kill -9 at random points of a batch of 20 linked clones on RBD, 12 trials spread
-/// uniformly over the time an unkilled batch takes: after the next run of a tool (which
-/// cleans what dead runs left, from their journals), every image in the pool is the
-/// template's or is named by a defined domain, no temporary image is left, Ceph's list of
-/// the template snapshot's clones is exactly the domains' images, every defined clone's
-/// image stands on the snapshot, and the killed run's journal is gone.
+/// uniformly over the time an unkilled batch takes. After the next run of a tool (which
+/// cleans what dead runs left, from their journals): no image is left that neither a
+/// defined domain nor the killed run's journal accounts for; and the next run has removed
+/// what the killed one left: every image in the pool is the template's or is named by a
+/// defined domain, no temporary image is left, the journal is gone, Ceph's list of the
+/// template snapshot's clones is exactly the domains' images, each of them on the snapshot.
 #[test]
 fn kill_9_at_random_points_of_a_20_clone_rbd_batch_leaves_nothing_unaccounted() {
     let mut s = RbdScratch::new();
@@ -334,36 +380,62 @@ fn kill_9_at_random_points_of_a_20_clone_rbd_batch_leaves_nothing_unaccounted() 
         std::thread::sleep(after);
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
         let (code, err) = finish(child);
-        // What the kill left that no domain accounts for (another test's tool may clean
-        // it first: counted, not asserted).
-        let accounted = |images: &BTreeSet<String>| -> (Vec<String>, Vec<String>) {
-            let doms = domains_with_prefix(&prefix);
-            let named: BTreeSet<String> =
-                doms.iter().map(|d| rbd_source_of(d, "vda").image).collect();
+        // What the kill left that no domain accounts for: temporary images, and final ones
+        // whose domain was never defined (another test's tool may clean them before the
+        // run below: counted, not asserted).
+        let unnamed = |images: &BTreeSet<String>| -> Vec<String> {
+            let named: BTreeSet<String> = domains_with_prefix(&prefix)
+                .iter()
+                .map(|d| rbd_source_of(d, "vda").image)
+                .collect();
             images
                 .iter()
                 .filter(|i| **i != t.image && !named.contains(*i))
                 .cloned()
-                .partition(|i| i.contains(".tpl-tmp-"))
+                .collect()
         };
-        let (tmp0, fin0) = accounted(&s.images());
-        if tmp0.len() + fin0.len() > 0 {
+        let left0 = unnamed(&s.images());
+        if !left0.is_empty() {
             left_by_kill += 1;
         }
         // The next run of any tool cleans what the dead one left.
         let next = run("tpl-lock", &["--dry-run", &t.name], None);
         let what = format!(
-            "trial {trial}: killed after {after:?} of {span:?} (exit {code}: {}); left {tmp0:?} \
-             {fin0:?}; the next run said: {}",
+            "trial {trial}: killed after {after:?} of {span:?} (exit {code}: {}); the kill left \
+             {left0:?}; the next run said: {}",
             err.trim(),
             next.stderr.trim()
         );
         assert_eq!(next.code, 0, "{what}");
         no_panic("tpl-lock", &next.stderr);
         let images = s.images();
-        let (tmp, fin) = accounted(&images);
-        assert!(tmp.is_empty(), "temporary images left: {tmp:?}; {what}");
-        assert!(fin.is_empty(), "images no domain names: {fin:?}; {what}");
+        let left = unnamed(&images);
+        // No image that neither a domain nor the killed run's journal accounts for...
+        let journaled = journal_images(pid);
+        let lost: Vec<&String> = left
+            .iter()
+            .filter(|i| !journaled.contains(&format!("{pool}/{i}")))
+            .collect();
+        assert!(
+            lost.is_empty(),
+            "images that no domain and no journal accounts for: {lost:?} ({}); {what}",
+            describe_images(&pool, &left)
+        );
+        // ...and the next run removed what the killed one left, journal included.
+        assert!(
+            left.is_empty(),
+            "the next run did not remove what the killed run left: {left:?}, its journal kept \
+             ({}); {what}",
+            describe_images(&pool, &left)
+        );
+        assert!(
+            journals_of(pid).is_empty(),
+            "the killed run's journal is left: {what}"
+        );
+        assert!(
+            !images.iter().any(|i| i.contains(".tpl-tmp-")),
+            "temporary images left: {images:?}; {what}"
+        );
         let doms = domains_with_prefix(&prefix);
         let mut kids_want = BTreeSet::new();
         for d in &doms {
@@ -384,28 +456,23 @@ fn kill_9_at_random_points_of_a_20_clone_rbd_batch_leaves_nothing_unaccounted() 
             kids_want,
             "Ceph's clones of the template snapshot are the domains' images: {what}"
         );
-        assert!(
-            journals_of(pid).is_empty(),
-            "the killed run's journal is left: {what}"
-        );
         assert_eq!(
             template_state(&t.name, "vda"),
             (Some(SNAP.into()), Some(true)),
             "{what}"
         );
         eprintln!(
-            "trial {trial}: killed after {:.0} ms: {} clones defined, {} temporary and {} \
-             final images left by the kill, all removed by the next run",
+            "trial {trial}: killed after {:.0} ms: {} clones defined, {} images left by the \
+             kill ({left0:?}), all removed by the next run",
             after.as_secs_f64() * 1000.0,
             doms.len(),
-            tmp0.len(),
-            fin0.len()
+            left0.len(),
         );
-        if doms.is_empty() && tmp0.is_empty() && fin0.is_empty() {
+        if doms.is_empty() && left0.is_empty() {
             untouched += 1;
         }
         defined += doms.len();
-        cleaned += tmp0.len() + fin0.len();
+        cleaned += left0.len();
         for d in &doms {
             s.remove_clone(d);
         }
@@ -413,7 +480,7 @@ fn kill_9_at_random_points_of_a_20_clone_rbd_batch_leaves_nothing_unaccounted() 
     eprintln!(
         "kill -9 of a 20-clone RBD batch: {trials} trials over {:.0} ms (the unkilled batch): \
          {defined} clones finished and kept, {cleaned} leftover images in {left_by_kill} trials \
-         removed by the next run, {untouched} trials killed before the first image",
+         removed by the next run, {untouched} trials killed before anything was made",
         span.as_secs_f64() * 1000.0
     );
 }

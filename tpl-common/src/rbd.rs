@@ -180,12 +180,25 @@ pub fn remove_leftover(cluster: &Cluster, image: &str, id: Option<&str>) -> Opti
             Err(_) => return None,
         }
     }
-    match cluster.remove(&spec) {
-        Ok(()) => Some(true),
-        Err(tpl_ceph::Error::NotFound { .. }) => Some(false),
-        Err(_) => None,
+    // The only client that can watch an image a dead run was making is that dead run
+    // (no domain names it): its watch lingers until Ceph times it out (30 s by default),
+    // and the removal waits for that rather than leave the image to a later run.
+    let deadline = std::time::Instant::now() + LEFTOVER_WATCH_WAIT;
+    loop {
+        match cluster.remove(&spec) {
+            Ok(()) => return Some(true),
+            Err(tpl_ceph::Error::NotFound { .. }) => return Some(false),
+            Err(tpl_ceph::Error::Busy { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+            Err(_) => return None,
+        }
     }
 }
+
+/// How long the cleanup of a dead run waits for its watch on an image to time out: a
+/// little over Ceph's default `osd_client_watch_timeout` (30 s).
+const LEFTOVER_WATCH_WAIT: std::time::Duration = std::time::Duration::from_secs(45);
 
 /// The images under an RBD image, nearest first (`rbd:POOL/IMAGE@SNAP`, qemu's notation).
 pub fn parent_chain(cluster: &Cluster, spec: &ImageSpec) -> Result<Vec<BackingImage>> {
