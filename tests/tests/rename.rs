@@ -131,6 +131,37 @@ fn disks_is_all_or_nothing_when_a_rename_fails_midway() {
     let mut s = Scratch::new();
     let name = s.name("vm");
     let disk = s.disk(&format!("{name}.qcow2"));
+    // The second disk is a file nobody may rename, not even root: vda moves, vdb fails.
+    let data = s.dir.join(format!("{name}-data.img"));
+    qemu_img_create(&data, "raw", "1M");
+    sh("chattr", &["+i", data.to_str().unwrap()]);
+    let extra = format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='vdb' bus='virtio'/></disk>",
+        data.display()
+    );
+    let xml = guest_xml(&name, &disk, &s.dir.join("c.log"), &extra);
+    s.define(&xml);
+    let before = virsh(&["dumpxml", "--inactive", &name]);
+    let disk_sum = sha256(&disk);
+
+    let new = s.name("Tpl");
+    let r = run("tpl-rename", &["--disks", &name, &new], None);
+    sh("chattr", &["-i", data.to_str().unwrap()]);
+    r.fails(1)
+        .says(&["Operation not permitted", &data.display().to_string()]);
+    assert!(domain_exists(&name) && !domain_exists(&new));
+    assert!(disk.is_file() && data.is_file());
+    assert_eq!(sha256(&disk), disk_sum, "vda came back as it was");
+    assert!(!s.dir.join(format!("{new}.qcow2")).exists());
+    assert!(!s.dir.join(format!("{new}-data.img")).exists());
+    assert_eq!(virsh(&["dumpxml", "--inactive", &name]), before);
+}
+
+#[test]
+fn disks_in_a_directory_this_machine_may_not_write_are_refused_before_anything_moves() {
+    let mut s = Scratch::new();
+    let name = s.name("vm");
+    let disk = s.disk(&format!("{name}.qcow2"));
     // The second disk lives in a directory nobody may change, not even root.
     let locked_dir = s.dir.join("frozen");
     fs::create_dir(&locked_dir).unwrap();
@@ -148,12 +179,19 @@ fn disks_is_all_or_nothing_when_a_rename_fails_midway() {
     let new = s.name("Tpl");
     let r = run("tpl-rename", &["--disks", &name, &new], None);
     sh("chattr", &["-i", locked_dir.to_str().unwrap()]);
-    r.fails(1)
-        .says(&["Operation not permitted", &data.display().to_string()]);
+    let r = r.fails(2).says(&[
+        "Operation not permitted",
+        &locked_dir.display().to_string(),
+        "make",
+        "writable",
+    ]);
+    assert!(r.records.is_empty());
     assert!(domain_exists(&name) && !domain_exists(&new));
     assert!(disk.is_file() && data.is_file());
     assert!(!s.dir.join(format!("{new}.qcow2")).exists());
     assert_eq!(virsh(&["dumpxml", "--inactive", &name]), before);
+    // the check left nothing of its own in the directory
+    assert_eq!(fs::read_dir(&locked_dir).unwrap().count(), 1);
 }
 
 #[test]

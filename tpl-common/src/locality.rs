@@ -91,6 +91,15 @@ pub enum Error {
     /// It is not known whether the files are the same: act as if they are not.
     #[error("cannot tell whether the hypervisor sees {} as this machine does: {why}", path.display())]
     Undecided { path: PathBuf, why: String },
+    /// This process may not write in `path` (read-only mount, immutable directory, no
+    /// permission), so it cannot leave the marker the proof needs. Nothing was asked of
+    /// the hypervisor.
+    #[error("{}: this process cannot write the short-lived marker the check needs there: {source}", path.display())]
+    Unwritable {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// `Ok(true)` only when it is proven that the hypervisor behind `conn` sees,
@@ -140,7 +149,13 @@ pub fn probe(conn: &Connect, dir: &Path) -> Result<Locality, Error> {
     fs::DirBuilder::new()
         .mode(0o755)
         .create(&probe_dir)
-        .map_err(|e| local("cannot create the probe directory here", Some(e)))?;
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EACCES | libc::EPERM | libc::EROFS) => Error::Unwritable {
+                path: dir.to_path_buf(),
+                source: e,
+            },
+            _ => local("cannot create the probe directory here", Some(e)),
+        })?;
     // from here on, whatever happens, the probe's traces go
     let mut guard = Guard {
         dir: probe_dir.clone(),

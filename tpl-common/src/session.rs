@@ -40,7 +40,7 @@ pub struct Session {
     pub ceph: Ceph,
     /// What the locality probe found for each directory, once per run: None for the same
     /// files, else why not and whether that was proven (rather than undecided).
-    seen_dirs: std::cell::RefCell<std::collections::HashMap<PathBuf, Option<(String, bool)>>>,
+    seen_dirs: std::cell::RefCell<std::collections::HashMap<PathBuf, Option<NotSame>>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -210,27 +210,46 @@ impl Session {
     }
 }
 
+/// Why a directory was not proven to be the hypervisor's as this process sees it.
+#[derive(Debug, Clone)]
+struct NotSame {
+    why: String,
+    /// proven another directory, not merely undecided
+    proven: bool,
+    /// undecided because this process may not write there
+    unwritable: bool,
+}
+
 impl Session {
     /// Why the hypervisor does not (or may not) see `dir` as this process does; None when
     /// it was proven to see the same directory. Probed once per directory per run.
     pub fn not_same_files(&self, dir: &Path) -> Option<String> {
-        self.locality(dir).map(|(why, _)| why)
+        self.locality(dir).map(|n| n.why)
     }
 
     /// Whether the hypervisor was proven to see another directory at `dir` (not merely
     /// that it could not be told).
     pub fn proven_other_files(&self, dir: &Path) -> bool {
-        self.locality(dir).is_some_and(|(_, proven)| proven)
+        self.locality(dir).is_some_and(|n| n.proven)
     }
 
-    fn locality(&self, dir: &Path) -> Option<(String, bool)> {
+    fn locality(&self, dir: &Path) -> Option<NotSame> {
         if let Some(r) = self.seen_dirs.borrow().get(dir) {
             return r.clone();
         }
+        use crate::locality::{Error as L, Locality};
         let r = match crate::locality::probe(&self.conn, dir) {
-            Ok(crate::locality::Locality::Same) => None,
-            Ok(crate::locality::Locality::Different(why)) => Some((why, true)),
-            Err(e) => Some((e.to_string(), false)),
+            Ok(Locality::Same) => None,
+            Ok(Locality::Different(why)) => Some(NotSame {
+                why,
+                proven: true,
+                unwritable: false,
+            }),
+            Err(e) => Some(NotSame {
+                why: e.to_string(),
+                proven: false,
+                unwritable: matches!(e, L::Unwritable { .. }),
+            }),
         };
         self.seen_dirs
             .borrow_mut()
@@ -243,9 +262,27 @@ impl Session {
     /// machine's file of the same path is someone else's.
     pub fn require_same_files(&self, path: &Path, what: &str) -> Result<()> {
         let dir = path.parent().unwrap_or(Path::new("/"));
-        match self.not_same_files(dir) {
+        match self.locality(dir) {
             None => Ok(()),
-            Some(why) => Err(Error::usage(
+            // a local directory this process may not write is not a sign of another host:
+            // say what the check needs instead of sending the user to "that host"
+            Some(NotSame {
+                why,
+                unwritable: true,
+                ..
+            }) => Err(Error::usage(
+                format!(
+                    "cannot check that {what} is this machine's file as the hypervisor at {} sees it",
+                    shown(&self.uri)
+                ),
+                format!(
+                    "{why}; tpl proves that the hypervisor and this process see the same \
+                     directory by writing a marker there for a moment: make '{}' writable \
+                     (chattr -i, a read-write mount), or move the file to a directory that is",
+                    shown_path(dir)
+                ),
+            )),
+            Some(NotSame { why, .. }) => Err(Error::usage(
                 format!(
                     "{what} is a file of the hypervisor at {}, not known to be this machine's",
                     shown(&self.uri)
