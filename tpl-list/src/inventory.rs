@@ -406,18 +406,16 @@ fn relate(s: &Session, inv: &mut Inventory) {
         };
         let mut problems = std::mem::take(&mut items[i].missing);
         if let Some(o) = origin.as_ref().filter(|o| o.mode == CloneMode::Linked) {
-            // A linked clone whose template is not on this connection may stand on it all
-            // the same (an RBD clone made with tpl-clone --to, a shared file): broken only
-            // when what it backs onto is gone.
-            let stands = items[i]
-                .rec
-                .disks
-                .iter()
-                .filter(|d| d.own)
-                .all(|d| match d.kind {
-                    tpl_common::record::DiskKind::Rbd => !d.backing.is_empty(),
-                    _ => d.backing.first().is_some_and(|b| b.path.exists()),
-                });
+            // A linked clone whose template lives on another connection (tpl-clone --to)
+            // stands on it when all its own disks are RBD clones that still have their
+            // parent: Ceph keeps that snapshot for them. A file-backed clone without its
+            // template domain is an orphan: nothing keeps its base read-only any more, and
+            // a path seen from here says nothing about the files of another host.
+            let own: Vec<_> = items[i].rec.disks.iter().filter(|d| d.own).collect();
+            let stands = !own.is_empty()
+                && own
+                    .iter()
+                    .all(|d| d.kind == tpl_common::record::DiskKind::Rbd && !d.backing.is_empty());
             if by_meta.is_none() && !stands {
                 problems.push(format!(
                     "the template it was made from, '{}' (UUID {}), is gone",
