@@ -165,10 +165,10 @@ pub fn ceph_error(what: &str, e: tpl_ceph::Error) -> Error {
 }
 
 /// Remove an RBD image a dead run left, if it is still there (and is the image with `id`,
-/// when given): whether it was removed, None when the cluster cannot tell. An image under
-/// a run's temporary name (no id) is removed even when it cannot be opened: an `rbd clone`
-/// killed halfway leaves one that is listed but has no header, which only a removal
-/// clears.
+/// when given): whether it was removed, None when the cluster cannot tell. An image that
+/// cannot be opened is removed all the same: an `rbd clone` killed halfway leaves one that
+/// is listed but has no header, an `rbd rename` killed halfway one listed under its new
+/// name that does not open, and only a removal clears them.
 pub fn remove_leftover(cluster: &Cluster, image: &str, id: Option<&str>) -> Option<bool> {
     let Ok(spec) = image.parse::<ImageSpec>() else {
         return Some(false);
@@ -176,7 +176,12 @@ pub fn remove_leftover(cluster: &Cluster, image: &str, id: Option<&str>) -> Opti
     if let Some(id) = id {
         match cluster.info(&spec) {
             Ok(i) if i.id == id => {}
-            Ok(_) | Err(tpl_ceph::Error::NotFound { .. }) => return Some(false),
+            // another image took the name since: not ours
+            Ok(_) => return Some(false),
+            // Either gone, or a rename from the run's temporary name killed halfway
+            // (listed under the final name, not openable): the removal below tells them
+            // apart, and an image that cannot be opened is nobody's working image.
+            Err(tpl_ceph::Error::NotFound { .. }) => {}
             Err(_) => return None,
         }
     }
