@@ -331,8 +331,15 @@ fn lock_one(ctx: &mut Ctx, s: &Session, r: &DomainRef, args: &Args) -> Result<Re
         undo(ctx, &changes, &own);
         return Err(e);
     }
+    // Files lose their write bits; RBD images get a protected snapshot that clones use.
+    let how = match (own.files.is_empty(), own.rbd.is_empty()) {
+        (false, true) => "read-only (a-w)",
+        (true, false) => "protected RBD snapshot",
+        (false, false) => "read-only (a-w) files and protected RBD snapshot",
+        (true, true) => "read-only",
+    };
     let detail = format!(
-        "locked: read-only (a-w){}: {}",
+        "locked: {how}{}: {}",
         if all_immutable { " and immutable" } else { "" },
         if own.files.is_empty() && own.rbd.is_empty() {
             "no writable files".to_string()
