@@ -1,6 +1,7 @@
 //! tpl-rename through the real binary against the real libvirtd.
 
 use std::fs;
+use std::path::Path;
 use std::process::Stdio;
 
 use tpl_tests::*;
@@ -126,6 +127,17 @@ fn disks_renames_image_and_nvram_and_updates_the_definition() {
     assert_eq!(only(&again).disks, rec.disks);
 }
 
+/// Defines `name` with `disk` as vda and the raw file `data` as vdb; its definition.
+fn define_with_data_disk(s: &mut Scratch, name: &str, disk: &Path, data: &Path) -> String {
+    let extra = format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='vdb' bus='virtio'/></disk>",
+        data.display()
+    );
+    let xml = guest_xml(name, disk, &s.dir.join("c.log"), &extra);
+    s.define(&xml);
+    virsh(&["dumpxml", "--inactive", name])
+}
+
 #[test]
 fn disks_is_all_or_nothing_when_a_rename_fails_midway() {
     let mut s = Scratch::new();
@@ -135,13 +147,7 @@ fn disks_is_all_or_nothing_when_a_rename_fails_midway() {
     let data = s.dir.join(format!("{name}-data.img"));
     qemu_img_create(&data, "raw", "1M");
     sh("chattr", &["+i", data.to_str().unwrap()]);
-    let extra = format!(
-        "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='vdb' bus='virtio'/></disk>",
-        data.display()
-    );
-    let xml = guest_xml(&name, &disk, &s.dir.join("c.log"), &extra);
-    s.define(&xml);
-    let before = virsh(&["dumpxml", "--inactive", &name]);
+    let before = define_with_data_disk(&mut s, &name, &disk, &data);
     let disk_sum = sha256(&disk);
 
     let new = s.name("Tpl");
@@ -168,13 +174,7 @@ fn disks_in_a_directory_this_machine_may_not_write_are_refused_before_anything_m
     let data = locked_dir.join(format!("{name}-data.img"));
     qemu_img_create(&data, "raw", "1M");
     sh("chattr", &["+i", locked_dir.to_str().unwrap()]);
-    let extra = format!(
-        "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='vdb' bus='virtio'/></disk>",
-        data.display()
-    );
-    let xml = guest_xml(&name, &disk, &s.dir.join("c.log"), &extra);
-    s.define(&xml);
-    let before = virsh(&["dumpxml", "--inactive", &name]);
+    let before = define_with_data_disk(&mut s, &name, &disk, &data);
 
     let new = s.name("Tpl");
     let r = run("tpl-rename", &["--disks", &name, &new], None);

@@ -167,39 +167,21 @@ impl Ctx {
             self.info(format!("removed {what}, left by a killed tpl-clone"));
         }
         let lockdir = state::lock_dir();
-        let notes =
-            journal::rename::recover_dead(
-                s,
-                &state::rename_journal_dir(),
-                held,
-                |uuid| match held {
-                    Some(h) if h.eq_ignore_ascii_case(uuid) => Some(None),
-                    _ => DomainLock::try_acquire(&lockdir, uuid, self.tool)
-                        .ok()
-                        .flatten()
-                        .map(Some),
-                },
-            );
-        for (warning, text) in notes {
-            if warning {
-                self.warn(text);
-            } else {
-                self.info(text);
-            }
-        }
-        let notes =
-            journal::remove::recover_dead(
-                s,
-                &state::remove_journal_dir(),
-                held,
-                |uuid| match held {
-                    Some(h) if h.eq_ignore_ascii_case(uuid) => Some(None),
-                    _ => DomainLock::try_acquire(&lockdir, uuid, self.tool)
-                        .ok()
-                        .flatten()
-                        .map(Some),
-                },
-            );
+        // the held lock stands for its domain; any other domain's lock is taken if free
+        let lock = |uuid: &str| match held {
+            Some(h) if h.eq_ignore_ascii_case(uuid) => Some(None),
+            _ => DomainLock::try_acquire(&lockdir, uuid, self.tool)
+                .ok()
+                .flatten()
+                .map(Some),
+        };
+        let mut notes = journal::rename::recover_dead(s, &state::rename_journal_dir(), held, lock);
+        notes.extend(journal::remove::recover_dead(
+            s,
+            &state::remove_journal_dir(),
+            held,
+            lock,
+        ));
         for (warning, text) in notes {
             if warning {
                 self.warn(text);
