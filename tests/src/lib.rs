@@ -665,6 +665,32 @@ pub fn journals_of(pid: u32) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Wait (up to `bound`) until no live process holds the lock of a journal of the dead
+/// tpl-clone run `pid`: a tool of another test may be recovering it right now (every tool
+/// recovers every dead run's journal, and skips one another tool is recovering), so what
+/// the dead run left is that tool's to remove. Returns how long it waited.
+pub fn wait_for_journal_recovery(pid: u32, bound: Duration) -> Duration {
+    let t0 = Instant::now();
+    for j in journals_of(pid) {
+        let Ok(f) = fs::File::open(&j) else {
+            continue; // recovered and removed meanwhile
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // blocks until the recovering process lets go; released at once
+            let _ =
+                tx.send(nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).is_ok());
+        });
+        let left = bound.saturating_sub(t0.elapsed());
+        assert!(
+            rx.recv_timeout(left).is_ok(),
+            "the journal {} of the dead tpl-clone run {pid} is still held by a live process after {bound:?}",
+            j.display()
+        );
+    }
+    t0.elapsed()
+}
+
 /// The temporary name under which run `pid` of tpl-clone writes `dir/file`:
 /// `.FILE.tpl-tmp-HOST-PID`.
 pub fn tmp_of(dir: &Path, file: &str, pid: u32) -> PathBuf {
