@@ -77,9 +77,11 @@ pub struct MonAddr {
     pub addr: SocketAddr,
 }
 
-/// A connected cluster handle. Not `Send`/`Sync`: use it from one thread
-/// (connect once per thread if you need more). Dropping it shuts the
-/// connection down; every [`crate::Image`] borrows it and is closed first.
+/// A connected cluster handle, `Send` and `Sync`: several threads may work
+/// through one connection at once (each operation makes its own I/O context;
+/// an [`crate::Image`] stays with the thread that opened it). Dropping it
+/// shuts the connection down; every [`crate::Image`] borrows it and is closed
+/// first.
 pub struct Cluster {
     pub(crate) rados: sys::Rados,
     user: String,

@@ -20,8 +20,9 @@
 //! # Ok::<(), tpl_ceph::Error>(())
 //! ```
 //!
-//! Every call is synchronous; a [`Cluster`] and the [`Image`]s borrowed
-//! from it are used from one thread and closed on drop.
+//! Every call is synchronous. A [`Cluster`] may be shared between threads
+//! (each works through its own I/O contexts); an [`Image`] stays with the
+//! thread that opened it. Both are closed on drop.
 
 mod cluster;
 mod error;

@@ -11,8 +11,9 @@
 //! Lifetimes encode the C ownership rules: an [`IoCtx`] borrows its
 //! [`Rados`], an [`Image`] owns the `IoCtx` it was opened with (closed after
 //! the image), so no handle can outlive the cluster handle it came from.
-//! None of the handles is `Send` or `Sync` (they hold raw pointers): tpl
-//! uses one connection from one thread.
+//! The cluster handle is `Send` and `Sync` (librados is thread-safe, and every
+//! operation makes its own I/O context); the I/O contexts and images are
+//! neither (they hold raw pointers): each stays with the thread that made it.
 #![allow(unsafe_code)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 #![allow(non_camel_case_types)]
@@ -330,6 +331,16 @@ pub(crate) fn library_versions() -> ((i32, i32, i32), (i32, i32, i32)) {
 pub(crate) struct Rados {
     ptr: rados_t,
 }
+
+// SAFETY: a `rados_t` may be used from several threads at once: librados locks
+// its own state (thread-safe since v0.53, Ceph tracker #2525). What librados
+// leaves to its callers is changing an I/O context's settings (namespace, snap
+// context) from two threads; every operation here creates its own `IoCtx`,
+// which is neither `Send` nor `Sync`. Configuration (`conf_set`) happens in
+// `Cluster::connect`, before the handle is shared.
+unsafe impl Send for Rados {}
+// SAFETY: as for `Send` above.
+unsafe impl Sync for Rados {}
 
 impl Rados {
     /// `rados_create`: `id` is the user name without `client.`.

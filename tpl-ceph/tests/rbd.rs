@@ -635,6 +635,78 @@ fn batch_of_100_clones_over_one_connection() {
     assert!(c.children(&snap).unwrap().is_empty());
 }
 
+/// One connection shared by 8 threads (the handle is `Sync`): 100 clones made at once,
+/// each exactly once, what Ceph lists as the snapshot's children; then each thread renames
+/// and removes its share, and none of it is lost or doubled.
+#[test]
+fn one_connection_serves_several_threads_at_once() {
+    let c = connect();
+    let pool = TestPool::new(&c);
+    let base = pool.image("base", 64 * MIB);
+    write(&c, &base, 0, &pattern(9, MIB as usize));
+    let snap = base.at("tpl");
+    c.snap_create(&snap).unwrap();
+    c.snap_protect(&snap).unwrap();
+
+    let kids: Vec<ImageSpec> = (0..100).map(|i| pool.spec(&format!("vm{i:03}"))).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let t0 = Instant::now();
+    let made: Vec<Vec<usize>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..8)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(k) = kids.get(i) else { break mine };
+                        c.clone_image(&snap, k, &defaults()).unwrap();
+                        assert_eq!(c.info(k).unwrap().parent.unwrap().spec, snap);
+                        mine.push(i);
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    let took = t0.elapsed();
+    println!(
+        "100 clones by 8 threads over one connection: {took:?} ({:.1} ms/clone)",
+        took.as_secs_f64() * 1000.0 / 100.0
+    );
+    let mut all: Vec<usize> = made.iter().flatten().copied().collect();
+    all.sort();
+    assert_eq!(all, (0..100).collect::<Vec<_>>());
+    assert!(
+        made.iter().filter(|m| !m.is_empty()).count() > 1,
+        "{made:?}"
+    );
+    let listed: BTreeSet<ImageSpec> = c
+        .children(&snap)
+        .unwrap()
+        .into_iter()
+        .map(|k| k.spec)
+        .collect();
+    assert_eq!(listed, kids.iter().cloned().collect());
+
+    let renamed: Vec<ImageSpec> = kids
+        .iter()
+        .map(|k| k.sibling(format!("{}-r", k.image)))
+        .collect();
+    std::thread::scope(|s| {
+        for share in made.iter() {
+            let (c, kids, renamed) = (&c, &kids, &renamed);
+            s.spawn(move || {
+                for &i in share {
+                    c.rename(&kids[i], &renamed[i].image).unwrap();
+                    c.remove(&renamed[i]).unwrap();
+                }
+            });
+        }
+    });
+    assert!(c.children(&snap).unwrap().is_empty());
+    assert_eq!(c.list(&pool.name).unwrap(), vec![base.image.clone()]);
+}
+
 #[test]
 fn a_clone_in_the_trash_is_still_a_child() {
     let c = connect();
