@@ -10,7 +10,8 @@
 //! (`$CEPH_CONF`, /etc/ceph), and the cephx user from `--ceph-id`, else the disk's
 //! `<auth username>`, else `admin`.
 
-use std::cell::OnceCell;
+use std::cell::{OnceCell, RefCell};
+use std::collections::BTreeMap;
 use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 
@@ -36,6 +37,12 @@ pub struct CephOptions {
 pub struct Ceph {
     opts: CephOptions,
     cluster: OnceCell<std::result::Result<Cluster, String>>,
+    /// The `<host>` lists already found to be this cluster's monitors: a batch checks
+    /// each disk's once, not once per image it makes (a monitor round trip each).
+    checked: RefCell<Vec<Vec<String>>>,
+    /// The chain under each image found as a parent so far: the clones of a batch all
+    /// stand on one template, whose own chain is read once per run.
+    under: RefCell<BTreeMap<ImageSpec, Vec<BackingImage>>>,
 }
 
 impl std::fmt::Debug for Ceph {
@@ -52,6 +59,8 @@ impl Ceph {
         Ceph {
             opts,
             cluster: OnceCell::new(),
+            checked: RefCell::default(),
+            under: RefCell::default(),
         }
     }
 
@@ -60,8 +69,42 @@ impl Ceph {
     /// never acted on in this one).
     pub fn cluster_for(&self, src: &RbdSource) -> Result<&Cluster> {
         let cluster = self.connect(src.user.as_deref())?;
-        check_monitors(cluster, src)?;
+        if !self.checked.borrow().contains(&src.hosts) {
+            check_monitors(cluster, src)?;
+            self.checked.borrow_mut().push(src.hosts.clone());
+        }
         Ok(cluster)
+    }
+
+    /// The images under an RBD disk's image, nearest first (`rbd:POOL/IMAGE@SNAP`, qemu's
+    /// notation): its parent read from Ceph, what is under the parent read once per run.
+    pub fn parent_chain(&self, src: &RbdSource) -> Result<Vec<BackingImage>> {
+        let cluster = self.cluster_for(src)?;
+        let spec = spec_of(src);
+        let Some(p) = cluster
+            .info(&spec)
+            .map_err(|e| ceph_error(&format!("read the RBD image '{spec}'"), e))?
+            .parent
+        else {
+            return Ok(Vec::new());
+        };
+        let head = p.spec.head();
+        let known = self.under.borrow().get(&head).cloned();
+        let under = match known {
+            Some(u) => u,
+            None => {
+                let u = parent_chain(cluster, &head)?;
+                self.under.borrow_mut().insert(head, u.clone());
+                u
+            }
+        };
+        let mut out = vec![BackingImage {
+            path: PathBuf::from(format!("rbd:{}", p.spec)),
+            format: Some("raw".into()),
+        }];
+        out.extend(under);
+        out.truncate(65);
+        Ok(out)
     }
 
     /// The cluster of the configuration, without a disk to check it against (to clean up

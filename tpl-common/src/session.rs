@@ -486,9 +486,7 @@ impl<'a> Dom<'a> {
             }
             if let Some(src) = &d.rbd {
                 // Likewise a cluster that cannot be reached: the chain stays empty.
-                if let Ok(c) = self.session.ceph.cluster_for(src) {
-                    d.backing = rbd::parent_chain(c, &rbd::spec_of(src)).unwrap_or_default();
-                }
+                d.backing = self.session.ceph.parent_chain(src).unwrap_or_default();
             }
         }
         Ok(Record {

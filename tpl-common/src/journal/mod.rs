@@ -88,9 +88,27 @@ impl Journal {
             .ctx("cannot write the journal", &self.path)
     }
 
+    /// Append several entries with one sync, before the steps they announce (steps that
+    /// run together: a torn last line is ignored when a journal is read).
+    pub fn log_all<E: Serialize>(&mut self, es: &[E]) -> Result<()> {
+        let mut text = String::new();
+        for e in es {
+            text.push_str(&serde_json::to_string(e).expect("an entry always serializes"));
+            text.push('\n');
+        }
+        self.file
+            .write_all(text.as_bytes())
+            .and_then(|_| self.file.sync_data())
+            .ctx("cannot write the journal", &self.path)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// The run is over, but something it made could not be undone: the journal stays
+    /// for the next run of any tool, which finds this run dead and finishes the undo.
+    pub fn keep(self) {}
 
     /// The run is over and everything it did is either finished or undone.
     pub fn close(self) {
