@@ -249,4 +249,33 @@ mod tests {
         j.close();
         assert!(!p.exists());
     }
+
+    /// Entries logged together read back one by one, in order; a kept journal stays.
+    #[test]
+    fn entries_logged_together_read_back_in_order_and_a_kept_journal_stays() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::create(d.path(), "tpl-test").unwrap();
+        j.log(&serde_json::json!({"op": "a"})).unwrap();
+        j.log_all(&[
+            serde_json::json!({"op": "b"}),
+            serde_json::json!({"op": "c"}),
+        ])
+        .unwrap();
+        let p = j.path().to_path_buf();
+        j.keep();
+        assert!(p.exists());
+        let text = fs::read_to_string(&p).unwrap();
+        let ops: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(
+            ops,
+            [
+                serde_json::json!({"op": "a"}),
+                serde_json::json!({"op": "b"}),
+                serde_json::json!({"op": "c"})
+            ]
+        );
+    }
 }
