@@ -1,12 +1,13 @@
 //! tpl-clone: make linked or full clones of a shut-off template, each with its own name, UUID, MACs, disks, NVRAM and first-boot identity, all or nothing.
 
+mod ahead;
 mod images;
 mod plan;
 mod rbd;
 mod remote;
 mod xml;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +29,7 @@ use tpl_common::state;
 use tpl_common::text::{shown, shown_path};
 use virt::domain::Domain;
 
+use crate::ahead::Ahead;
 use crate::images::Method;
 use crate::plan::{Make, NewFile, Plan};
 use crate::xml::{CloneSpec, Macs, NewDisk};
@@ -203,6 +205,9 @@ fn run(args: &Args, ctx: &mut Ctx) -> Result<()> {
         plan: &plan,
         macs: Macs::default(),
         jrnl: Journal::create(&state::clone_journal_dir(), cj::KIND)?,
+        ahead: BTreeMap::new(),
+        logged: BTreeSet::new(),
+        leftovers: false,
     };
     for d in dest.all_domains()? {
         if let Ok(x) = Dom::new(&dest, d).and_then(|d| d.xml()) {
@@ -210,8 +215,17 @@ fn run(args: &Args, ctx: &mut Ctx) -> Result<()> {
         }
     }
     let res = job.make_all(&clones);
-    let Job { ctx, jrnl, .. } = job;
-    jrnl.close();
+    let Job {
+        ctx,
+        jrnl,
+        leftovers,
+        ..
+    } = job;
+    if leftovers {
+        jrnl.keep();
+    } else {
+        jrnl.close();
+    }
     plan.refresh_pools(&dest);
     if ctx.intr.signal().is_some() {
         ctx.info("stopped; the clones finished before the signal stay");
@@ -336,37 +350,72 @@ struct Job<'a> {
     plan: &'a Plan,
     macs: Macs,
     jrnl: Journal,
+    /// RBD images made ahead for the clones of the current group, by temporary name.
+    ahead: BTreeMap<tpl_ceph::ImageSpec, Ahead>,
+    /// The clones whose `clone` entry the journal has already.
+    logged: BTreeSet<String>,
+    /// Something the run made could not be removed again: the journal stays for the next
+    /// run to finish the job.
+    leftovers: bool,
 }
 
-impl Job<'_> {
+impl<'a> Job<'a> {
     /// Make every clone, emitting each one's record; a failing clone is reported and the
     /// next one made. A stopping signal or a closed stdout ends the batch.
     fn make_all(&mut self, clones: &[NewClone]) -> Result<()> {
-        for c in clones {
-            self.ctx.intr.check()?;
-            let res = self
-                .make(c)
-                .and_then(|dom| Dom::new(self.s, dom)?.describe())
-                .and_then(|rec| self.ctx.emit(&rec));
-            match res {
-                Ok(()) => {}
-                // Reported once, by cli::run, which then ends the tool as it must.
-                Err(e @ (Error::StdoutClosed | Error::Interrupted { .. })) => return Err(e),
-                Err(e) => self.ctx.fail(&e),
+        let ahead =
+            self.plan.mode == CloneMode::Linked && !self.plan.rbd.is_empty() && clones.len() > 1;
+        let res = if ahead {
+            self.make_groups(clones)
+        } else {
+            clones.iter().try_for_each(|c| self.make_one(c))
+        };
+        self.drop_ahead();
+        res
+    }
+
+    /// Make one clone and emit its record. Only a stopping signal or a closed stdout is
+    /// an error here: a failing clone is reported, and the batch goes on.
+    fn make_one(&mut self, c: &NewClone) -> Result<()> {
+        self.ctx.intr.check()?;
+        let res = self
+            .make(c)
+            .and_then(|dom| Dom::new(self.s, dom)?.describe())
+            .and_then(|rec| self.ctx.emit(&rec));
+        match res {
+            Ok(()) => Ok(()),
+            // Reported once, by cli::run, which then ends the tool as it must.
+            Err(e @ (Error::StdoutClosed | Error::Interrupted { .. })) => Err(e),
+            Err(e) => {
+                self.ctx.fail(&e);
+                Ok(())
             }
         }
-        Ok(())
     }
 
     /// Make one clone. On any error the files and domain made for it are removed.
     fn make(&mut self, c: &NewClone) -> Result<Domain> {
-        self.jrnl.log(&Entry::Clone {
-            name: c.name.clone(),
-            uuid: c.uuid.clone(),
-            uri: self.s.uri.clone(),
-        })?;
+        if !self.logged.contains(&c.uuid) {
+            self.jrnl.log(&Entry::Clone {
+                name: c.name.clone(),
+                uuid: c.uuid.clone(),
+                uri: self.s.uri.clone(),
+            })?;
+        }
         let mut made = Made::default();
-        let res = self.build(c, &mut made);
+        // Its images made ahead are its own from here: removed with it if it fails.
+        let mut mine = BTreeMap::new();
+        for img in self.plan.images(&self.tpl.name, &c.name) {
+            let tmp = rbd::tmp_spec(&img.dest);
+            if let Some(a) = self.ahead.remove(&tmp) {
+                made.images.push(match &a {
+                    Ahead::Final(dest) => dest.clone(),
+                    Ahead::Made(_) | Ahead::Failed(_) => tmp.clone(),
+                });
+                mine.insert(tmp, a);
+            }
+        }
+        let res = self.build(c, &mut made, mine);
         if res.is_err() {
             // A defined clone is the run's to remove again: say so before it goes, or a
             // kill in the middle would leave its files to nobody.
@@ -382,6 +431,7 @@ impl Job<'_> {
             }
             let cluster = self.s.ceph.cluster().ok();
             for p in made.undo(cluster) {
+                self.leftovers = true;
                 self.ctx.warn(format!(
                     "while removing the unfinished clone '{}': {p}",
                     shown(&c.name)
@@ -391,11 +441,16 @@ impl Job<'_> {
         res
     }
 
-    fn build(&mut self, c: &NewClone, made: &mut Made) -> Result<Domain> {
+    fn build(
+        &mut self,
+        c: &NewClone,
+        made: &mut Made,
+        ahead: BTreeMap<tpl_ceph::ImageSpec, Ahead>,
+    ) -> Result<Domain> {
         let files = self.plan.files(&self.tpl.name, &c.name);
         let images = self.plan.images(&self.tpl.name, &c.name);
         let ready = self.write_files(c, &files, made)?;
-        let tmp_images = self.write_images(c, &images, made)?;
+        let tmp_images = self.write_images(c, &images, made, ahead)?;
         self.commit_files(c, &ready, made)?;
         self.commit_images(c, &images, &tmp_images, made)?;
         self.ctx.intr.check()?;
@@ -471,28 +526,41 @@ impl Job<'_> {
         Ok(ready)
     }
 
-    /// Make each RBD image under its temporary name.
+    /// Make each RBD image under its temporary name, or take the one made ahead; returns
+    /// each temporary image to rename, with its id when it is known already (None: made
+    /// ahead and renamed into place already).
+    #[allow(clippy::type_complexity)]
     fn write_images(
         &mut self,
         c: &NewClone,
         images: &[rbd::NewImage],
         made: &mut Made,
-    ) -> Result<Vec<tpl_ceph::ImageSpec>> {
+        mut ahead: BTreeMap<tpl_ceph::ImageSpec, Ahead>,
+    ) -> Result<Vec<Option<(tpl_ceph::ImageSpec, Option<String>)>>> {
         let mut out = Vec::new();
         for img in images {
             self.ctx.intr.check()?;
             let cluster = self.s.ceph.cluster_for(&img.src.source)?;
-            // Noted before the attempt: a failure after librbd made the image still
-            // leaves it to be removed.
-            made.images.push(rbd::tmp_spec(&img.dest));
-            let tmp = rbd::make(
-                self.ctx,
-                cluster,
-                &mut self.jrnl,
-                &c.uuid,
-                self.plan.mode,
-                img,
-            )?;
+            let tmp = rbd::tmp_spec(&img.dest);
+            let todo = match ahead.remove(&tmp) {
+                Some(Ahead::Failed(e)) => return Err(e),
+                Some(Ahead::Made(id)) => Some((tmp, Some(id))),
+                Some(Ahead::Final(_)) => None,
+                None => {
+                    // Noted before the attempt: a failure after librbd made the image
+                    // still leaves it to be removed.
+                    made.images.push(tmp);
+                    let tmp = rbd::make(
+                        self.ctx,
+                        cluster,
+                        &mut self.jrnl,
+                        &c.uuid,
+                        self.plan.mode,
+                        img,
+                    )?;
+                    Some((tmp, None))
+                }
+            };
             self.ctx.info(format!(
                 "{}: disk {} is {} '{}'",
                 shown(&c.name),
@@ -503,7 +571,7 @@ impl Job<'_> {
                 },
                 img.src.from
             ));
-            out.push(tmp);
+            out.push(todo);
         }
         Ok(out)
     }
@@ -513,12 +581,15 @@ impl Job<'_> {
         &mut self,
         c: &NewClone,
         images: &[rbd::NewImage],
-        tmps: &[tpl_ceph::ImageSpec],
+        tmps: &[Option<(tpl_ceph::ImageSpec, Option<String>)>],
         made: &mut Made,
     ) -> Result<()> {
-        for (img, tmp) in images.iter().zip(tmps) {
+        for (img, todo) in images.iter().zip(tmps) {
+            let Some((tmp, id)) = todo else {
+                continue; // renamed into place ahead
+            };
             let cluster = self.s.ceph.cluster_for(&img.src.source)?;
-            rbd::commit(cluster, &mut self.jrnl, &c.uuid, tmp, img)?;
+            rbd::commit(cluster, &mut self.jrnl, &c.uuid, tmp, id.clone(), img)?;
             made.images.retain(|i| i != tmp);
             made.images.push(img.dest.clone());
         }

@@ -170,30 +170,44 @@ pub fn make(
     Ok(tmp)
 }
 
-/// Rename a finished image to its final name (never over another), its id journaled first.
+/// Rename a finished image to its final name (never over another), its id (`id`, else
+/// read here) journaled first.
 pub fn commit(
     cluster: &Cluster,
     jrnl: &mut Journal,
     uuid: &str,
     tmp: &ImageSpec,
+    id: Option<String>,
     img: &NewImage,
 ) -> Result<()> {
-    let id = cluster
-        .info(tmp)
-        .map_err(|e| ceph_error(&format!("read '{tmp}'"), e))?
-        .id;
+    let id = match id {
+        Some(id) => id,
+        None => {
+            cluster
+                .info(tmp)
+                .map_err(|e| ceph_error(&format!("read '{tmp}'"), e))?
+                .id
+        }
+    };
     jrnl.log(&Entry::RbdFile {
         uuid: uuid.into(),
         image: img.dest.to_string(),
         id,
     })?;
-    cluster.rename(tmp, &img.dest.image).map_err(|e| match e {
+    cluster
+        .rename(tmp, &img.dest.image)
+        .map_err(|e| rename_error(tmp, &img.dest, e))?;
+    Ok(())
+}
+
+/// What a failed rename of a finished image to its final name is in tpl's terms.
+pub fn rename_error(tmp: &ImageSpec, dest: &ImageSpec, e: tpl_ceph::Error) -> Error {
+    match e {
         tpl_ceph::Error::AlreadyExists { .. } => Error::refused(
-            format!("cannot rename '{tmp}' to '{}'", img.dest),
+            format!("cannot rename '{tmp}' to '{dest}'"),
             "an image of that name appeared meanwhile, made by another run; nothing is ever \
              overwritten",
         ),
-        e => ceph_error(&format!("rename '{tmp}' to '{}'", img.dest), e),
-    })?;
-    Ok(())
+        e => ceph_error(&format!("rename '{tmp}' to '{dest}'"), e),
+    }
 }
