@@ -371,6 +371,8 @@ fn inventory_tree_records_orphans_and_filters() {
 
     // The tree on a terminal, then the same with --json there.
     let (code, tree, err) = list_on_terminal(&["--clones-of", &t.name]);
+    // Shown with --nocapture: what a user sees.
+    eprintln!("$ tpl-list --clones-of {}\n{tree}{err}", t.name);
     assert_eq!(code, 1, "{tree}{err}");
     let lines: Vec<&str> = tree.lines().collect();
     assert!(
