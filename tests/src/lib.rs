@@ -211,6 +211,16 @@ pub fn virsh(args: &[&str]) -> String {
     sh("virsh", &a)
 }
 
+/// A libvirt storage pool of a test, stopped and undefined when dropped.
+pub struct Pool(pub String);
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let _ = virsh_try(&["pool-destroy", &self.0]);
+        let _ = virsh_try(&["pool-undefine", &self.0]);
+    }
+}
+
 /// `virsh` that may fail: (success, stdout + stderr).
 pub fn virsh_try(args: &[&str]) -> (bool, String) {
     let out = Command::new("virsh")

@@ -74,15 +74,6 @@ fn spawn_on_terminal(args: &[&str]) -> (Child, std::os::fd::OwnedFd) {
 }
 
 /// A libvirt dir pool, removed on drop.
-struct Pool(String);
-
-impl Drop for Pool {
-    fn drop(&mut self) {
-        let _ = virsh_try(&["pool-destroy", &self.0]);
-        let _ = virsh_try(&["pool-undefine", &self.0]);
-    }
-}
-
 #[test]
 fn linked_clone_boots_with_its_own_identity() {
     let mut s = Scratch::new();

@@ -190,7 +190,19 @@ impl Session {
                 .and_then(|p| p.get_text())
             {
                 let path = PathBuf::from(path.trim());
-                out.push((p, path));
+                // A locality probe of a tpl tool running now (a transient pool of ours
+                // over its fresh directory holding only marker files) is not storage.
+                let probe = p
+                    .name()
+                    .is_ok_and(|n| n.starts_with(crate::locality::PREFIX))
+                    && !p.is_persistent().unwrap_or(true)
+                    && path.file_name().is_some_and(|f| {
+                        f.to_string_lossy()
+                            .starts_with(&format!(".{}", crate::locality::PREFIX))
+                    });
+                if !probe {
+                    out.push((p, path));
+                }
             }
         }
         Ok(out)
@@ -337,6 +349,16 @@ pub struct OtherDomain {
 pub struct Dependents {
     pub list: Vec<Dependent>,
     pub looked: String,
+}
+
+impl Dependents {
+    /// "1 linked clone depends" or "N linked clones depend", for the messages.
+    pub fn depend(&self) -> String {
+        match self.list.len() {
+            1 => "1 linked clone depends".into(),
+            n => format!("{n} linked clones depend"),
+        }
+    }
 }
 
 /// Accessors for one domain, with errors that name it.
