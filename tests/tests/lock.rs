@@ -200,7 +200,7 @@ fn unlock_is_refused_while_an_overlay_no_domain_names_backs_onto_the_template() 
 
     let r = run_lock(&["--unlock", &g.name]).fails(3).says(&[
         &format!("cannot unlock domain '{}'", g.name),
-        "linked clones depend on its images",
+        "1 linked clone depends on its images",
         overlay.to_str().unwrap(),
         "--force",
     ]);
@@ -306,7 +306,7 @@ fn unlock_is_refused_while_a_defined_domain_backs_onto_the_template() {
     ));
 
     run_lock(&["--unlock", &g.name]).fails(3).says(&[
-        "linked clones depend on its images",
+        "1 linked clone depends on its images",
         &format!("domain '{clone}' (disk vda: {})", overlay.display()),
     ]);
     assert_eq!(mode(&g.disk), 0o444);

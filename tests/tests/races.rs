@@ -134,7 +134,7 @@ fn a_linked_clone_racing_an_unlock_never_leaves_a_clone_on_a_writable_template()
     run("tpl-lock", &["--unlock", "--force", &t.name], None).ok(1);
     let before = sha256(&t.disk);
     run("tpl-generalize", &[&t.name], None).fails(3).says(&[
-        "linked clones depend on its images",
+        "1 linked clone depends on its images",
         &c,
         "--force",
     ]);

@@ -220,17 +220,17 @@ fn check_fit(ctx: &Ctx, dom: &Dom, args: &Args) -> Result<()> {
             return Err(Error::refused(
                 format!("cannot generalize domain '{name}'"),
                 format!(
-                    "{} linked clones depend on its images, and generalizing rewrites what \
+                    "{} on its images, and generalizing rewrites what \
                      they read: {names}; remove them first, or pass --force ({})",
-                    deps.list.len(),
+                    deps.depend(),
                     deps.looked
                 ),
             ));
         }
         ctx.warn(format!(
-            "generalizing domain '{name}' although {} linked clones depend on its images \
+            "generalizing domain '{name}' although {} on its images \
              (--force); they will read a changed image: {names}",
-            deps.list.len()
+            deps.depend()
         ));
     }
     if let Some(g) = &meta.template.generalized {

@@ -550,20 +550,20 @@ fn check_no_dependents(ctx: &Ctx, dom: &Dom, deps: &Dependents, force: bool) -> 
         return Err(Error::refused(
             format!("cannot unlock domain '{}'", shown(&dom.name)),
             format!(
-                "{} linked clones depend on its images: {names}; a change to the template \
+                "{} on its images: {names}; a change to the template \
                  would corrupt them: remove them (or flatten them with 'qemu-img rebase', \
                  'virsh blockpull' or 'rbd flatten') first, or pass --force ({})",
-                deps.list.len(),
+                deps.depend(),
                 deps.looked
             ),
         ));
     }
     ctx.warn(format!(
-        "unlocking domain '{}' although {} linked clones depend on its images (--force); \
+        "unlocking domain '{}' although {} on its images (--force); \
          any write to the template's files corrupts them (RBD clones keep reading their \
          snapshot, which stays): {names}",
         shown(&dom.name),
-        deps.list.len()
+        deps.depend()
     ));
     Ok(())
 }

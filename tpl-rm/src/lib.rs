@@ -258,10 +258,10 @@ impl Remover<'_> {
         }
         if !deps.list.is_empty() {
             return Err(refuse(format!(
-                "{} linked clones depend on its images: {}; removing it would break them: \
+                "{} on its images: {}; removing it would break them: \
                  remove them first, or with it: tpl-rm --with-clones {} (full clones are \
                  independent and stay) ({})",
-                deps.list.len(),
+                deps.depend(),
                 list(deps.list.iter(), "; "),
                 shown(&name),
                 deps.looked
