@@ -959,7 +959,8 @@ fn a_removal_racing_a_linked_clone_never_orphans_it() {
             // The clone won: the removal was refused, the template and clone stand.
             (Some(3), Some(0)) => {
                 assert!(
-                    String::from_utf8_lossy(&rm.stderr).contains("linked clones"),
+                    String::from_utf8_lossy(&rm.stderr)
+                        .contains("1 linked clone depends on its images"),
                     "{said}"
                 );
                 assert!(
