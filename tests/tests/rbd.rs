@@ -101,6 +101,40 @@ fn template_state(domain: &str, target: &str) -> (Option<String>, Option<bool>) 
     (src.snapshot, snap)
 }
 
+/// The arguments of a linked batch of `count` clones of `t` named PREFIX1…
+fn batch_args(t: &RbdGuest, count: usize, prefix: &str) -> Vec<String> {
+    vec![
+        t.name.clone(),
+        "--count".into(),
+        count.to_string(),
+        "--prefix".into(),
+        prefix.to_string(),
+        "--linked".into(),
+        "--no-identity".into(),
+    ]
+}
+
+/// How long a batch of `count` linked clones of `t` takes when nothing stops it (the span
+/// that stops are spread over); its clones are removed again.
+fn unstopped_batch(s: &mut RbdScratch, t: &RbdGuest, count: usize) -> Duration {
+    let base = format!("{}-base{count}-", s.prefix);
+    let args = batch_args(t, count, &base);
+    let t0 = Instant::now();
+    run(
+        "tpl-clone",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        None,
+    )
+    .ok(count);
+    let span = t0.elapsed();
+    assert_eq!(rbd_children(&t.pool, &t.image, SNAP).len(), count);
+    for n in domains_with_prefix(&base) {
+        s.remove_clone(&n);
+    }
+    assert_eq!(s.images(), BTreeSet::from([t.image.clone()]));
+    span
+}
+
 /// The whole job on an RBD-backed guest: the pipeline form (records on stdin) of
 /// generalize | lock | rename --disks renames the image in Ceph and points the domain at
 /// `POOL/NEW@tpl`; the locked template refuses to start; two linked clones (rbd clones of
@@ -338,33 +372,9 @@ fn kill_9_at_random_points_of_a_20_clone_rbd_batch_leaves_nothing_unaccounted() 
     let t = locked_rbd_template(&mut s, "tpl");
     let pool = t.pool.clone();
     let parent = at_snap(&pool, &t.image);
-    let batch = |prefix: &str| {
-        vec![
-            t.name.clone(),
-            "--count".into(),
-            "20".into(),
-            "--prefix".into(),
-            prefix.to_string(),
-            "--linked".into(),
-            "--no-identity".into(),
-        ]
-    };
+    let batch = |prefix: &str| batch_args(&t, 20, prefix);
     // What an unkilled batch takes: the span the kills are spread over.
-    let base = format!("{}-base-", s.prefix);
-    let t0 = Instant::now();
-    let args = batch(&base);
-    run(
-        "tpl-clone",
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        None,
-    )
-    .ok(20);
-    let span = t0.elapsed();
-    assert_eq!(rbd_children(&pool, &t.image, SNAP).len(), 20);
-    for n in domains_with_prefix(&base) {
-        s.remove_clone(&n);
-    }
-    assert_eq!(s.images(), BTreeSet::from([t.image.clone()]));
+    let span = unstopped_batch(&mut s, &t, 20);
 
     let mut rng = Rng::seeded("kill -9 of a 20-clone RBD batch");
     let trials = 12;
@@ -503,31 +513,8 @@ fn a_signal_in_an_rbd_batch_made_ahead_leaves_only_the_clones_it_defined() {
     let t = locked_rbd_template(&mut s, "sig");
     let pool = t.pool.clone();
     let parent = at_snap(&pool, &t.image);
-    let batch = |prefix: &str| {
-        vec![
-            t.name.clone(),
-            "--count".into(),
-            "40".into(),
-            "--prefix".into(),
-            prefix.to_string(),
-            "--linked".into(),
-            "--no-identity".into(),
-        ]
-    };
-    let base = format!("{}-sbase-", s.prefix);
-    let t0 = Instant::now();
-    let args = batch(&base);
-    run(
-        "tpl-clone",
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        None,
-    )
-    .ok(40);
-    let span = t0.elapsed();
-    for n in domains_with_prefix(&base) {
-        s.remove_clone(&n);
-    }
-    assert_eq!(s.images(), BTreeSet::from([t.image.clone()]));
+    let batch = |prefix: &str| batch_args(&t, 40, prefix);
+    let span = unstopped_batch(&mut s, &t, 40);
 
     let mut rng = Rng::seeded("a signal in an RBD batch made ahead");
     let signals = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP];
