@@ -101,6 +101,38 @@ fn template_state(domain: &str, target: &str) -> (Option<String>, Option<bool>) 
     (src.snapshot, snap)
 }
 
+/// The images the domains `doms` name (disk vda), checked: each is in `images` (the pool
+/// as listed), each is a clone of the template snapshot, and together they are exactly
+/// Ceph's clones of that snapshot.
+fn clones_of_snapshot(
+    t: &RbdGuest,
+    doms: &[String],
+    images: &BTreeSet<String>,
+    what: &str,
+) -> BTreeSet<String> {
+    let parent = at_snap(&t.pool, &t.image);
+    let mut named = BTreeSet::new();
+    for d in doms {
+        let image = rbd_source_of(d, "vda").image;
+        assert!(images.contains(&image), "{d} names a missing image: {what}");
+        assert_eq!(
+            rbd_parent(&t.pool, &image).as_deref(),
+            Some(parent.as_str()),
+            "{what}"
+        );
+        named.insert(image);
+    }
+    assert_eq!(
+        rbd_children(&t.pool, &t.image, SNAP),
+        named
+            .iter()
+            .map(|i| format!("{}/{i}", t.pool))
+            .collect::<BTreeSet<_>>(),
+        "Ceph's clones of the template snapshot are the domains' images: {what}"
+    );
+    named
+}
+
 /// The arguments of a linked batch of `count` clones of `t` named PREFIX1…
 fn batch_args(t: &RbdGuest, count: usize, prefix: &str) -> Vec<String> {
     vec![
@@ -371,7 +403,6 @@ fn kill_9_at_random_points_of_a_20_clone_rbd_batch_leaves_nothing_unaccounted() 
     let mut s = RbdScratch::new();
     let t = locked_rbd_template(&mut s, "tpl");
     let pool = t.pool.clone();
-    let parent = at_snap(&pool, &t.image);
     let batch = |prefix: &str| batch_args(&t, 20, prefix);
     // What an unkilled batch takes: the span the kills are spread over.
     let span = unstopped_batch(&mut s, &t, 20);
@@ -451,25 +482,7 @@ fn kill_9_at_random_points_of_a_20_clone_rbd_batch_leaves_nothing_unaccounted() 
             "temporary images left: {images:?}; {what}"
         );
         let doms = domains_with_prefix(&prefix);
-        let mut kids_want = BTreeSet::new();
-        for d in &doms {
-            let src = rbd_source_of(d, "vda");
-            assert!(
-                images.contains(&src.image),
-                "{d} names a missing image: {what}"
-            );
-            assert_eq!(
-                rbd_parent(&pool, &src.image).as_deref(),
-                Some(parent.as_str()),
-                "{what}"
-            );
-            kids_want.insert(format!("{pool}/{}", src.image));
-        }
-        assert_eq!(
-            rbd_children(&pool, &t.image, SNAP),
-            kids_want,
-            "Ceph's clones of the template snapshot are the domains' images: {what}"
-        );
+        clones_of_snapshot(&t, &doms, &images, &what);
         assert_eq!(
             template_state(&t.name, "vda"),
             (Some(SNAP.into()), Some(true)),
@@ -512,7 +525,6 @@ fn a_signal_in_an_rbd_batch_made_ahead_leaves_only_the_clones_it_defined() {
     let mut s = RbdScratch::new();
     let t = locked_rbd_template(&mut s, "sig");
     let pool = t.pool.clone();
-    let parent = at_snap(&pool, &t.image);
     let batch = |prefix: &str| batch_args(&t, 40, prefix);
     let span = unstopped_batch(&mut s, &t, 40);
 
@@ -549,8 +561,8 @@ fn a_signal_in_an_rbd_batch_made_ahead_leaves_only_the_clones_it_defined() {
             assert_eq!(out.status.signal(), Some(sig as i32), "{what}");
             stopped += 1;
         }
-        let named: BTreeSet<String> = doms.iter().map(|d| rbd_source_of(d, "vda").image).collect();
         let mut images = s.images();
+        let named = clones_of_snapshot(&t, &doms, &images, &what);
         images.remove(&t.image);
         assert_eq!(
             images,
@@ -560,21 +572,6 @@ fn a_signal_in_an_rbd_batch_made_ahead_leaves_only_the_clones_it_defined() {
                 &pool,
                 &images.difference(&named).cloned().collect::<Vec<_>>()
             )
-        );
-        for i in &named {
-            assert_eq!(
-                rbd_parent(&pool, i).as_deref(),
-                Some(parent.as_str()),
-                "{what}"
-            );
-        }
-        assert_eq!(
-            rbd_children(&pool, &t.image, SNAP),
-            named
-                .iter()
-                .map(|i| format!("{pool}/{i}"))
-                .collect::<BTreeSet<_>>(),
-            "Ceph's clones of the template snapshot are the defined clones' images: {what}"
         );
         assert!(
             journals_of(pid).is_empty(),
