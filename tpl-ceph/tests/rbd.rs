@@ -584,17 +584,28 @@ fn errors_name_the_image_and_the_errno() {
     );
 }
 
+/// The protected snapshot `@tpl` of a base image of `size` bytes (its first MiB written
+/// with pattern `seed`), and the names of 100 clones to make of it (`vm000`…).
+fn snapshot_and_100_kids(
+    c: &tpl_ceph::Cluster,
+    pool: &TestPool,
+    size: u64,
+    seed: u8,
+) -> (ImageSpec, Vec<ImageSpec>) {
+    let base = pool.image("base", size);
+    write(c, &base, 0, &pattern(seed, MIB as usize));
+    let snap = base.at("tpl");
+    c.snap_create(&snap).unwrap();
+    c.snap_protect(&snap).unwrap();
+    let kids = (0..100).map(|i| pool.spec(&format!("vm{i:03}"))).collect();
+    (snap, kids)
+}
+
 #[test]
 fn batch_of_100_clones_over_one_connection() {
     let c = connect();
     let pool = TestPool::new(&c);
-    let base = pool.image("base", 1024 * MIB);
-    write(&c, &base, 0, &pattern(8, MIB as usize));
-    let snap = base.at("tpl");
-    c.snap_create(&snap).unwrap();
-    c.snap_protect(&snap).unwrap();
-
-    let kids: Vec<ImageSpec> = (0..100).map(|i| pool.spec(&format!("vm{i:03}"))).collect();
+    let (snap, kids) = snapshot_and_100_kids(&c, &pool, 1024 * MIB, 8);
     let t0 = Instant::now();
     let results = c.clone_many(&snap, &kids, &defaults());
     let took = t0.elapsed();
@@ -642,13 +653,7 @@ fn batch_of_100_clones_over_one_connection() {
 fn one_connection_serves_several_threads_at_once() {
     let c = connect();
     let pool = TestPool::new(&c);
-    let base = pool.image("base", 64 * MIB);
-    write(&c, &base, 0, &pattern(9, MIB as usize));
-    let snap = base.at("tpl");
-    c.snap_create(&snap).unwrap();
-    c.snap_protect(&snap).unwrap();
-
-    let kids: Vec<ImageSpec> = (0..100).map(|i| pool.spec(&format!("vm{i:03}"))).collect();
+    let (snap, kids) = snapshot_and_100_kids(&c, &pool, 64 * MIB, 9);
     let next = std::sync::atomic::AtomicUsize::new(0);
     let t0 = Instant::now();
     let made: Vec<Vec<usize>> = std::thread::scope(|s| {
@@ -704,7 +709,7 @@ fn one_connection_serves_several_threads_at_once() {
         }
     });
     assert!(c.children(&snap).unwrap().is_empty());
-    assert_eq!(c.list(&pool.name).unwrap(), vec![base.image.clone()]);
+    assert_eq!(c.list(&pool.name).unwrap(), vec![snap.head().image]);
 }
 
 #[test]
