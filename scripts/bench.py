@@ -47,16 +47,15 @@ import os
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 
+from benchlib import URI, med, on_signal, run, timed, undefine, virsh
+
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("TPL_BIN_DIR", os.path.join(HERE, "target", "release"))
-URI = os.environ.get("URI", "qemu:///system")
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 LINKED = int(os.environ.get("BENCH_LINKED", "100"))
 INVENTORY = int(os.environ.get("BENCH_INVENTORY", "500"))
@@ -76,21 +75,6 @@ OVERLAY_BENCH = ["-w", "-t", "none", "-c", "20000", "-s", "4k", "-S", "64k"]
 
 def say(msg):
     print(f"bench: {msg}", file=sys.stderr, flush=True)
-
-
-def run(argv, **kw):
-    """Run a helper command (not measured); fail loudly with its stderr."""
-    p = subprocess.run(argv, capture_output=True, text=True, **kw)
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: exit {p.returncode}: {p.stderr.strip()}")
-    return p.stdout
-
-
-def virsh(*args, check=True):
-    p = subprocess.run(["virsh", "-q", "-c", URI, *args], capture_output=True, text=True)
-    if check and p.returncode != 0:
-        raise RuntimeError(f"virsh {' '.join(args)}: {p.stderr.strip()}")
-    return p.stdout
 
 
 COLD = []  # files whose pages are dropped before each measured command
@@ -115,23 +99,7 @@ def measure(argv, env=None, ok=(0,)):
     """Cold image, run argv, sync; (seconds incl. the sync, seconds of the command, peak RSS KiB).
     An exit status not in `ok` is a failure."""
     evict(COLD)
-    # Peak RSS through /usr/bin/time: a child forked from this Python process would
-    # count Python's own resident pages (about 17 MiB) as its peak.
-    with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r") as rss:
-        t0 = time.monotonic()
-        p = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", rss.name, *argv],
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=err, env=env)
-        p.wait()
-        t1 = time.monotonic()
-        os.sync()
-        t2 = time.monotonic()
-        if p.returncode not in ok:
-            err.seek(0)
-            raise RuntimeError(f"{' '.join(argv)}: exit {p.returncode}: "
-                               f"{err.read().decode(errors='replace').strip()}")
-        peak = int(rss.read().split()[-1])
-    return t2 - t0, t1 - t0, peak
+    return timed(argv, env, ok)
 
 
 # --- what this run creates, and its removal -------------------------------------------
@@ -140,7 +108,7 @@ def cleanup(root=ROOT, tag=TAG):
     """Undefine every domain of a run, unmount its loop file system, remove its directory."""
     names = [n for n in virsh("list", "--all", "--name", check=False).split()
              if n.startswith(tag + "-")]
-    undefine(names)
+    undefine(names, "--nvram")
     # virt-clone may have made storage pools for our directories.
     for pool in virsh("pool-list", "--all", "--name", check=False).split():
         x = virsh("pool-dumpxml", pool, check=False)
@@ -159,23 +127,12 @@ def cleanup(root=ROOT, tag=TAG):
     say(f"removed {root} and {len(names)} domain(s)")
 
 
-def undefine(names):
-    # One virsh for many commands: `virsh 'undefine a; undefine b'`.
-    for i in range(0, len(names), 50):
-        cmds = "; ".join(f"undefine --nvram {n}" for n in names[i:i + 50])
-        if cmds:
-            subprocess.run(["virsh", "-q", "-c", URI, cmds], capture_output=True)
-
-
 def remove_clones(prefix, directory):
-    undefine([n for n in virsh("list", "--all", "--name").split() if n.startswith(prefix)])
+    undefine([n for n in virsh("list", "--all", "--name").split() if n.startswith(prefix)],
+             "--nvram")
     for f in os.listdir(directory):
         if f.startswith(prefix):
             os.remove(os.path.join(directory, f))
-
-
-def on_signal(sig, _frame):
-    raise KeyboardInterrupt(f"signal {sig}")
 
 
 # --- the template ---------------------------------------------------------------------
@@ -400,10 +357,6 @@ def rss_of(argv):
 
 
 # --- the table ------------------------------------------------------------------------
-
-def med(rows, k):
-    return statistics.median(r[k] for r in rows)
-
 
 def table(results, targets):
     out = []

@@ -34,15 +34,14 @@ import os
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
+
+from benchlib import URI, med, on_signal, run, timed, undefine, virsh
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("TPL_BIN_DIR", os.path.join(HERE, "target", "release"))
-URI = os.environ.get("URI", "qemu:///system")
 CONF = os.environ.get("CEPH_CONF", "")
 CEPH_DIR = os.environ.get("TPL_CEPH_DIR", "/var/lib/tpl-ceph")
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
@@ -62,21 +61,6 @@ LOOP = "shell loop: rbd clone + virsh define"
 
 def say(msg):
     print(f"bench-rbd: {msg}", file=sys.stderr, flush=True)
-
-
-def run(argv, **kw):
-    """Run a helper command (not measured); fail loudly with its stderr."""
-    p = subprocess.run(argv, capture_output=True, text=True, **kw)
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: exit {p.returncode}: {p.stderr.strip()}")
-    return p.stdout
-
-
-def virsh(*args, check=True):
-    p = subprocess.run(["virsh", "-q", "-c", URI, *args], capture_output=True, text=True)
-    if check and p.returncode != 0:
-        raise RuntimeError(f"virsh {' '.join(args)}: {p.stderr.strip()}")
-    return p.stdout
 
 
 def ceph(*args, check=True):
@@ -100,20 +84,7 @@ def qemu_rbd(image):
 
 def measure(argv):
     """Run argv, then sync; (seconds incl. the sync, seconds of the command, peak RSS KiB)."""
-    with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r") as rss:
-        t0 = time.monotonic()
-        p = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", rss.name, *argv],
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
-        p.wait()
-        t1 = time.monotonic()
-        os.sync()
-        t2 = time.monotonic()
-        if p.returncode != 0:
-            err.seek(0)
-            raise RuntimeError(f"{' '.join(argv)}: exit {p.returncode}: "
-                               f"{err.read().decode(errors='replace').strip()}")
-        peak = int(rss.read().split()[-1])
-    return t2 - t0, t1 - t0, peak
+    return timed(argv)
 
 
 def used_bytes(images):
@@ -126,14 +97,6 @@ def used_bytes(images):
 
 
 # --- what this run creates, and its removal -------------------------------------------
-
-def undefine(names):
-    # One virsh for many commands: `virsh 'undefine a; undefine b'`.
-    for i in range(0, len(names), 50):
-        cmds = "; ".join(f"undefine {n}" for n in names[i:i + 50])
-        if cmds:
-            subprocess.run(["virsh", "-q", "-c", URI, cmds], capture_output=True)
-
 
 def cleanup(pool=POOL, tag=TAG, root=ROOT):
     """Undefine every domain of a run, delete its pool (all its images go with it)."""
@@ -155,10 +118,6 @@ def remove_clones(prefix):
     doms = [n for n in virsh("list", "--all", "--name").split() if n.startswith(prefix)]
     undefine(doms)
     remove_images([i for i in rbd("ls", POOL).split() if i.startswith(prefix)])
-
-
-def on_signal(sig, _frame):
-    raise KeyboardInterrupt(f"signal {sig}")
 
 
 # --- the template ---------------------------------------------------------------------
@@ -306,10 +265,6 @@ def full_clones(tpl, results):
 
 
 # --- the table ------------------------------------------------------------------------
-
-def med(rows, k):
-    return statistics.median(r[k] for r in rows)
-
 
 def table(results, targets):
     out = []
