@@ -403,19 +403,7 @@ impl<'a> Job<'a> {
             })?;
         }
         let mut made = Made::default();
-        // Its images made ahead are its own from here: removed with it if it fails.
-        let mut mine = BTreeMap::new();
-        for img in self.plan.images(&self.tpl.name, &c.name) {
-            let tmp = rbd::tmp_spec(&img.dest);
-            if let Some(a) = self.ahead.remove(&tmp) {
-                made.images.push(match &a {
-                    Ahead::Final(dest) => dest.clone(),
-                    Ahead::Made(_) | Ahead::Failed(_) => tmp.clone(),
-                });
-                mine.insert(tmp, a);
-            }
-        }
-        let res = self.build(c, &mut made, mine);
+        let res = self.build(c, &mut made);
         if res.is_err() {
             // A defined clone is the run's to remove again: say so before it goes, or a
             // kill in the middle would leave its files to nobody.
@@ -441,14 +429,21 @@ impl<'a> Job<'a> {
         res
     }
 
-    fn build(
-        &mut self,
-        c: &NewClone,
-        made: &mut Made,
-        ahead: BTreeMap<tpl_ceph::ImageSpec, Ahead>,
-    ) -> Result<Domain> {
+    fn build(&mut self, c: &NewClone, made: &mut Made) -> Result<Domain> {
         let files = self.plan.files(&self.tpl.name, &c.name);
         let images = self.plan.images(&self.tpl.name, &c.name);
+        // Its images made ahead are its own from here: removed with it if it fails.
+        let mut ahead = BTreeMap::new();
+        for img in &images {
+            let tmp = rbd::tmp_spec(&img.dest);
+            if let Some(a) = self.ahead.remove(&tmp) {
+                made.images.push(match &a {
+                    Ahead::Final(dest) => dest.clone(),
+                    Ahead::Made(_) | Ahead::Failed(_) => tmp.clone(),
+                });
+                ahead.insert(tmp, a);
+            }
+        }
         let ready = self.write_files(c, &files, made)?;
         let tmp_images = self.write_images(c, &images, made, ahead)?;
         self.commit_files(c, &ready, made)?;
