@@ -1,5 +1,6 @@
 //! The connection: one `rados_t` per [`Cluster`], reused for every
-//! operation (pools, images, mon commands).
+//! operation (pools, images, mon commands), and a second one, made on first
+//! use, for read-only opens that only look (see [`Cluster::reader`]).
 
 use std::ffi::CString;
 use std::net::SocketAddr;
@@ -84,6 +85,10 @@ pub struct MonAddr {
 /// first.
 pub struct Cluster {
     pub(crate) rados: sys::Rados,
+    /// The second connection read-only looks go through, made on first use: see
+    /// [`Cluster::reader`].
+    reader: std::sync::OnceLock<sys::Rados>,
+    opts: ConnectOptions,
     user: String,
 }
 
@@ -107,94 +112,136 @@ impl Cluster {
     /// Connects (reads the conf, authenticates, fetches the maps). Fails
     /// after `opts.timeout` when no monitor answers.
     pub fn connect(opts: &ConnectOptions) -> Result<Cluster> {
-        let user = opts
-            .user
-            .strip_prefix("client.")
-            .unwrap_or(&opts.user)
-            .to_string();
-        let c_user = c_name("user", &user)?;
-        let op0 = format!("connect to Ceph as client.{user}");
-        let rados =
-            sys::Rados::create(&c_user).map_err(|e| Error::from_errno(e, op0.clone(), None))?;
-
-        let conf_desc = match &opts.conf {
-            Some(p) => {
-                let c = c_path("conf", p)?;
-                rados.conf_read_file(Some(&c)).map_err(|e| {
-                    Error::from_errno(e, format!("{op0}: read ceph config {}", p.display()), None)
-                })?;
-                p.display().to_string()
-            }
-            None => match rados.conf_read_file(None) {
-                Ok(()) => match std::env::var("CEPH_CONF") {
-                    Ok(c) if !c.is_empty() => c,
-                    _ => "default search".into(),
-                },
-                // like the rbd CLI: go on with defaults (+ CEPH_ARGS)
-                Err(libc::ENOENT) => match std::env::var("CEPH_CONF") {
-                    Ok(c) if !c.is_empty() => format!("CEPH_CONF={c} not found"),
-                    _ => "none found ($CEPH_CONF unset, no /etc/ceph/ceph.conf)".into(),
-                },
-                Err(e) => {
-                    return Err(Error::from_errno(
-                        e,
-                        format!("{op0}: read ceph config"),
-                        None,
-                    ))
-                }
-            },
-        };
-        rados
-            .conf_parse_env()
-            .map_err(|e| Error::from_errno(e, format!("{op0}: parse $CEPH_ARGS"), None))?;
-
-        let set = |k: &str, v: &str| -> Result<()> {
-            let (ck, cv) = (
-                CString::new(k).unwrap_or_default(),
-                CString::new(v).unwrap_or_default(),
-            );
-            rados
-                .conf_set(&ck, &cv)
-                .map_err(|e| Error::from_errno(e, format!("{op0}: set {k} = {v}"), None))
-        };
-        if let Some(k) = &opts.keyring {
-            let ck = c_path("keyring", k)?;
-            rados.conf_set(c"keyring", &ck).map_err(|e| {
-                Error::from_errno(e, format!("{op0}: set keyring = {}", k.display()), None)
-            })?;
-        }
-        let secs = opts.timeout.as_secs().max(1).to_string();
-        set("client_mount_timeout", &secs)?;
-        set("rados_mon_op_timeout", &secs)?;
-        if !opts.library_log_to_stderr {
-            set("log_to_stderr", "false")?;
-            set("err_to_stderr", "false")?;
-        }
-
-        let mon_host = rados.conf_get(c"mon_host").unwrap_or_default();
-        let op = format!(
-            "{op0} (conf: {conf_desc}; mon_host: {})",
-            if mon_host.is_empty() {
-                "unset"
-            } else {
-                &mon_host
-            }
-        );
-        rados.connect().map_err(|e| {
-            let hint = match e {
-                libc::ETIMEDOUT => Some("no monitor answered in time: is the cluster up and mon_host right?"),
-                libc::ENOENT if mon_host.is_empty() => {
-                    Some("no monitor address: set CEPH_CONF to a ceph.conf with mon_host, or pass a conf")
-                }
-                libc::ENOENT => Some("no key for this user: the conf names no readable keyring, pass one"),
-                libc::EACCES | libc::EPERM => Some("cephx refused this user's key"),
-                _ => None,
-            };
-            Error::from_errno(e, op.clone(), hint)
-        })?;
-        Ok(Cluster { rados, user })
+        let (rados, user) = connect_rados(opts, None)?;
+        Ok(Cluster {
+            rados,
+            reader: std::sync::OnceLock::new(),
+            opts: opts.clone(),
+            user,
+        })
     }
 
+    /// The connection read-only opens that only look (info, snapshots, clones, watchers,
+    /// metadata, allocation, reads) go through: one with a single librados io_context
+    /// thread, made on first use.
+    ///
+    /// librbd 16.2.15 (Debian 12) completes an open (or any image state change) to the
+    /// caller and then, on the same io_context thread, locks the image's state again;
+    /// a close the caller makes at once can run to its end on librados' other
+    /// io_context thread meanwhile and free that state first: the process aborts
+    /// ("std::system_error: Invalid argument"). Seen on clones under CPU load, in about
+    /// 1 of 20 short tool runs; one io_context thread serialises the two (0 aborts in
+    /// 1600 such runs). The main connection keeps librados' two threads: with one,
+    /// librbd deadlocks in operations that wait on librados from inside a handler
+    /// (`rbd_snap_unprotect` hung that way).
+    pub(crate) fn reader(&self) -> Result<&sys::Rados> {
+        if let Some(r) = self.reader.get() {
+            return Ok(r);
+        }
+        let (r, _) = connect_rados(&self.opts, Some(1))?;
+        // Two threads may connect at once; the first stored wins, the other shuts down.
+        Ok(self.reader.get_or_init(|| r))
+    }
+}
+
+/// A connected `rados_t` for `opts`, with `io_threads` librados io_context threads
+/// (librados' default when None); and the cephx user without `client.`.
+fn connect_rados(opts: &ConnectOptions, io_threads: Option<u32>) -> Result<(sys::Rados, String)> {
+    let user = opts
+        .user
+        .strip_prefix("client.")
+        .unwrap_or(&opts.user)
+        .to_string();
+    let c_user = c_name("user", &user)?;
+    let op0 = format!("connect to Ceph as client.{user}");
+    let rados = sys::Rados::create(&c_user).map_err(|e| Error::from_errno(e, op0.clone(), None))?;
+
+    let conf_desc = match &opts.conf {
+        Some(p) => {
+            let c = c_path("conf", p)?;
+            rados.conf_read_file(Some(&c)).map_err(|e| {
+                Error::from_errno(e, format!("{op0}: read ceph config {}", p.display()), None)
+            })?;
+            p.display().to_string()
+        }
+        None => match rados.conf_read_file(None) {
+            Ok(()) => match std::env::var("CEPH_CONF") {
+                Ok(c) if !c.is_empty() => c,
+                _ => "default search".into(),
+            },
+            // like the rbd CLI: go on with defaults (+ CEPH_ARGS)
+            Err(libc::ENOENT) => match std::env::var("CEPH_CONF") {
+                Ok(c) if !c.is_empty() => format!("CEPH_CONF={c} not found"),
+                _ => "none found ($CEPH_CONF unset, no /etc/ceph/ceph.conf)".into(),
+            },
+            Err(e) => {
+                return Err(Error::from_errno(
+                    e,
+                    format!("{op0}: read ceph config"),
+                    None,
+                ))
+            }
+        },
+    };
+    rados
+        .conf_parse_env()
+        .map_err(|e| Error::from_errno(e, format!("{op0}: parse $CEPH_ARGS"), None))?;
+
+    let set = |k: &str, v: &str| -> Result<()> {
+        let (ck, cv) = (
+            CString::new(k).unwrap_or_default(),
+            CString::new(v).unwrap_or_default(),
+        );
+        rados
+            .conf_set(&ck, &cv)
+            .map_err(|e| Error::from_errno(e, format!("{op0}: set {k} = {v}"), None))
+    };
+    if let Some(k) = &opts.keyring {
+        let ck = c_path("keyring", k)?;
+        rados.conf_set(c"keyring", &ck).map_err(|e| {
+            Error::from_errno(e, format!("{op0}: set keyring = {}", k.display()), None)
+        })?;
+    }
+    let secs = opts.timeout.as_secs().max(1).to_string();
+    set("client_mount_timeout", &secs)?;
+    set("rados_mon_op_timeout", &secs)?;
+    if let Some(n) = io_threads {
+        set("librados_thread_count", &n.to_string())?;
+    }
+    if !opts.library_log_to_stderr {
+        set("log_to_stderr", "false")?;
+        set("err_to_stderr", "false")?;
+    }
+
+    let mon_host = rados.conf_get(c"mon_host").unwrap_or_default();
+    let op = format!(
+        "{op0} (conf: {conf_desc}; mon_host: {})",
+        if mon_host.is_empty() {
+            "unset"
+        } else {
+            &mon_host
+        }
+    );
+    rados.connect().map_err(|e| {
+        let hint = match e {
+            libc::ETIMEDOUT => {
+                Some("no monitor answered in time: is the cluster up and mon_host right?")
+            }
+            libc::ENOENT if mon_host.is_empty() => Some(
+                "no monitor address: set CEPH_CONF to a ceph.conf with mon_host, or pass a conf",
+            ),
+            libc::ENOENT => {
+                Some("no key for this user: the conf names no readable keyring, pass one")
+            }
+            libc::EACCES | libc::EPERM => Some("cephx refused this user's key"),
+            _ => None,
+        };
+        Error::from_errno(e, op.clone(), hint)
+    })?;
+    Ok((rados, user))
+}
+
+impl Cluster {
     /// The cephx user (without `client.`).
     pub fn user(&self) -> &str {
         &self.user

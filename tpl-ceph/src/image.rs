@@ -446,34 +446,54 @@ fn read_only_hint(errno: i32) -> Hint {
     (errno == libc::EROFS).then_some("the image is open read-only or at a snapshot")
 }
 
+fn ioctx_in<'r>(rados: &'r sys::Rados, spec: &ImageSpec, op: &str) -> Result<sys::IoCtx<'r>> {
+    let pool = spec.c_pool()?;
+    let ns = spec.c_namespace()?;
+    rados.ioctx(&pool, ns.as_deref()).map_err(|e| {
+        let hint = (e == libc::ENOENT).then_some("no such pool");
+        err(e, op, hint)
+    })
+}
+
+fn open_in<'r>(
+    io: sys::IoCtx<'r>,
+    spec: &ImageSpec,
+    read_only: bool,
+    op: &str,
+) -> Result<Image<'r>> {
+    spec.validate()?;
+    let name = spec.c_image()?;
+    let snap = spec.c_snap()?;
+    let inner = sys::Image::open(io, &name, snap.as_deref(), read_only).map_err(|e| {
+        let hint = match (e, &spec.snap) {
+            (libc::ENOENT, Some(_)) => Some("no such image or snapshot"),
+            (libc::ENOENT, None) => Some("no such image"),
+            _ => None,
+        };
+        err(e, op, hint)
+    })?;
+    Ok(Image {
+        inner,
+        spec: spec.clone(),
+        read_only: read_only || spec.snap.is_some(),
+    })
+}
+
 impl Cluster {
     fn ioctx_as(&self, spec: &ImageSpec, op: &str) -> Result<sys::IoCtx<'_>> {
-        let pool = spec.c_pool()?;
-        let ns = spec.c_namespace()?;
-        self.rados.ioctx(&pool, ns.as_deref()).map_err(|e| {
-            let hint = (e == libc::ENOENT).then_some("no such pool");
-            err(e, op, hint)
-        })
+        ioctx_in(&self.rados, spec, op)
     }
 
     fn open_as(&self, spec: &ImageSpec, read_only: bool, op: &str) -> Result<Image<'_>> {
-        spec.validate()?;
         let io = self.ioctx_as(spec, op)?;
-        let name = spec.c_image()?;
-        let snap = spec.c_snap()?;
-        let inner = sys::Image::open(io, &name, snap.as_deref(), read_only).map_err(|e| {
-            let hint = match (e, &spec.snap) {
-                (libc::ENOENT, Some(_)) => Some("no such image or snapshot"),
-                (libc::ENOENT, None) => Some("no such image"),
-                _ => None,
-            };
-            err(e, op, hint)
-        })?;
-        Ok(Image {
-            inner,
-            spec: spec.clone(),
-            read_only: read_only || spec.snap.is_some(),
-        })
+        open_in(io, spec, read_only, op)
+    }
+
+    /// Opens an image read-only through the [`Cluster::reader`] connection: for
+    /// operations that only look at it.
+    fn look_as(&self, spec: &ImageSpec, op: &str) -> Result<Image<'_>> {
+        let io = ioctx_in(self.reader()?, spec, op)?;
+        open_in(io, spec, true, op)
     }
 
     /// Opens an image read-write (read-only when `spec` names a snapshot).
@@ -485,7 +505,7 @@ impl Cluster {
     /// Opens an image read-only (no watch, no lock): for reading, listing
     /// and as a copy source.
     pub fn open_read_only(&self, spec: &ImageSpec) -> Result<Image<'_>> {
-        self.open_as(spec, true, &format!("open {spec} read-only"))
+        self.look_as(spec, &format!("open {spec} read-only"))
     }
 
     /// Image names in `pool` (default namespace).
@@ -513,7 +533,7 @@ impl Cluster {
     /// Whether the image (and the snapshot, when `spec` names one) exists.
     /// A missing pool is an error, not `false`.
     pub fn exists(&self, spec: &ImageSpec) -> Result<bool> {
-        match self.open_as(spec, true, &format!("check whether {spec} exists")) {
+        match self.look_as(spec, &format!("check whether {spec} exists")) {
             Ok(_) => Ok(true),
             Err(Error::NotFound {
                 hint: Some("no such pool"),
@@ -545,18 +565,13 @@ impl Cluster {
 
     /// [`Image::info`] of `spec` (at its snapshot if it names one).
     pub fn info(&self, spec: &ImageSpec) -> Result<ImageInfo> {
-        self.open_as(spec, true, &format!("get info of {spec}"))?
-            .info()
+        self.look_as(spec, &format!("get info of {spec}"))?.info()
     }
 
     /// [`Image::snapshots`] of `spec`'s image.
     pub fn snapshots(&self, spec: &ImageSpec) -> Result<Vec<SnapInfo>> {
-        self.open_as(
-            &spec.head(),
-            true,
-            &format!("list snapshots of {}", spec.head()),
-        )?
-        .snapshots()
+        self.look_as(&spec.head(), &format!("list snapshots of {}", spec.head()))?
+            .snapshots()
     }
 
     /// Creates snapshot `spec.snap`.
@@ -620,7 +635,7 @@ impl Cluster {
     /// cluster, all pools), including clones in the trash (marked).
     pub fn children(&self, spec: &ImageSpec) -> Result<Vec<Child>> {
         spec.require_snap("list children of")?;
-        self.open_as(spec, true, &format!("list children of {spec}"))?
+        self.look_as(spec, &format!("list children of {spec}"))?
             .children()
     }
 
@@ -824,19 +839,14 @@ impl Cluster {
     /// Clients that have the image open read-write: a running qemu shows up
     /// here. Empty = nobody uses it (at this instant).
     pub fn watchers(&self, spec: &ImageSpec) -> Result<Vec<Watcher>> {
-        self.open_as(
-            &spec.head(),
-            true,
-            &format!("list watchers of {}", spec.head()),
-        )?
-        .watchers()
+        self.look_as(&spec.head(), &format!("list watchers of {}", spec.head()))?
+            .watchers()
     }
 
     /// [`Image::metadata_get`].
     pub fn metadata_get(&self, spec: &ImageSpec, key: &str) -> Result<Option<String>> {
-        self.open_as(
+        self.look_as(
             &spec.head(),
-            true,
             &format!("get metadata {key:?} of {}", spec.head()),
         )?
         .metadata_get(key)
@@ -864,17 +874,13 @@ impl Cluster {
 
     /// [`Image::metadata_list`].
     pub fn metadata_list(&self, spec: &ImageSpec) -> Result<Vec<(String, String)>> {
-        self.open_as(
-            &spec.head(),
-            true,
-            &format!("list metadata of {}", spec.head()),
-        )?
-        .metadata_list()
+        self.look_as(&spec.head(), &format!("list metadata of {}", spec.head()))?
+            .metadata_list()
     }
 
     /// [`Image::allocated_bytes`] of `spec` (at its snapshot if given).
     pub fn allocated_bytes(&self, spec: &ImageSpec) -> Result<u64> {
-        self.open_as(spec, true, &format!("compute allocated bytes of {spec}"))?
+        self.look_as(spec, &format!("compute allocated bytes of {spec}"))?
             .allocated_bytes()
     }
 }

@@ -38,6 +38,9 @@ fn connect_reports_fsid_and_monitors_of_the_conf() {
     }
     assert!(mons.iter().any(|m| m.protocol == "v1"), "{mons:?}");
     assert_eq!(c.user(), "admin");
+    // librados' two io_context threads on the main connection: with one, librbd
+    // deadlocks in rbd_snap_unprotect (see Cluster::reader)
+    assert_eq!(c.conf_get("librados_thread_count").unwrap(), "2");
 }
 
 #[test]
