@@ -157,14 +157,20 @@ impl Ctx {
     /// files, their half-done renames and removals (of domain `held` only, whose lock the
     /// caller holds, or of any domain whose lock is free).
     pub fn recover(&self, s: &Session, held: Option<&str>) {
-        let removed = journal::clone::clean_dead(
+        let cleaned = journal::clone::clean_dead(
             &state::clone_journal_dir(),
             &s.uri,
             |uuid| s.domain_exists(uuid),
-            &mut |image, id| crate::rbd::remove_leftover(s.ceph.cluster().ok()?, image, id),
+            &mut |image, id| {
+                let cluster = s.ceph.cluster().map_err(|e| e.to_string())?;
+                crate::rbd::remove_leftover(cluster, image, id)
+            },
         );
-        for what in removed {
+        for what in cleaned.removed {
             self.info(format!("removed {what}, left by a killed tpl-clone"));
+        }
+        for why in cleaned.kept {
+            self.warn(why);
         }
         let lockdir = state::lock_dir();
         // the held lock stands for its domain; any other domain's lock is taken if free

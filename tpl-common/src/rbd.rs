@@ -208,24 +208,28 @@ pub fn ceph_error(what: &str, e: tpl_ceph::Error) -> Error {
 }
 
 /// Remove an RBD image a dead run left, if it is still there (and is the image with `id`,
-/// when given): whether it was removed, None when the cluster cannot tell. An image that
+/// when given): whether it was removed, or why it cannot be yet. An image that
 /// cannot be opened is removed all the same: an `rbd clone` killed halfway leaves one that
 /// is listed but has no header, an `rbd rename` killed halfway one listed under its new
 /// name that does not open, and only a removal clears them.
-pub fn remove_leftover(cluster: &Cluster, image: &str, id: Option<&str>) -> Option<bool> {
+pub fn remove_leftover(
+    cluster: &Cluster,
+    image: &str,
+    id: Option<&str>,
+) -> std::result::Result<bool, String> {
     let Ok(spec) = image.parse::<ImageSpec>() else {
-        return Some(false);
+        return Ok(false);
     };
     if let Some(id) = id {
         match cluster.info(&spec) {
             Ok(i) if i.id == id => {}
             // another image took the name since: not ours
-            Ok(_) => return Some(false),
+            Ok(_) => return Ok(false),
             // Either gone, or a rename from the run's temporary name killed halfway
             // (listed under the final name, not openable): the removal below tells them
             // apart, and an image that cannot be opened is nobody's working image.
             Err(tpl_ceph::Error::NotFound { .. }) => {}
-            Err(_) => return None,
+            Err(e) => return Err(e.to_string()),
         }
     }
     // The only client that can watch an image a dead run was making is that dead run
@@ -234,12 +238,15 @@ pub fn remove_leftover(cluster: &Cluster, image: &str, id: Option<&str>) -> Opti
     let deadline = std::time::Instant::now() + LEFTOVER_WATCH_WAIT;
     loop {
         match cluster.remove(&spec) {
-            Ok(()) => return Some(true),
-            Err(tpl_ceph::Error::NotFound { .. }) => return Some(false),
+            Ok(()) => return Ok(true),
+            Err(tpl_ceph::Error::NotFound { .. }) => return Ok(false),
             Err(tpl_ceph::Error::Busy { .. }) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(500));
             }
-            Err(_) => return None,
+            Err(e @ tpl_ceph::Error::Busy { .. }) => {
+                return Err(format!("{e} (still, after {LEFTOVER_WATCH_WAIT:?})"))
+            }
+            Err(e) => return Err(e.to_string()),
         }
     }
 }

@@ -79,9 +79,17 @@ pub enum Entry {
 }
 
 /// Removing an RBD image a dead run left: `remove(image, id)` removes it if it exists (and,
-/// with an id, only if it is that very image), and says whether it did; None when it
-/// cannot tell (the cluster does not answer: the journal is kept for a later run).
-pub type RemoveImage<'a> = &'a mut dyn FnMut(&str, Option<&str>) -> Option<bool>;
+/// with an id, only if it is that very image), and says whether it did; an error (why it
+/// cannot) keeps the journal for a later run.
+pub type RemoveImage<'a> = &'a mut dyn FnMut(&str, Option<&str>) -> Result<bool, String>;
+
+/// What cleaning the dead runs' journals did: what it removed, and why it kept a journal
+/// for a later run.
+#[derive(Debug, Default, PartialEq)]
+pub struct Cleaned {
+    pub removed: Vec<String>,
+    pub kept: Vec<String>,
+}
 
 /// Note the file at `tmp` (finished) before renaming it to `final_path`.
 pub fn log_file(j: &mut Journal, uuid: &str, tmp: &Path, final_path: &Path) -> Result<()> {
@@ -96,14 +104,15 @@ pub fn log_file(j: &mut Journal, uuid: &str, tmp: &Path, final_path: &Path) -> R
 
 /// Clean every journal in `dir` whose run is dead and whose clones are all on `uri`.
 /// `domain_exists(uuid)` says whether a clone was finished (`None`: cannot tell, keep the
-/// journal for a later run). Returns what was removed, for the messages.
+/// journal for a later run). Returns what was removed and why a journal was kept, for the
+/// messages.
 pub fn clean_dead(
     dir: &Path,
     uri: &str,
     mut domain_exists: impl FnMut(&str) -> Option<bool>,
     remove_image: RemoveImage,
-) -> Vec<String> {
-    let mut done = Vec::new();
+) -> Cleaned {
+    let mut done = Cleaned::default();
     for d in dead::<Entry>(dir, KIND) {
         let ours = d
             .entries
@@ -112,20 +121,27 @@ pub fn clean_dead(
         if !ours {
             continue;
         }
-        if let Some(removed) = clean_one(&d.entries, &mut domain_exists, remove_image) {
-            done.extend(removed);
-            d.remove();
+        let mut removed = Vec::new();
+        match clean_one(&d.entries, &mut domain_exists, remove_image, &mut removed) {
+            Ok(()) => d.remove(),
+            Err(why) => done.kept.push(format!(
+                "kept the journal {} of a killed tpl-clone for a later run: {why}",
+                shown_path(&d.path)
+            )),
         }
+        done.removed.extend(removed);
     }
     done
 }
 
-/// Undo the unfinished clones of one dead journal; None to keep it (libvirt cannot tell).
+/// Undo the unfinished clones of one dead journal, noting what it removed in `removed`;
+/// an error says why the journal must be kept (libvirt or Ceph cannot tell or refuse).
 fn clean_one(
     entries: &[Entry],
     domain_exists: &mut impl FnMut(&str) -> Option<bool>,
     remove_image: RemoveImage,
-) -> Option<Vec<String>> {
+    removed: &mut Vec<String>,
+) -> Result<(), String> {
     // In journal order: a clone undone after it was done is unfinished again.
     let mut finished = BTreeSet::new();
     for e in entries {
@@ -139,7 +155,6 @@ fn clean_one(
             _ => {}
         }
     }
-    let mut removed = Vec::new();
     for e in entries {
         let Entry::Clone { name, uuid, .. } = e else {
             continue;
@@ -147,8 +162,15 @@ fn clean_one(
         if finished.contains(uuid.as_str()) {
             continue;
         }
-        if domain_exists(uuid)? {
-            continue; // finished: its files are the domain's now
+        match domain_exists(uuid) {
+            Some(true) => continue, // finished: its files are the domain's now
+            Some(false) => {}
+            None => {
+                return Err(format!(
+                    "libvirt cannot tell whether clone '{}' was defined",
+                    crate::text::shown(name)
+                ))
+            }
         }
         for f in entries {
             match f {
@@ -182,7 +204,13 @@ fn clean_one(
                         Entry::RbdFile { id, .. } => (Some(id.as_str()), "RBD image"),
                         _ => (None, "temporary RBD image"),
                     };
-                    let gone = remove_image(image, id)?;
+                    let gone = remove_image(image, id).map_err(|e| {
+                        format!(
+                            "cannot remove {what} '{}' of unfinished clone '{}' yet: {e}",
+                            crate::text::shown(image),
+                            crate::text::shown(name)
+                        )
+                    })?;
                     removed.extend(gone.then(|| {
                         format!(
                             "{what} '{}' of unfinished clone '{}'",
@@ -195,7 +223,7 @@ fn clean_one(
             }
         }
     }
-    Some(removed)
+    Ok(())
 }
 
 /// This host's name as it goes into temporary file names: the characters a file name
@@ -375,9 +403,10 @@ mod tests {
             &jdir,
             "test:///x",
             |uuid| Some(uuid == "u2"),
-            &mut |_, _| Some(false),
+            &mut |_, _| Ok(false),
         );
-        assert_eq!(removed.len(), 2, "{removed:?}");
+        assert_eq!(removed.removed.len(), 2, "{removed:?}");
+        assert!(removed.kept.is_empty(), "{removed:?}");
         assert!(!tmp.exists() && !a.exists() && !new.exists());
         assert!(b.exists(), "a file that is not the one journaled stays");
         assert!(c.exists(), "a finished clone's file stays");
@@ -434,9 +463,10 @@ mod tests {
                 asked.push(uuid.to_string());
                 Some(false)
             },
-            &mut |_, _| Some(false),
+            &mut |_, _| Ok(false),
         );
-        assert_eq!(removed.len(), 2, "{removed:?}");
+        assert_eq!(removed.removed.len(), 2, "{removed:?}");
+        assert!(removed.kept.is_empty(), "{removed:?}");
         assert!(
             a.exists(),
             "a finished clone's image stays after its domain went"
@@ -457,7 +487,46 @@ mod tests {
             uri: "x".into(),
         };
         write_journal(&jpath, &[e], "");
-        assert!(clean_dead(d.path(), "x", |_| None, &mut |_, _| Some(false)).is_empty());
+        let c = clean_dead(d.path(), "x", |_| None, &mut |_, _| Ok(false));
+        assert!(c.removed.is_empty(), "{c:?}");
+        assert_eq!(c.kept.len(), 1, "{c:?}");
+        assert!(c.kept[0].contains("libvirt cannot tell"), "{c:?}");
+        assert!(jpath.exists());
+    }
+
+    #[test]
+    fn an_image_ceph_will_not_remove_yet_keeps_the_journal_and_says_why() {
+        let d = tempfile::tempdir().unwrap();
+        let pid = dead_pid();
+        let jpath = d.path().join(format!("tpl-clone-{pid}-0badf00d.journal"));
+        let mut entries = Vec::new();
+        for (n, u) in [("a", "u1"), ("b", "u2")] {
+            entries.push(Entry::Clone {
+                name: n.into(),
+                uuid: u.into(),
+                uri: "x".into(),
+            });
+            entries.push(Entry::RbdTmp {
+                uuid: u.into(),
+                image: format!("p/.{n}.tmp"),
+            });
+        }
+        write_journal(&jpath, &entries, "");
+        let c = clean_dead(d.path(), "x", |_| Some(false), &mut |image, _| {
+            if image == "p/.b.tmp" {
+                Err("it has watchers".into())
+            } else {
+                Ok(true)
+            }
+        });
+        // what could go went, and is said; the journal stays for what could not
+        assert_eq!(c.removed.len(), 1, "{c:?}");
+        assert!(c.removed[0].contains("p/.a.tmp"), "{c:?}");
+        assert_eq!(c.kept.len(), 1, "{c:?}");
+        assert!(
+            c.kept[0].contains("'p/.b.tmp'") && c.kept[0].contains("it has watchers"),
+            "{c:?}"
+        );
         assert!(jpath.exists());
     }
 
