@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::ops::ControlFlow;
 use std::time::Instant;
 
-use common::{connect, connect_timed, pattern, read, write, TestPool, MIB};
+use common::{child_specs, connect, connect_timed, pattern, read, write, TestPool, MIB};
 use tpl_ceph::{Error, Features, ImageSpec, NewImageOptions};
 
 fn defaults() -> NewImageOptions {
@@ -236,12 +236,7 @@ fn rename_never_overwrites() {
     c.snap_protect(&snap).unwrap();
     c.clone_image(&snap, &pool.spec("k"), &defaults()).unwrap();
     let k2 = c.rename(&pool.spec("k"), "k2").unwrap();
-    let kids: Vec<ImageSpec> = c
-        .children(&snap)
-        .unwrap()
-        .into_iter()
-        .map(|k| k.spec)
-        .collect();
+    let kids: Vec<ImageSpec> = child_specs(&c, &snap);
     assert_eq!(kids, std::slice::from_ref(&k2));
     assert_eq!(c.info(&k2).unwrap().parent.unwrap().spec, snap);
 }
@@ -423,12 +418,7 @@ fn deep_copy_keeps_snapshots_copy_does_not() {
     c.copy(&kid, &full, &defaults()).unwrap();
     assert!(c.info(&full).unwrap().parent.is_none());
     assert_eq!(read(&c, &full, 0, v1.len()), v1);
-    let kids: Vec<ImageSpec> = c
-        .children(&snap)
-        .unwrap()
-        .into_iter()
-        .map(|k| k.spec)
-        .collect();
+    let kids: Vec<ImageSpec> = child_specs(&c, &snap);
     assert_eq!(
         kids,
         std::slice::from_ref(&kid),
@@ -620,12 +610,7 @@ fn batch_of_100_clones_over_one_connection() {
         took.as_secs_f64() * 1000.0 / 100.0
     );
     let t0 = Instant::now();
-    let listed: BTreeSet<ImageSpec> = c
-        .children(&snap)
-        .unwrap()
-        .into_iter()
-        .map(|k| k.spec)
-        .collect();
+    let listed: BTreeSet<ImageSpec> = child_specs(&c, &snap);
     println!("children of a snapshot with 100 clones: {:?}", t0.elapsed());
     assert_eq!(listed, kids.iter().cloned().collect());
 
@@ -688,12 +673,7 @@ fn one_connection_serves_several_threads_at_once() {
         made.iter().filter(|m| !m.is_empty()).count() > 1,
         "{made:?}"
     );
-    let listed: BTreeSet<ImageSpec> = c
-        .children(&snap)
-        .unwrap()
-        .into_iter()
-        .map(|k| k.spec)
-        .collect();
+    let listed: BTreeSet<ImageSpec> = child_specs(&c, &snap);
     assert_eq!(listed, kids.iter().cloned().collect());
 
     let renamed: Vec<ImageSpec> = kids

@@ -130,3 +130,13 @@ pub fn write(cluster: &Cluster, spec: &ImageSpec, offset: u64, data: &[u8]) {
 }
 
 pub const MIB: u64 = 1 << 20;
+
+/// The clones of snapshot `snap`, as specs, in the collection the caller wants.
+pub fn child_specs<C: FromIterator<ImageSpec>>(cluster: &Cluster, snap: &ImageSpec) -> C {
+    cluster
+        .children(snap)
+        .unwrap()
+        .into_iter()
+        .map(|k| k.spec)
+        .collect()
+}
