@@ -701,6 +701,32 @@ pub fn wait_for_journal_recovery(pid: u32, bound: Duration) -> Duration {
     t0.elapsed()
 }
 
+/// Run `tool ARGS` again while a journal of the dead tpl-clone run `pid` is left, up to
+/// `bound`, each run exiting with one of `codes` (else fail, saying `what`): the later
+/// runs that finish what the next one had to keep (and said why). Returns what each said.
+pub fn later_runs_until_recovered(
+    pid: u32,
+    tool: &str,
+    args: &[&str],
+    codes: &[i32],
+    bound: Duration,
+    what: &str,
+) -> Vec<String> {
+    let mut said = Vec::new();
+    let t0 = Instant::now();
+    while !journals_of(pid).is_empty() && t0.elapsed() < bound {
+        let r = run(tool, args, None);
+        assert!(
+            codes.contains(&r.code),
+            "{what}; a later run of {tool} exited {}: {}",
+            r.code,
+            r.stderr
+        );
+        said.push(r.stderr.trim().to_string());
+    }
+    said
+}
+
 /// The temporary name under which run `pid` of tpl-clone writes `dir/file`:
 /// `.FILE.tpl-tmp-HOST-PID`.
 pub fn tmp_of(dir: &Path, file: &str, pid: u32) -> PathBuf {

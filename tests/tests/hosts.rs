@@ -352,17 +352,14 @@ fn a_killed_cross_host_batch_heals_on_the_next_run() {
         assert!(r.code == 0 || r.code == 1, "{what}");
         // Unless Ceph would not let it remove an image yet: then that run kept the journal,
         // said why, and a later run finishes the job.
-        let mut later = Vec::new();
-        let t_later = Instant::now();
-        while !journals_of(pid).is_empty() && t_later.elapsed() < Duration::from_secs(120) {
-            let r = run("tpl-list", &["-c", HV2, "--all", "--json"], None);
-            assert!(
-                r.code == 0 || r.code == 1,
-                "{what}; a later run: {}",
-                r.stderr
-            );
-            later.push(r.stderr.trim().to_string());
-        }
+        let later = later_runs_until_recovered(
+            pid,
+            "tpl-list",
+            &["-c", HV2, "--all", "--json"],
+            &[0, 1],
+            Duration::from_secs(120),
+            &what,
+        );
         let what = format!("{what}; later runs said: {later:?}");
         let defined: Vec<String> = hv
             .domains()

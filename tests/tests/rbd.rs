@@ -470,13 +470,15 @@ fn kill_9_at_random_points_of_a_20_clone_rbd_batch_leaves_nothing_unaccounted() 
         // ...and the next run removed what the killed one left, journal included; unless
         // Ceph would not let it yet (a watch of the dead run outliving the wait, say): then
         // that run kept the journal, said why, and a later run finishes the job.
-        let mut later = Vec::new();
         let t_later = Instant::now();
-        while !journals_of(pid).is_empty() && t_later.elapsed() < Duration::from_secs(120) {
-            let r = run("tpl-lock", &["--dry-run", &t.name], None);
-            assert_eq!(r.code, 0, "{what}; a later run: {}", r.stderr);
-            later.push(r.stderr.trim().to_string());
-        }
+        let later = later_runs_until_recovered(
+            pid,
+            "tpl-lock",
+            &["--dry-run", &t.name],
+            &[0],
+            Duration::from_secs(120),
+            &what,
+        );
         if !later.is_empty() {
             kept_for_later += 1;
             eprintln!(
