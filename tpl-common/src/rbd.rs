@@ -234,13 +234,30 @@ pub fn remove_leftover(
     }
     // The only client that can watch an image a dead run was making is that dead run
     // (no domain names it): its watch lingers until Ceph times it out (30 s by default),
-    // and the removal waits for that rather than leave the image to a later run.
+    // and the removal waits for that rather than leave the image to a later run. Ceph
+    // does not always time it out: a watch of a killed run outlived two minutes in CI.
+    // A temporary image (named after this host and the dead run's pid) is nobody else's,
+    // so its watchers are blocklisted, as `rbd` advises for a dead client's watch; a
+    // final-named image is only waited for.
     let deadline = std::time::Instant::now() + LEFTOVER_WATCH_WAIT;
+    let mut blocklisted = false;
     loop {
         match cluster.remove(&spec) {
             Ok(()) => return Ok(true),
             Err(tpl_ceph::Error::NotFound { .. }) => return Ok(false),
             Err(tpl_ceph::Error::Busy { .. }) if std::time::Instant::now() < deadline => {
+                if id.is_none() && !blocklisted {
+                    blocklisted = true;
+                    for w in cluster.watchers(&spec).map_err(|e| e.to_string())? {
+                        cluster
+                            .mon_command(&serde_json::json!({
+                                "prefix": "osd blocklist",
+                                "blocklistop": "add",
+                                "addr": w.addr,
+                            }))
+                            .map_err(|e| format!("blocklist the dead run's watch: {e}"))?;
+                    }
+                }
                 std::thread::sleep(std::time::Duration::from_millis(500));
             }
             Err(e @ tpl_ceph::Error::Busy { .. }) => {
