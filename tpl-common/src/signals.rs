@@ -9,6 +9,11 @@
 //! sees it was interrupted, not that it failed (the convention of cp, fd and ripgrep).
 //! SIGHUP is among them because long clones run over ssh, and a dropped session hangs up
 //! the terminal. kill -9 cannot be caught; the journals handle that.
+//!
+//! A signal that was ignored when the tool started stays ignored, as it does for every Unix
+//! tool: `nohup tpl-clone …` survives the hang-up, and a job a script started in the
+//! background (`tpl-clone … &`, which the shell starts with SIGINT ignored) is not stopped
+//! by a Ctrl-C meant for the foreground.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -25,10 +30,14 @@ pub const STOPPING: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 pub struct Interrupt(Arc<AtomicUsize>);
 
 impl Interrupt {
-    /// Catch SIGINT, SIGTERM and SIGHUP from now on.
+    /// Catch SIGINT, SIGTERM and SIGHUP from now on, those of them that the process did
+    /// not inherit as ignored.
     pub fn install() -> Result<Interrupt> {
         let flag = Arc::new(AtomicUsize::new(0));
         for sig in STOPPING {
+            if ignored_at_start(sig) {
+                continue;
+            }
             signal_hook::flag::register_usize(sig, flag.clone(), sig as usize).map_err(|e| {
                 Error::failed(
                     format!("cannot install the {} handler", signal_name(sig)),
@@ -70,6 +79,20 @@ impl Interrupt {
         let _ = unsafe { signal::signal(s, SigHandler::SigDfl) };
         let _ = signal::raise(s);
     }
+}
+
+/// Whether `sig` is ignored now (SIG_IGN): what a process inherits from `nohup` or from a
+/// shell that starts a background job without job control.
+fn ignored_at_start(sig: i32) -> bool {
+    let mut old = std::mem::MaybeUninit::<libc::sigaction>::zeroed();
+    #[allow(unsafe_code)]
+    // SAFETY: a null new action only reads the current one into `old`, which is zeroed
+    // memory of the right type and lives through the call.
+    let rc = unsafe { libc::sigaction(sig, std::ptr::null(), old.as_mut_ptr()) };
+    #[allow(unsafe_code)]
+    // SAFETY: sigaction filled it (rc 0), or it is still the zeroed value, a valid one.
+    let old = unsafe { old.assume_init() };
+    rc == 0 && old.sa_sigaction == libc::SIG_IGN
 }
 
 /// A signal's name for messages.
