@@ -121,11 +121,74 @@ impl Run {
     }
 }
 
-/// The environment every tool runs with in tests: the system libvirt, and libguestfs in
-/// TCG mode (this machine's KVM cannot run `-cpu host`; see docs/ENVIRONMENT.md).
+/// Where the tests' state directories live: one per test (see [`state_dir`]).
+pub const STATE_ROOT: &str = "/var/lib/tpl-test";
+
+/// The state directory of the test running on this thread, made on first use and removed
+/// when the test's thread ends.
+struct TestState {
+    dir: PathBuf,
+}
+
+impl Drop for TestState {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+thread_local! {
+    static STATE: OnceLock<TestState> = const { OnceLock::new() };
+}
+
+/// This test's own `TPL_STATE_DIR` (`/var/lib/tpl-test/tpltest-PID-sN`): every tool a test
+/// runs keeps its locks and journals there, so that the tools of two tests running at once
+/// never recover, wait for or lock each other's work. Tools that one test runs share it,
+/// as the tools on a host share /var/lib/tpl: that sharing is what the race tests test.
+/// Libtest runs each test on a thread of its own; none of the tests' helper threads runs a
+/// tool.
+pub fn state_dir() -> PathBuf {
+    STATE.with(|s| {
+        s.get_or_init(|| {
+            let dir = Path::new(STATE_ROOT).join(format!(
+                "{PREFIX}-{}-s{}",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::SeqCst)
+            ));
+            fs::create_dir_all(&dir).unwrap();
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+            TestState { dir }
+        })
+        .dir
+        .clone()
+    })
+}
+
+/// Give every signal that stops a tool its default disposition in a child, whatever the
+/// test run inherited: a `cargo test` started in the background by a script has SIGINT
+/// ignored, which its children inherit, and a tool or a shell then (rightly) leaves it
+/// ignored. The tests send these signals as a terminal or `kill` would to a foreground job.
+fn default_signals(c: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    #[allow(unsafe_code)]
+    // SAFETY: between fork and exec only signal(2), which is async-signal-safe, runs.
+    unsafe {
+        c.pre_exec(|| {
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+            Ok(())
+        })
+    }
+}
+
+/// The environment every tool runs with in tests: the system libvirt, this test's own
+/// state directory, the stopping signals at their defaults, and libguestfs in TCG mode
+/// (this machine's KVM cannot run `-cpu host`; see docs/ENVIRONMENT.md).
 pub fn test_env(c: &mut Command) -> &mut Command {
     let keep = |k: &str, default: &str| std::env::var(k).unwrap_or_else(|_| default.into());
-    c.env_remove("LIBVIRT_DEFAULT_URI")
+    default_signals(c)
+        .env_remove("LIBVIRT_DEFAULT_URI")
+        .env("TPL_STATE_DIR", state_dir())
         .env("LIBGUESTFS_BACKEND", keep("LIBGUESTFS_BACKEND", "direct"))
         .env(
             "LIBGUESTFS_BACKEND_SETTINGS",
@@ -276,8 +339,8 @@ fn sweep_stale() {
     for n in names.lines().map(str::trim).filter(|n| dead(n)) {
         remove_domain(n);
     }
-    if let Ok(rd) = fs::read_dir(IMAGES) {
-        for e in rd.flatten() {
+    for dir in [IMAGES, STATE_ROOT] {
+        for e in fs::read_dir(dir).into_iter().flatten().flatten() {
             if dead(&e.file_name().to_string_lossy()) {
                 force_remove_dir(&e.path());
             }
@@ -656,13 +719,15 @@ pub fn same_content(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// Where tpl-clone keeps its journals (the tools run as root here: state in /var/lib/tpl).
-pub const JOURNALS: &str = "/var/lib/tpl/clone-journal";
+/// Where tpl-clone keeps its journals: in this test's state directory.
+pub fn journals_dir() -> PathBuf {
+    state_dir().join("clone-journal")
+}
 
 /// tpl-clone's journal files of a run that exist now: `tpl-clone-<pid>-<random>.journal`,
 /// or `.journal-new` while it is being created.
 pub fn journals_of(pid: u32) -> Vec<PathBuf> {
-    let Ok(rd) = fs::read_dir(JOURNALS) else {
+    let Ok(rd) = fs::read_dir(journals_dir()) else {
         return Vec::new();
     };
     rd.flatten()
@@ -673,58 +738,6 @@ pub fn journals_of(pid: u32) -> Vec<PathBuf> {
         })
         .map(|e| e.path())
         .collect()
-}
-
-/// Wait (up to `bound`) until no live process holds the lock of a journal of the dead
-/// tpl-clone run `pid`: a tool of another test may be recovering it right now (every tool
-/// recovers every dead run's journal, and skips one another tool is recovering), so what
-/// the dead run left is that tool's to remove. Returns how long it waited.
-pub fn wait_for_journal_recovery(pid: u32, bound: Duration) -> Duration {
-    let t0 = Instant::now();
-    for j in journals_of(pid) {
-        let Ok(f) = fs::File::open(&j) else {
-            continue; // recovered and removed meanwhile
-        };
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            // blocks until the recovering process lets go; released at once
-            let _ =
-                tx.send(nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).is_ok());
-        });
-        let left = bound.saturating_sub(t0.elapsed());
-        assert!(
-            rx.recv_timeout(left).is_ok(),
-            "the journal {} of the dead tpl-clone run {pid} is still held by a live process after {bound:?}",
-            j.display()
-        );
-    }
-    t0.elapsed()
-}
-
-/// Run `tool ARGS` again while a journal of the dead tpl-clone run `pid` is left, up to
-/// `bound`, each run exiting with one of `codes` (else fail, saying `what`): the later
-/// runs that finish what the next one had to keep (and said why). Returns what each said.
-pub fn later_runs_until_recovered(
-    pid: u32,
-    tool: &str,
-    args: &[&str],
-    codes: &[i32],
-    bound: Duration,
-    what: &str,
-) -> Vec<String> {
-    let mut said = Vec::new();
-    let t0 = Instant::now();
-    while !journals_of(pid).is_empty() && t0.elapsed() < bound {
-        let r = run(tool, args, None);
-        assert!(
-            codes.contains(&r.code),
-            "{what}; a later run of {tool} exited {}: {}",
-            r.code,
-            r.stderr
-        );
-        said.push(r.stderr.trim().to_string());
-    }
-    said
 }
 
 /// The temporary name under which run `pid` of tpl-clone writes `dir/file`:

@@ -49,8 +49,7 @@ fn remove_clone(name: &str) {
 
 /// The rename journals a run of `pid` left.
 fn rename_journals(pid: u32) -> Vec<PathBuf> {
-    let dir = Path::new("/var/lib/tpl/rename-journal");
-    let Ok(rd) = fs::read_dir(dir) else {
+    let Ok(rd) = fs::read_dir(state_dir().join("rename-journal")) else {
         return Vec::new();
     };
     rd.flatten()
@@ -601,8 +600,9 @@ fn a_busy_domain_is_waited_for_and_a_held_lock_is_shared() {
     let mut s = Scratch::new();
     let g = s.guest("vm");
     mark_generalized(&g.name);
-    let lockfile = format!("/var/lib/tpl/locks/{}.lock", g.uuid);
-    fs::create_dir_all("/var/lib/tpl/locks").unwrap();
+    let locks = state_dir().join("locks");
+    fs::create_dir_all(&locks).unwrap();
+    let lockfile = p(&locks.join(format!("{}.lock", g.uuid))).to_string();
     // Another holder for 3 s (flock(1) writes no name: "another tpl tool").
     let mut holder = Command::new("flock")
         .args([&lockfile, "sleep", "3"])
