@@ -161,9 +161,9 @@ impl Ctx {
             &state::clone_journal_dir(),
             &s.uri,
             |uuid| s.domain_exists(uuid),
-            &mut |image, id| {
+            &mut |image, id, client| {
                 let cluster = s.ceph.cluster().map_err(|e| e.to_string())?;
-                crate::rbd::remove_leftover(cluster, image, id)
+                crate::rbd::remove_leftover(cluster, image, id, client)
             },
         );
         for what in cleaned.removed {
@@ -171,6 +171,9 @@ impl Ctx {
         }
         for why in cleaned.kept {
             self.warn(why);
+        }
+        for what in crate::locality::sweep_dead(&s.conn) {
+            self.info(format!("removed {what}, left by a killed tpl tool"));
         }
         let lockdir = state::lock_dir();
         // the held lock stands for its domain; any other domain's lock is taken if free

@@ -9,9 +9,14 @@
 //!
 //! # Algorithm (one call, about 6 round trips, no refresh of any existing pool)
 //!
-//! 1. Sweep leftovers of killed probes older than [`STALE_AFTER`]: marker
-//!    directories `DIR/.tpl-locality-<epoch>-<pid>-<hex32>` here, transient
-//!    pools `tpl-locality-<epoch>-<pid>-<hex32>` on the hypervisor.
+//! 1. Sweep leftovers of killed probes: marker directories
+//!    `DIR/.tpl-locality-<epoch>-<host>-<pid>-<hex32>` here, transient pools
+//!    `tpl-locality-<epoch>-<host>-<pid>-<hex32>` on the hypervisor: at once when
+//!    `<host>` is this host and `<pid>` no longer runs, else once older than
+//!    [`STALE_AFTER`] (another host's probe, or a pid in use again). Before it makes its
+//!    directory, a probe notes it in `$TPL_STATE_DIR/probes/<token>`, so that the next
+//!    run of any tool finds what a probe killed anywhere left ([`sweep_dead`]), whichever
+//!    directory it probes itself.
 //! 2. Here: create a fresh, uniquely named directory `DIR/.tpl-locality-TOKEN`
 //!    (mode 0755) holding a file `tpl-locality-marker` of random length.
 //! 3. There: create a *transient* `dir` storage pool whose target is that new
@@ -49,6 +54,9 @@ use virt::connect::Connect;
 use virt::error::ErrorNumber;
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
+
+use crate::journal::clone::host_tag;
+use crate::journal::pid_exists;
 
 /// Prefix of the transient pools; the marker directory is `"." + PREFIX + token`.
 pub const PREFIX: &str = "tpl-locality-";
@@ -141,11 +149,24 @@ pub fn probe(conn: &Connect, dir: &Path) -> Result<Locality, Error> {
 
     let mut rnd = [0u8; 24];
     random(&mut rnd).map_err(|e| local("cannot read /dev/urandom", Some(e)))?;
-    let token = format!("{now}-{}-{}", std::process::id(), hex(&rnd[..16]));
+    let token = format!(
+        "{now}-{}-{}-{}",
+        host_tag(),
+        std::process::id(),
+        hex(&rnd[..16])
+    );
     let pool_name = format!("{PREFIX}{token}");
     let probe_dir = dir.join(format!(".{PREFIX}{token}"));
     let probe_str = probe_dir.to_str().expect("UTF-8 checked above").to_string();
 
+    // noted before it exists: a kill from here on leaves what the next run finds
+    let noted = note_probe(&token, &probe_dir)
+        .map_err(|e| local("cannot note the probe in the state directory", Some(e)))?;
+    let mut guard = Guard {
+        dir: None,
+        pool: None,
+        noted,
+    };
     fs::DirBuilder::new()
         .mode(0o755)
         .create(&probe_dir)
@@ -157,10 +178,7 @@ pub fn probe(conn: &Connect, dir: &Path) -> Result<Locality, Error> {
             _ => local("cannot create the probe directory here", Some(e)),
         })?;
     // from here on, whatever happens, the probe's traces go
-    let mut guard = Guard {
-        dir: probe_dir.clone(),
-        pool: None,
-    };
+    guard.dir = Some(probe_dir.clone());
     // readable by the hypervisor's user even through root-squashing NFS
     fs::set_permissions(&probe_dir, fs::Permissions::from_mode(0o755))
         .map_err(|e| local("cannot chmod the probe directory", Some(e)))?;
@@ -255,11 +273,12 @@ fn classify_create_error(e: &virt::error::Error, token: &str) -> Option<String> 
     }
 }
 
-/// Destroys the transient pool and removes what this probe wrote, however
+/// Destroys the transient pool and removes what this probe wrote, its note last, however
 /// the probe ends.
 struct Guard {
-    dir: PathBuf,
+    dir: Option<PathBuf>,
     pool: Option<StoragePool>,
+    noted: PathBuf,
 }
 
 impl Drop for Guard {
@@ -267,8 +286,66 @@ impl Drop for Guard {
         if let Some(p) = self.pool.take() {
             let _ = p.destroy();
         }
-        remove_probe_dir(&self.dir);
+        if let Some(d) = &self.dir {
+            remove_probe_dir(d);
+        }
+        let _ = fs::remove_file(&self.noted);
     }
+}
+
+/// Where probes in flight are noted: `$TPL_STATE_DIR/probes/`, one file a probe, named
+/// by its token and holding its directory's path.
+fn probes_dir() -> PathBuf {
+    crate::state::state_dir().join("probes")
+}
+
+fn note_probe(token: &str, probe_dir: &Path) -> io::Result<PathBuf> {
+    let dir = probes_dir();
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)?;
+    let note = dir.join(token);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&note)?;
+    f.write_all(probe_dir.as_os_str().as_bytes())?;
+    Ok(note)
+}
+
+/// Remove what killed probes of this host left (their directories, wherever they were,
+/// and their transient pools on `conn`), from the notes in the state directory and the
+/// pools listed on `conn`; what was removed, for the caller to say. A note acts only on
+/// a directory of the probes' own shape whose name carries the note's token, and only
+/// on the two files a probe writes there: the notes are no list of files to delete.
+pub fn sweep_dead(conn: &Connect) -> Vec<String> {
+    let now = epoch();
+    let mut removed = Vec::new();
+    for e in fs::read_dir(probes_dir()).into_iter().flatten().flatten() {
+        let name = e.file_name();
+        let Some(token) = name.to_str().filter(|t| dead_or_stale(t, now)) else {
+            continue;
+        };
+        if let Ok(path) = fs::read(e.path()) {
+            let dir = PathBuf::from(std::ffi::OsStr::from_bytes(&path));
+            let ours = dir
+                .file_name()
+                .is_some_and(|f| f.as_bytes() == format!(".{PREFIX}{token}").as_bytes());
+            if ours && dir.is_absolute() && dir.is_dir() {
+                remove_probe_dir(&dir);
+                removed.push(format!("the locality probe directory {}", dir.display()));
+            }
+        }
+        let _ = fs::remove_file(e.path());
+    }
+    removed.extend(
+        sweep_remote(conn, now)
+            .into_iter()
+            .map(|p| format!("the transient storage pool {p} of a locality probe")),
+    );
+    removed
 }
 
 /// Removes a probe directory and the two files a probe puts there, nothing else.
@@ -278,17 +355,31 @@ fn remove_probe_dir(dir: &Path) {
     let _ = fs::remove_dir(dir);
 }
 
-/// `<epoch>-<pid>-<32 hex>` older than [`STALE_AFTER`]
-fn stale_token(token: &str, now: u64) -> bool {
-    let mut it = token.split('-');
-    let (Some(t), Some(pid), Some(h), None) = (it.next(), it.next(), it.next(), it.next()) else {
+/// Whether a probe token (`<epoch>-<host>-<pid>-<32 hex>`) is a killed probe's: this
+/// host's and its pid no longer runs, or older than [`STALE_AFTER`] (another host's, the
+/// token of an older release without a host, or a pid in use again). Anything that is
+/// not a token is nobody's to remove.
+fn dead_or_stale(token: &str, now: u64) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let Some((t, rest)) = token.split_once('-') else {
         return false;
     };
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    if !digits(t) || !digits(pid) || h.len() != 32 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+    let Some((rest, h)) = rest.rsplit_once('-') else {
+        return false;
+    };
+    if !digits(t) || h.len() != 32 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
         return false;
     }
-    t.parse::<u64>()
+    let (host, pid) = rest.rsplit_once('-').unwrap_or(("", rest));
+    let Some(pid) = Some(pid)
+        .filter(|p| digits(p) && !host.contains('/'))
+        .and_then(|p| p.parse::<u32>().ok())
+    else {
+        return false;
+    };
+    let dead = host == host_tag() && pid != std::process::id() && !pid_exists(pid);
+    dead || t
+        .parse::<u64>()
         .is_ok_and(|t| now.saturating_sub(t) > STALE_AFTER.as_secs())
 }
 
@@ -301,25 +392,30 @@ fn sweep_local(dir: &Path, now: u64) {
             continue;
         };
         // a real directory (file_type does not follow symlinks), and ours
-        if e.file_type().is_ok_and(|t| t.is_dir()) && stale_token(token, now) {
+        if e.file_type().is_ok_and(|t| t.is_dir()) && dead_or_stale(token, now) {
             remove_probe_dir(&e.path());
         }
     }
 }
 
-fn sweep_remote(conn: &Connect, now: u64) {
+/// Destroy the transient probe pools of killed probes on `conn`; their names.
+fn sweep_remote(conn: &Connect, now: u64) -> Vec<String> {
     let flags = virt::sys::VIR_CONNECT_LIST_STORAGE_POOLS_TRANSIENT;
     let Ok(pools) = conn.list_all_storage_pools(flags) else {
-        return;
+        return Vec::new();
     };
+    let mut gone = Vec::new();
     for p in pools {
-        let stale = p
-            .name()
-            .is_ok_and(|n| n.strip_prefix(PREFIX).is_some_and(|t| stale_token(t, now)));
-        if stale {
-            let _ = p.destroy();
+        let Ok(name) = p.name() else { continue };
+        if name
+            .strip_prefix(PREFIX)
+            .is_some_and(|t| dead_or_stale(t, now))
+            && p.destroy().is_ok()
+        {
+            gone.push(name);
         }
     }
+    gone
 }
 
 fn write_marker(path: &Path, token: &str, len: u64) -> io::Result<()> {
@@ -371,16 +467,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stale_tokens() {
+    fn dead_or_stale_tokens() {
         let h = "0123456789abcdef0123456789abcdef";
-        assert!(stale_token(&format!("1000-42-{h}"), 1000 + 601));
-        assert!(!stale_token(&format!("1000-42-{h}"), 1000 + 600));
-        assert!(!stale_token(&format!("1000-42-{h}"), 999)); // clock went back
-        assert!(!stale_token("1000-42-short", 99_999));
-        assert!(!stale_token(&format!("1000-42-{h}-x"), 99_999));
-        assert!(!stale_token(&format!("10a0-42-{h}"), 99_999));
-        assert!(!stale_token(&format!("-42-{h}"), 99_999));
-        assert!(!stale_token("foo", 99_999));
+        let other = "another-host.example";
+        // another host's, or an older release's without a host: by age only
+        for host in [format!("{other}-"), String::new()] {
+            assert!(dead_or_stale(&format!("1000-{host}42-{h}"), 1000 + 601));
+            assert!(!dead_or_stale(&format!("1000-{host}42-{h}"), 1000 + 600));
+            assert!(!dead_or_stale(&format!("1000-{host}42-{h}"), 999)); // clock went back
+        }
+        // this host's: at once when its pid no longer runs, never while it does
+        let dead = {
+            let mut c = std::process::Command::new("true").spawn().unwrap();
+            let pid = c.id();
+            c.wait().unwrap();
+            pid
+        };
+        let me = std::process::id();
+        assert!(dead_or_stale(
+            &format!("1000-{}-{dead}-{h}", host_tag()),
+            1000
+        ));
+        assert!(!dead_or_stale(
+            &format!("1000-{}-{me}-{h}", host_tag()),
+            1000
+        ));
+        assert!(!dead_or_stale(&format!("1000-{other}-{dead}-{h}"), 1000));
+        // not tokens
+        assert!(!dead_or_stale("1000-42-short", 99_999));
+        assert!(!dead_or_stale(&format!("1000-42-{h}-x"), 99_999));
+        assert!(!dead_or_stale(&format!("10a0-42-{h}"), 99_999));
+        assert!(!dead_or_stale(&format!("-42-{h}"), 99_999));
+        assert!(!dead_or_stale(&format!("1000-a/b-{dead}-{h}"), 99_999));
+        assert!(!dead_or_stale("foo", 99_999));
     }
 
     #[test]
