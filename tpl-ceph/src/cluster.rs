@@ -247,6 +247,13 @@ impl Cluster {
         &self.user
     }
 
+    /// This connection's global id: the `client.<id>` that Ceph shows for its watches
+    /// ([`crate::Watcher::id`]), given by the monitor and never reused. A journal that
+    /// notes it lets a later run prove that a watch is a dead run's.
+    pub fn client_id(&self) -> u64 {
+        self.rados.instance_id()
+    }
+
     /// The cluster's fsid (uuid string).
     pub fn fsid(&self) -> Result<String> {
         self.rados

@@ -110,6 +110,7 @@ extern "C" {
     fn rados_connect(cluster: rados_t) -> c_int;
     fn rados_shutdown(cluster: rados_t);
     fn rados_cluster_fsid(cluster: rados_t, buf: *mut c_char, len: usize) -> c_int;
+    fn rados_get_instance_id(cluster: rados_t) -> u64;
     fn rados_pool_lookup(cluster: rados_t, pool_name: *const c_char) -> i64;
     fn rados_pool_list(cluster: rados_t, buf: *mut c_char, len: usize) -> c_int;
     fn rados_pool_delete(cluster: rados_t, pool_name: *const c_char) -> c_int;
@@ -392,6 +393,12 @@ impl Rados {
     pub(crate) fn connect(&self) -> Result<(), Errno> {
         // SAFETY: live, configured, not yet connected handle.
         check(unsafe { rados_connect(self.ptr) }).map(drop)
+    }
+
+    /// This connection's global id (`client.<id>`, as watchers show it).
+    pub(crate) fn instance_id(&self) -> u64 {
+        // SAFETY: connected handle; the call only reads it.
+        unsafe { rados_get_instance_id(self.ptr) }
     }
 
     pub(crate) fn fsid(&self) -> Result<String, Errno> {

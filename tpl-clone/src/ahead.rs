@@ -148,11 +148,13 @@ impl<'a> Job<'a> {
                 uri: s.uri.clone(),
             });
             for img in self.plan.images(&self.tpl.name, &c.name) {
-                cluster = Some(s.ceph.cluster_for(&img.src.source)?);
+                let cl = s.ceph.cluster_for(&img.src.source)?;
+                cluster = Some(cl);
                 let tmp = rbd::tmp_spec(&img.dest);
                 entries.push(Entry::RbdTmp {
                     uuid: c.uuid.clone(),
                     image: tmp.to_string(),
+                    client: Some(cl.client_id()),
                 });
                 todo.push(Todo {
                     uuid: c.uuid.clone(),
@@ -183,6 +185,7 @@ impl<'a> Job<'a> {
                     uuid: t.uuid.clone(),
                     image: t.dest.to_string(),
                     id: id.clone(),
+                    client: Some(cluster.client_id()),
                 });
                 renames.push((t.tmp.clone(), t.dest.clone()));
             }

@@ -139,6 +139,7 @@ pub fn make(
     jrnl.log(&Entry::RbdTmp {
         uuid: uuid.into(),
         image: tmp.to_string(),
+        client: Some(cluster.client_id()),
     })?;
     let opts = NewImageOptions::default();
     match mode {
@@ -193,6 +194,7 @@ pub fn commit(
         uuid: uuid.into(),
         image: img.dest.to_string(),
         id,
+        client: Some(cluster.client_id()),
     })?;
     cluster
         .rename(tmp, &img.dest.image)

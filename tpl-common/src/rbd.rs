@@ -208,23 +208,33 @@ pub fn ceph_error(what: &str, e: tpl_ceph::Error) -> Error {
 }
 
 /// Remove an RBD image a dead run left, if it is still there (and is the image with `id`,
-/// when given): whether it was removed, or why it cannot be yet. An image that
-/// cannot be opened is removed all the same: an `rbd clone` killed halfway leaves one that
-/// is listed but has no header, an `rbd rename` killed halfway one listed under its new
-/// name that does not open, and only a removal clears them.
+/// when given): `None` when it was not there, else what was done to remove it; or why it
+/// cannot be removed yet. An image that cannot be opened is removed all the same: an `rbd
+/// clone` killed halfway leaves one that is listed but has no header, an `rbd rename`
+/// killed halfway one listed under its new name that does not open, and only a removal
+/// clears them.
+///
+/// A watch on the image keeps Ceph from removing it. The dead run's own watch (its Ceph
+/// connection `client` was journaled with the image, and watchers carry their client's
+/// global id, which the monitor never gives twice) is ended by blocklisting that client's
+/// address, as `rbd` advises for a dead client: proven the dead run's, it is nobody else's
+/// connection. Ceph drops such a watch itself once it has had no ping for its watch timeout
+/// (30 s by default), but a killed run's watch was seen to outlive two minutes in CI. Any
+/// other watcher is waited for, up to [`LEFTOVER_WATCH_WAIT`], and then named in the error.
 pub fn remove_leftover(
     cluster: &Cluster,
     image: &str,
     id: Option<&str>,
-) -> std::result::Result<bool, String> {
+    client: Option<u64>,
+) -> std::result::Result<Option<Vec<String>>, String> {
     let Ok(spec) = image.parse::<ImageSpec>() else {
-        return Ok(false);
+        return Ok(None);
     };
     if let Some(id) = id {
         match cluster.info(&spec) {
             Ok(i) if i.id == id => {}
             // another image took the name since: not ours
-            Ok(_) => return Ok(false),
+            Ok(_) => return Ok(None),
             // Either gone, or a rename from the run's temporary name killed halfway
             // (listed under the final name, not openable): the removal below tells them
             // apart, and an image that cannot be opened is nobody's working image.
@@ -232,44 +242,61 @@ pub fn remove_leftover(
             Err(e) => return Err(e.to_string()),
         }
     }
-    // The only client that can watch an image a dead run was making is that dead run
-    // (no domain names it): its watch lingers until Ceph times it out (30 s by default),
-    // and the removal waits for that rather than leave the image to a later run. Ceph
-    // does not always time it out: a watch of a killed run outlived two minutes in CI.
-    // A temporary image (named after this host and the dead run's pid) is nobody else's,
-    // so its watchers are blocklisted, as `rbd` advises for a dead client's watch; a
-    // final-named image is only waited for.
     let deadline = std::time::Instant::now() + LEFTOVER_WATCH_WAIT;
-    let mut blocklisted = false;
+    let mut notes = Vec::new();
+    let mut blocklisted = std::collections::BTreeSet::new();
     loop {
-        match cluster.remove(&spec) {
-            Ok(()) => return Ok(true),
-            Err(tpl_ceph::Error::NotFound { .. }) => return Ok(false),
-            Err(tpl_ceph::Error::Busy { .. }) if std::time::Instant::now() < deadline => {
-                if id.is_none() && !blocklisted {
-                    blocklisted = true;
-                    for w in cluster.watchers(&spec).map_err(|e| e.to_string())? {
-                        cluster
-                            .mon_command(&serde_json::json!({
-                                "prefix": "osd blocklist",
-                                "blocklistop": "add",
-                                "addr": w.addr,
-                            }))
-                            .map_err(|e| format!("blocklist the dead run's watch: {e}"))?;
-                    }
-                }
-                std::thread::sleep(std::time::Duration::from_millis(500));
-            }
-            Err(e @ tpl_ceph::Error::Busy { .. }) => {
-                return Err(format!("{e} (still, after {LEFTOVER_WATCH_WAIT:?})"))
-            }
+        let busy = match cluster.remove(&spec) {
+            Ok(()) => return Ok(Some(notes)),
+            Err(tpl_ceph::Error::NotFound { .. }) => return Ok(None),
+            Err(e @ tpl_ceph::Error::Busy { .. }) => e,
             Err(e) => return Err(e.to_string()),
+        };
+        let watchers = cluster.watchers(&spec).unwrap_or_default();
+        let mut others = Vec::new();
+        for w in watchers {
+            let dead_runs = client.is_some() && u64::try_from(w.id).ok() == client;
+            if !dead_runs {
+                let whose = if u64::try_from(w.id).ok() == Some(cluster.client_id()) {
+                    "this run's own connection"
+                } else {
+                    "not the killed run's connection"
+                };
+                others.push(format!("client.{} at {} ({whose})", w.id, w.addr));
+                continue;
+            }
+            if !blocklisted.insert(w.addr.clone()) {
+                continue; // blocklisted already: the OSD is dropping the watch
+            }
+            cluster
+                .mon_command(&serde_json::json!({
+                    "prefix": "osd blocklist",
+                    "blocklistop": "add",
+                    "addr": w.addr,
+                }))
+                .map_err(|e| format!("cannot blocklist the killed run's Ceph client: {e}"))?;
+            notes.push(format!(
+                "ended the watch the killed run's Ceph connection client.{} at {} still \
+                 held on it: blocklisted that address",
+                w.id, w.addr
+            ));
         }
+        if std::time::Instant::now() >= deadline {
+            let who = if others.is_empty() {
+                String::new()
+            } else {
+                format!("; watched by {}", others.join(", "))
+            };
+            return Err(format!(
+                "{busy} (still, after {LEFTOVER_WATCH_WAIT:?}{who})"
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
     }
 }
 
-/// How long the cleanup of a dead run waits for its watch on an image to time out: a
-/// little over Ceph's default `osd_client_watch_timeout` (30 s).
+/// How long the cleanup of a dead run waits for a watch on an image that is not proven
+/// the dead run's: Ceph's default `osd_client_watch_timeout` (30 s) and 15 s more.
 const LEFTOVER_WATCH_WAIT: std::time::Duration = std::time::Duration::from_secs(45);
 
 /// The images under an RBD image, nearest first (`rbd:POOL/IMAGE@SNAP`, qemu's notation).

@@ -64,10 +64,14 @@ pub enum Entry {
     Undone {
         uuid: String,
     },
-    /// An RBD image (`POOL[/NS]/IMAGE`) is about to be made under this run's temporary name.
+    /// An RBD image (`POOL[/NS]/IMAGE`) is about to be made under this run's temporary name,
+    /// by the run's Ceph connection `client` (its global id: a watch that outlives the run
+    /// on the image is proven this run's by it; absent in journals of older releases).
     RbdTmp {
         uuid: String,
         image: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client: Option<u64>,
     },
     /// A finished RBD image (its id, which a same-named image of another run does not
     /// have) is about to be renamed to its final name.
@@ -75,13 +79,17 @@ pub enum Entry {
         uuid: String,
         image: String,
         id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client: Option<u64>,
     },
 }
 
-/// Removing an RBD image a dead run left: `remove(image, id)` removes it if it exists (and,
-/// with an id, only if it is that very image), and says whether it did; an error (why it
-/// cannot) keeps the journal for a later run.
-pub type RemoveImage<'a> = &'a mut dyn FnMut(&str, Option<&str>) -> Result<bool, String>;
+/// Removing an RBD image a dead run left: `remove(image, id, client)` removes it if it
+/// exists (and, with an id, only if it is that very image), and says whether it did and
+/// what it said on the way (a watch of the dead run's Ceph `client` it ended); an error
+/// (why it cannot) keeps the journal for a later run.
+pub type RemoveImage<'a> =
+    &'a mut dyn FnMut(&str, Option<&str>, Option<u64>) -> Result<Option<Vec<String>>, String>;
 
 /// What cleaning the dead runs' journals did: what it removed, and why it kept a journal
 /// for a later run.
@@ -197,27 +205,36 @@ fn clean_one(
                         ));
                     }
                 }
-                Entry::RbdTmp { uuid: u, image } | Entry::RbdFile { uuid: u, image, .. }
-                    if u == uuid =>
-                {
+                Entry::RbdTmp {
+                    uuid: u,
+                    image,
+                    client,
+                }
+                | Entry::RbdFile {
+                    uuid: u,
+                    image,
+                    client,
+                    ..
+                } if u == uuid => {
                     let (id, what) = match f {
                         Entry::RbdFile { id, .. } => (Some(id.as_str()), "RBD image"),
                         _ => (None, "temporary RBD image"),
                     };
-                    let gone = remove_image(image, id).map_err(|e| {
+                    let gone = remove_image(image, id, *client).map_err(|e| {
                         format!(
                             "cannot remove {what} '{}' of unfinished clone '{}' yet: {e}",
                             crate::text::shown(image),
                             crate::text::shown(name)
                         )
                     })?;
-                    removed.extend(gone.then(|| {
-                        format!(
-                            "{what} '{}' of unfinished clone '{}'",
+                    if let Some(notes) = gone {
+                        let also = notes.iter().map(|n| format!(" ({n})")).collect::<String>();
+                        removed.push(format!(
+                            "{what} '{}' of unfinished clone '{}'{also}",
                             crate::text::shown(image),
                             crate::text::shown(name)
-                        )
-                    }));
+                        ));
+                    }
                 }
                 _ => {}
             }
@@ -228,7 +245,7 @@ fn clean_one(
 
 /// This host's name as it goes into temporary file names: the characters a file name
 /// and the parsing in [`sweep_tmp`] are safe with, at most 64 of them.
-fn host_tag() -> &'static str {
+pub(crate) fn host_tag() -> &'static str {
     static TAG: OnceLock<String> = OnceLock::new();
     TAG.get_or_init(|| {
         let h = nix::unistd::gethostname()
@@ -403,7 +420,7 @@ mod tests {
             &jdir,
             "test:///x",
             |uuid| Some(uuid == "u2"),
-            &mut |_, _| Ok(false),
+            &mut |_, _, _| Ok(None),
         );
         assert_eq!(removed.removed.len(), 2, "{removed:?}");
         assert!(removed.kept.is_empty(), "{removed:?}");
@@ -463,7 +480,7 @@ mod tests {
                 asked.push(uuid.to_string());
                 Some(false)
             },
-            &mut |_, _| Ok(false),
+            &mut |_, _, _| Ok(None),
         );
         assert_eq!(removed.removed.len(), 2, "{removed:?}");
         assert!(removed.kept.is_empty(), "{removed:?}");
@@ -487,7 +504,7 @@ mod tests {
             uri: "x".into(),
         };
         write_journal(&jpath, &[e], "");
-        let c = clean_dead(d.path(), "x", |_| None, &mut |_, _| Ok(false));
+        let c = clean_dead(d.path(), "x", |_| None, &mut |_, _, _| Ok(None));
         assert!(c.removed.is_empty(), "{c:?}");
         assert_eq!(c.kept.len(), 1, "{c:?}");
         assert!(c.kept[0].contains("libvirt cannot tell"), "{c:?}");
@@ -509,14 +526,20 @@ mod tests {
             entries.push(Entry::RbdTmp {
                 uuid: u.into(),
                 image: format!("p/.{n}.tmp"),
+                client: Some(7),
             });
         }
         write_journal(&jpath, &entries, "");
-        let c = clean_dead(d.path(), "x", |_| Some(false), &mut |image, _| {
+        let c = clean_dead(d.path(), "x", |_| Some(false), &mut |image, _, client| {
+            assert_eq!(
+                client,
+                Some(7),
+                "the dead run's client comes with its image"
+            );
             if image == "p/.b.tmp" {
                 Err("it has watchers".into())
             } else {
-                Ok(true)
+                Ok(Some(vec![]))
             }
         });
         // what could go went, and is said; the journal stays for what could not
