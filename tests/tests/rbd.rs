@@ -473,6 +473,9 @@ fn kill_9_at_random_points_of_a_20_clone_rbd_batch_leaves_nothing_unaccounted() 
         if next.stderr.contains("blocklisted") {
             blocklisted += 1;
         }
+        if took > Duration::from_secs(5) || next.stderr.contains("blocklisted") {
+            eprintln!("{what}");
+        }
         let images = s.images();
         let left = unnamed(&images);
         assert!(
