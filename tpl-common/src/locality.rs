@@ -12,11 +12,12 @@
 //! 1. Sweep leftovers of killed probes: marker directories
 //!    `DIR/.tpl-locality-<epoch>-<host>-<pid>-<hex32>` here, transient pools
 //!    `tpl-locality-<epoch>-<host>-<pid>-<hex32>` on the hypervisor: at once when
-//!    `<host>` is this host and `<pid>` no longer runs, else once older than
-//!    [`STALE_AFTER`] (another host's probe, or a pid in use again). Before it makes its
-//!    directory, a probe notes it in `$TPL_STATE_DIR/probes/<token>`, so that the next
-//!    run of any tool finds what a probe killed anywhere left ([`sweep_dead`]), whichever
-//!    directory it probes itself.
+//!    `<host>` is this host and `<pid>` no longer runs (directories), else once older
+//!    than [`STALE_AFTER`] (another host's probe, or a pid in use again). Before it makes
+//!    its directory, a probe notes it and its connection in
+//!    `$TPL_STATE_DIR/probes/<token>`, so that the next run of any tool sharing that
+//!    state directory finds what a probe killed anywhere left ([`sweep_dead`]),
+//!    whichever directory it probes itself.
 //! 2. Here: create a fresh, uniquely named directory `DIR/.tpl-locality-TOKEN`
 //!    (mode 0755) holding a file `tpl-locality-marker` of random length.
 //! 3. There: create a *transient* `dir` storage pool whose target is that new
@@ -160,7 +161,7 @@ pub fn probe(conn: &Connect, dir: &Path) -> Result<Locality, Error> {
     let probe_str = probe_dir.to_str().expect("UTF-8 checked above").to_string();
 
     // noted before it exists: a kill from here on leaves what the next run finds
-    let noted = note_probe(&token, &probe_dir)
+    let noted = note_probe(&token, &probe_dir, &conn.uri().unwrap_or_default())
         .map_err(|e| local("cannot note the probe in the state directory", Some(e)))?;
     let mut guard = Guard {
         dir: None,
@@ -294,57 +295,74 @@ impl Drop for Guard {
 }
 
 /// Where probes in flight are noted: `$TPL_STATE_DIR/probes/`, one file a probe, named
-/// by its token and holding its directory's path.
+/// by its token and holding its directory's path and its connection's URI, a line each.
 fn probes_dir() -> PathBuf {
     crate::state::state_dir().join("probes")
 }
 
-fn note_probe(token: &str, probe_dir: &Path) -> io::Result<PathBuf> {
+fn note_probe(token: &str, probe_dir: &Path, uri: &str) -> io::Result<PathBuf> {
     let dir = probes_dir();
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)?;
+    crate::state::create_private_dir(&dir)?;
     let note = dir.join(token);
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(&note)?;
-    f.write_all(probe_dir.as_os_str().as_bytes())?;
+    let mut text = probe_dir.as_os_str().as_bytes().to_vec();
+    text.push(b'\n');
+    text.extend_from_slice(uri.as_bytes());
+    f.write_all(&text)?;
     Ok(note)
 }
 
-/// Remove what killed probes of this host left (their directories, wherever they were,
-/// and their transient pools on `conn`), from the notes in the state directory and the
-/// pools listed on `conn`; what was removed, for the caller to say. A note acts only on
-/// a directory of the probes' own shape whose name carries the note's token, and only
-/// on the two files a probe writes there: the notes are no list of files to delete.
+/// Remove what killed probes of this host left, from their notes in the state directory:
+/// their directories, wherever they were, and their transient pools when they were made
+/// on `conn` (a note of another connection waits for a run there, or for
+/// [`STALE_AFTER`]). What was removed, for the caller to say. A note acts only on a
+/// directory of the probes' own shape whose name carries the note's token, on the two
+/// files a probe writes there, and on the pool of that token: the notes are no list of
+/// files to delete. What was noted in another state directory (a user of its own, a
+/// test of its own) is that one's to remove.
 pub fn sweep_dead(conn: &Connect) -> Vec<String> {
     let now = epoch();
+    let uri = conn.uri().unwrap_or_default();
     let mut removed = Vec::new();
     for e in fs::read_dir(probes_dir()).into_iter().flatten().flatten() {
         let name = e.file_name();
         let Some(token) = name.to_str().filter(|t| dead_or_stale(t, now)) else {
             continue;
         };
-        if let Ok(path) = fs::read(e.path()) {
-            let dir = PathBuf::from(std::ffi::OsStr::from_bytes(&path));
-            let ours = dir
-                .file_name()
-                .is_some_and(|f| f.as_bytes() == format!(".{PREFIX}{token}").as_bytes());
-            if ours && dir.is_absolute() && dir.is_dir() {
-                remove_probe_dir(&dir);
-                removed.push(format!("the locality probe directory {}", dir.display()));
+        if crate::state::untrusted(&e.path()).is_some() {
+            continue;
+        }
+        let text = fs::read(e.path()).unwrap_or_default();
+        let mut lines = text.split(|&b| b == b'\n');
+        let dir = PathBuf::from(std::ffi::OsStr::from_bytes(
+            lines.next().unwrap_or_default(),
+        ));
+        let note_uri = String::from_utf8_lossy(lines.next().unwrap_or_default()).into_owned();
+        let ours = dir
+            .file_name()
+            .is_some_and(|f| f.as_bytes() == format!(".{PREFIX}{token}").as_bytes());
+        if ours && dir.is_absolute() && dir.is_dir() {
+            remove_probe_dir(&dir);
+            removed.push(format!("the locality probe directory {}", dir.display()));
+        }
+        if note_uri == uri {
+            let pool = format!("{PREFIX}{token}");
+            if let Ok(p) = conn.lookup_storage_pool_by_name(&pool) {
+                if !p.is_persistent().unwrap_or(true) && p.destroy().is_ok() {
+                    removed.push(format!(
+                        "the transient storage pool {pool} of a locality probe"
+                    ));
+                }
             }
+        } else if !stale(token, now) {
+            continue; // its pool is on another connection: a run there removes it
         }
         let _ = fs::remove_file(e.path());
     }
-    removed.extend(
-        sweep_remote(conn, now)
-            .into_iter()
-            .map(|p| format!("the transient storage pool {p} of a locality probe")),
-    );
     removed
 }
 
@@ -355,32 +373,34 @@ fn remove_probe_dir(dir: &Path) {
     let _ = fs::remove_dir(dir);
 }
 
-/// Whether a probe token (`<epoch>-<host>-<pid>-<32 hex>`) is a killed probe's: this
-/// host's and its pid no longer runs, or older than [`STALE_AFTER`] (another host's, the
-/// token of an older release without a host, or a pid in use again). Anything that is
-/// not a token is nobody's to remove.
-fn dead_or_stale(token: &str, now: u64) -> bool {
+/// A probe token's epoch, host and pid (`<epoch>-<host>-<pid>-<32 hex>`; an older
+/// release's have no host). None for anything that is not a token.
+fn parse_token(token: &str) -> Option<(u64, &str, u32)> {
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    let Some((t, rest)) = token.split_once('-') else {
-        return false;
-    };
-    let Some((rest, h)) = rest.rsplit_once('-') else {
-        return false;
-    };
+    let (t, rest) = token.split_once('-')?;
+    let (rest, h) = rest.rsplit_once('-')?;
     if !digits(t) || h.len() != 32 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return false;
+        return None;
     }
     let (host, pid) = rest.rsplit_once('-').unwrap_or(("", rest));
-    let Some(pid) = Some(pid)
-        .filter(|p| digits(p) && !host.contains('/'))
-        .and_then(|p| p.parse::<u32>().ok())
-    else {
-        return false;
-    };
-    let dead = host == host_tag() && pid != std::process::id() && !pid_exists(pid);
-    dead || t
-        .parse::<u64>()
-        .is_ok_and(|t| now.saturating_sub(t) > STALE_AFTER.as_secs())
+    if !digits(pid) || host.contains('/') {
+        return None;
+    }
+    Some((t.parse().ok()?, host, pid.parse().ok()?))
+}
+
+/// Whether a probe token is older than [`STALE_AFTER`]: whoever made it, it is over.
+fn stale(token: &str, now: u64) -> bool {
+    parse_token(token).is_some_and(|(t, _, _)| now.saturating_sub(t) > STALE_AFTER.as_secs())
+}
+
+/// Whether a probe token is a killed probe's: this host's and its pid no longer runs, or
+/// [`stale`] (another host's, an older release's, or a pid in use again).
+fn dead_or_stale(token: &str, now: u64) -> bool {
+    let dead = parse_token(token).is_some_and(|(_, host, pid)| {
+        host == host_tag() && pid != std::process::id() && !pid_exists(pid)
+    });
+    dead || stale(token, now)
 }
 
 fn sweep_local(dir: &Path, now: u64) {
@@ -398,24 +418,23 @@ fn sweep_local(dir: &Path, now: u64) {
     }
 }
 
-/// Destroy the transient probe pools of killed probes on `conn`; their names.
-fn sweep_remote(conn: &Connect, now: u64) -> Vec<String> {
+/// Destroy the transient probe pools on `conn` older than [`STALE_AFTER`]: a killed
+/// probe's whose note is gone or in another state directory (another host's, another
+/// user's). A younger one may be a live probe's, or a dead one's that its own notes
+/// account for ([`sweep_dead`]).
+fn sweep_remote(conn: &Connect, now: u64) {
     let flags = virt::sys::VIR_CONNECT_LIST_STORAGE_POOLS_TRANSIENT;
     let Ok(pools) = conn.list_all_storage_pools(flags) else {
-        return Vec::new();
+        return;
     };
-    let mut gone = Vec::new();
     for p in pools {
-        let Ok(name) = p.name() else { continue };
-        if name
-            .strip_prefix(PREFIX)
-            .is_some_and(|t| dead_or_stale(t, now))
-            && p.destroy().is_ok()
-        {
-            gone.push(name);
+        let stale = p
+            .name()
+            .is_ok_and(|n| n.strip_prefix(PREFIX).is_some_and(|t| stale(t, now)));
+        if stale {
+            let _ = p.destroy();
         }
     }
-    gone
 }
 
 fn write_marker(path: &Path, token: &str, len: u64) -> io::Result<()> {
