@@ -31,7 +31,7 @@ pub const DEFAULT_WAIT_SECS: u64 = 300;
 /// Options every tool takes, named as virsh names them.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Common {
-    /// Hypervisor connection URI, as for virsh [default: $LIBVIRT_DEFAULT_URI, else qemu:///system]
+    /// Hypervisor connection URI, as for virsh [default: $LIBVIRT_DEFAULT_URI, else qemu:///system for root, qemu:///session for other users]
     #[arg(short = 'c', long = "connect", value_name = "URI")]
     pub connect: Option<String>,
 
@@ -119,8 +119,8 @@ impl Ctx {
         !self.common.quiet && io::stderr().is_terminal()
     }
 
-    /// The URI of this run's connection: `-c`, else `LIBVIRT_DEFAULT_URI`, else
-    /// qemu:///system. Never a record's: the input does not choose what to connect to.
+    /// The URI of this run's connection: `-c`, else `LIBVIRT_DEFAULT_URI`, else virsh's
+    /// default for this user. Never a record's: the input does not choose what to connect to.
     pub fn uri(&self) -> String {
         resolve_uri(self.common.connect.as_deref())
     }
@@ -135,6 +135,7 @@ impl Ctx {
             conf: self.common.ceph_conf.clone(),
             user: self.common.ceph_id.clone(),
         };
+        state::require()?;
         let s = Rc::new(Session::open_with(&self.uri(), ceph)?);
         self.session = Some(s.clone());
         self.recover(&s, None);

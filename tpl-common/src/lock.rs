@@ -2,9 +2,12 @@
 //!
 //! The lock is an flock on `<state>/locks/<UUID>.lock` (see [`crate::state`]), keyed by the
 //! UUID because names change. flock, because the kernel drops it when its holder dies
-//! however it dies (kill -9 included): a lock is never left behind. The holder writes
-//! who it is into the file, so a tool that has to wait can say which tool and pid it is
-//! waiting for. A lock file may be removed by whoever holds it (tpl-rm, for a domain that
+//! however it dies (kill -9 included): a lock is never left behind. Lock files are 0600
+//! in a 0700 directory, so only the user the tools run as can open one, and so take the
+//! lock (flock needs only a descriptor, read-only will do); a lock file of another owner
+//! is refused. A tool that has to wait names the holder as the kernel knows it
+//! (`/proc/locks`: its pid and program), with what the holder wrote into the file when
+//! that is the same process, and says when it is not a tpl tool. A lock file may be removed by whoever holds it (tpl-rm, for a domain that
 //! is gone); a locker that got the lock on a file no longer at the path tries again.
 //!
 //! A script can hold a domain's lock across several tools: open the lock file on a
@@ -55,12 +58,42 @@ pub fn lock_path(dir: &Path, uuid: &str) -> Result<PathBuf> {
     Ok(dir.join(format!("{}.lock", uuid.to_ascii_lowercase())))
 }
 
-/// Who holds a lock, as its holder wrote it: `TOOL (pid N) since TIME`.
+/// Who holds the lock on `path`, as the kernel says: `TOOL (pid N) since TIME` when the
+/// holder is the tpl tool that wrote that into the file, else `PROGRAM (pid N)`, with
+/// ", which is not a tpl tool" for another program. None when the kernel lists no holder
+/// here (one in another pid namespace, or the lock was just released).
 pub fn holder(path: &Path) -> Option<String> {
-    let mut s = String::new();
-    File::open(path).ok()?.read_to_string(&mut s).ok()?;
-    let s = s.trim();
-    (!s.is_empty()).then(|| crate::text::shown(s))
+    let m = fs::metadata(path).ok()?;
+    let pid = flock_holder(&fs::read_to_string("/proc/locks").ok()?, m.dev(), m.ino())?;
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let comm = comm.trim();
+    let mut written = String::new();
+    if let Ok(mut f) = File::open(path) {
+        let _ = f.read_to_string(&mut written);
+    }
+    let written = written.trim();
+    if written.contains(&format!("(pid {pid})")) {
+        return Some(crate::text::shown(written));
+    }
+    let program = if comm.is_empty() { "a process" } else { comm };
+    let tpl = comm.starts_with("tpl-");
+    Some(crate::text::shown(&format!(
+        "{program} (pid {pid}){}",
+        if tpl { "" } else { ", which is not a tpl tool" }
+    )))
+}
+
+/// The pid that holds an flock on the file with device `dev` and inode `ino`, from the
+/// text of /proc/locks (`1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF`; the device as
+/// hexadecimal major:minor). Lines of waiters (`->`) are not holders.
+fn flock_holder(locks: &str, dev: u64, ino: u64) -> Option<u32> {
+    let want = format!("{:02x}:{:02x}:{ino}", libc::major(dev), libc::minor(dev));
+    locks.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&want.as_str()))
+            .then(|| f.get(4)?.parse().ok())
+            .flatten()
+    })
 }
 
 impl DomainLock {
@@ -79,7 +112,7 @@ impl DomainLock {
         if inherited(&path) {
             return Ok(DomainLock { file: None, path });
         }
-        fs::create_dir_all(dir).ctx("cannot create the lock directory", dir)?;
+        crate::state::create_private_dir(dir).ctx("cannot create the lock directory", dir)?;
         let start = Instant::now();
         let mut told = false;
         let mut nap = Duration::from_millis(5);
@@ -87,7 +120,7 @@ impl DomainLock {
             if let Some(l) = Self::try_once(&path, tool)? {
                 return Ok(l);
             }
-            let who = holder(&path).unwrap_or_else(|| "another tpl tool".into());
+            let who = holder(&path).unwrap_or_else(|| "another process".into());
             if !told {
                 waiting(&who);
                 told = true;
@@ -115,7 +148,7 @@ impl DomainLock {
         if inherited(&path) {
             return Ok(Some(DomainLock { file: None, path }));
         }
-        fs::create_dir_all(dir).ctx("cannot create the lock directory", dir)?;
+        crate::state::create_private_dir(dir).ctx("cannot create the lock directory", dir)?;
         Self::try_once(&path, tool)
     }
 
@@ -125,10 +158,29 @@ impl DomainLock {
             .write(true)
             .create(true)
             .truncate(false)
-            .mode(0o644)
+            .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .ctx("cannot open the lock file", path)?;
+        let m = f.metadata().ctx("cannot stat the lock file", path)?;
+        let euid = nix::unistd::geteuid().as_raw();
+        if m.uid() != euid {
+            return Err(Error::refused(
+                "cannot take the domain's lock",
+                format!(
+                    "its lock file {} is owned by uid {}, not by the user the tools run as \
+                     (uid {euid}): another user made it, and could hold the lock; remove it",
+                    path.display(),
+                    m.uid()
+                ),
+            ));
+        }
+        // A lock file an older release made 0644: nobody else is to open it from now on.
+        if m.mode() & 0o077 != 0 {
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(fs::Permissions::from_mode(0o600))
+                .ctx("cannot make the lock file private", path)?;
+        }
         let locked = match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
             Ok(l) => l,
             Err((_, Errno::EWOULDBLOCK)) => return Ok(None),
@@ -252,6 +304,51 @@ mod tests {
         // The old file's lock is free, but it is not the domain's lock any more.
         assert!(Flock::lock(stale, FlockArg::LockExclusiveNonblock).is_ok());
         assert!(DomainLock::try_acquire(d.path(), U, "c").unwrap().is_none());
+    }
+
+    #[test]
+    fn the_kernel_names_the_holder() {
+        let locks = "1: POSIX  ADVISORY  WRITE 77 08:02:99 0 EOF\n\
+                     2: FLOCK  ADVISORY  WRITE 4242 fd:01:1234567 0 EOF\n\
+                     2: -> FLOCK  ADVISORY  WRITE 4343 fd:01:1234567 0 EOF\n";
+        let dev = libc::makedev(0xfd, 0x01);
+        assert_eq!(flock_holder(locks, dev, 1234567), Some(4242));
+        assert_eq!(flock_holder(locks, dev, 99), None);
+        assert_eq!(
+            flock_holder(locks, libc::makedev(8, 2), 99),
+            None,
+            "POSIX locks"
+        );
+        // A real one: this process's own lock, by its program's name.
+        let d = tempfile::tempdir().unwrap();
+        let a = DomainLock::try_acquire(d.path(), U, "tpl-a")
+            .unwrap()
+            .unwrap();
+        let who = holder(&a.path).unwrap();
+        assert!(
+            who.starts_with(&format!("tpl-a (pid {})", std::process::id())),
+            "{who}"
+        );
+    }
+
+    #[test]
+    fn lock_files_are_private_and_another_owners_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let a = DomainLock::try_acquire(d.path(), U, "a").unwrap().unwrap();
+        assert_eq!(fs::metadata(&a.path).unwrap().mode() & 0o777, 0o600);
+        let p = a.path.clone();
+        drop(a);
+        // An older release's 0644 file is made private.
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        drop(DomainLock::try_acquire(d.path(), U, "a").unwrap().unwrap());
+        assert_eq!(fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::chown(&p, Some(65534), None).unwrap();
+            let e = DomainLock::try_acquire(d.path(), U, "a").unwrap_err();
+            assert_eq!(e.exit_code(), 3);
+            assert!(e.to_string().contains("owned by uid 65534"), "{e}");
+        }
     }
 
     #[test]

@@ -121,12 +121,21 @@ pub fn clean_dead(
     remove_image: RemoveImage,
 ) -> Cleaned {
     let mut done = Cleaned::default();
-    for d in dead::<Entry>(dir, KIND) {
+    let (deads, refused) = dead::<Entry>(dir, KIND);
+    done.kept.extend(refused);
+    for d in deads {
         let ours = d
             .entries
             .iter()
             .all(|e| !matches!(e, Entry::Clone { uri: u, .. } if u != uri));
         if !ours {
+            continue;
+        }
+        if let Err(why) = check_shape(&d.entries, d.pid) {
+            done.kept.push(format!(
+                "kept the journal {} of a dead tpl-clone: {why}",
+                shown_path(&d.path)
+            ));
             continue;
         }
         let mut removed = Vec::new();
@@ -279,15 +288,60 @@ fn sanitize_host(h: &str) -> String {
 /// (`.FILE.tpl-tmp-HOST-PID`). The host name because the directory may be shared (an NFS
 /// pool): a pid means nothing on another host, whose runs' files are not ours to judge.
 pub fn tmp_name(final_path: &Path) -> PathBuf {
+    tmp_name_of(final_path, std::process::id())
+}
+
+/// The temporary name run `pid` of this host gives `final_path`.
+fn tmp_name_of(final_path: &Path, pid: u32) -> PathBuf {
     let file = final_path
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_default();
-    final_path.with_file_name(format!(
-        ".{file}.tpl-tmp-{}-{}",
-        host_tag(),
-        std::process::id()
-    ))
+    final_path.with_file_name(format!(".{file}.tpl-tmp-{}-{pid}", host_tag()))
+}
+
+/// Whether the entries of a dead run's journal are of the shape run `pid` writes, and if
+/// not the first that is not: a temporary file or image must carry this host's name and
+/// that pid (`.FILE.tpl-tmp-HOST-PID`), a final one must follow a temporary one of the
+/// same clone under its temporary name. Recovery acts on nothing else: a journal is no
+/// list of files to delete.
+fn check_shape(entries: &[Entry], pid: u32) -> Result<(), String> {
+    // a file's path, or an image's POOL[/NS]/IMAGE
+    let is_tmp = |p: &Path| {
+        p.file_name()
+            .and_then(|f| f.to_str())
+            .and_then(|f| tmp_pid(f, host_tag()))
+            == Some(pid)
+    };
+    let tmp_of = |uuid: &str, final_path: &Path| {
+        let want = tmp_name_of(final_path, pid);
+        entries.iter().any(|e| match e {
+            Entry::Tmp { uuid: u, path } => u == uuid && *path == want,
+            Entry::RbdTmp { uuid: u, image, .. } => u == uuid && Path::new(image) == want,
+            _ => false,
+        })
+    };
+    for e in entries {
+        let ok = match e {
+            Entry::Tmp { path, .. } => path.is_absolute() && is_tmp(path),
+            Entry::RbdTmp { image, .. } => {
+                image.parse::<tpl_ceph::ImageSpec>().is_ok() && is_tmp(Path::new(image))
+            }
+            Entry::File { uuid, path, .. } => path.is_absolute() && tmp_of(uuid, path),
+            Entry::RbdFile { uuid, image, .. } => {
+                image.parse::<tpl_ceph::ImageSpec>().is_ok() && tmp_of(uuid, Path::new(image))
+            }
+            Entry::Clone { .. } | Entry::Done { .. } | Entry::Undone { .. } => true,
+        };
+        if !ok {
+            return Err(format!(
+                "its entry {} is not one a tpl-clone of this host with pid {pid} writes; \
+                 nothing in it was acted on",
+                crate::text::shown(&serde_json::to_string(e).unwrap_or_default())
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The pid of the run whose temporary file `name` is, if that run is on `host`. None for
@@ -355,7 +409,7 @@ mod tests {
         let jdir = d.path().join("j");
         fs::create_dir(&jdir).unwrap();
         let pid = dead_pid();
-        let tmp = d.path().join(format!(".a.qcow2.tpl-tmp-h-{pid}"));
+        let tmp = tmp_name_of(&d.path().join("a.qcow2"), pid);
         let a = d.path().join("a.qcow2"); // renamed into place, domain never defined
         let b = d.path().join("b.qcow2"); // another run's file that took the name
         let c = d.path().join("c.qcow2"); // a finished clone's file
@@ -378,6 +432,10 @@ mod tests {
                 dev: ino(&a).0,
                 ino: ino(&a).1,
             },
+            Entry::Tmp {
+                uuid: "u1".into(),
+                path: tmp_name_of(&b, pid),
+            },
             Entry::File {
                 uuid: "u1".into(),
                 path: b.clone(),
@@ -388,6 +446,10 @@ mod tests {
                 name: "c".into(),
                 uuid: "u2".into(),
                 uri: "test:///x".into(),
+            },
+            Entry::Tmp {
+                uuid: "u2".into(),
+                path: tmp_name_of(&c, pid),
             },
             Entry::File {
                 uuid: "u2".into(),
@@ -441,7 +503,7 @@ mod tests {
         // and then removed again (its start failed) when the run was killed; u3 never got
         // as far as its domain.
         let (a, b) = (d.path().join("a.qcow2"), d.path().join("b.qcow2"));
-        let t3 = d.path().join(format!(".c.qcow2.tpl-tmp-h-{pid}"));
+        let t3 = tmp_name_of(&d.path().join("c.qcow2"), pid);
         for p in [&a, &b, &t3] {
             fs::write(p, "x").unwrap();
         }
@@ -456,11 +518,17 @@ mod tests {
             dev: ino(p).0,
             ino: ino(p).1,
         };
+        let tmp = |u: &str, p: &Path| Entry::Tmp {
+            uuid: u.into(),
+            path: tmp_name_of(p, pid),
+        };
         let entries = [
             clone("a", "u1"),
+            tmp("u1", &a),
             file("u1", &a),
             Entry::Done { uuid: "u1".into() },
             clone("b", "u2"),
+            tmp("u2", &b),
             file("u2", &b),
             Entry::Done { uuid: "u2".into() },
             Entry::Undone { uuid: "u2".into() },
@@ -525,10 +593,13 @@ mod tests {
             });
             entries.push(Entry::RbdTmp {
                 uuid: u.into(),
-                image: format!("p/.{n}.tmp"),
+                image: tmp_name_of(Path::new(&format!("p/{n}")), pid)
+                    .to_string_lossy()
+                    .into_owned(),
                 client: Some(7),
             });
         }
+        let b_tmp = format!("p/.b.tpl-tmp-{}-{pid}", host_tag());
         write_journal(&jpath, &entries, "");
         let c = clean_dead(d.path(), "x", |_| Some(false), &mut |image, _, client| {
             assert_eq!(
@@ -536,7 +607,7 @@ mod tests {
                 Some(7),
                 "the dead run's client comes with its image"
             );
-            if image == "p/.b.tmp" {
+            if image == b_tmp {
                 Err("it has watchers".into())
             } else {
                 Ok(Some(vec![]))
@@ -544,13 +615,93 @@ mod tests {
         });
         // what could go went, and is said; the journal stays for what could not
         assert_eq!(c.removed.len(), 1, "{c:?}");
-        assert!(c.removed[0].contains("p/.a.tmp"), "{c:?}");
+        assert!(c.removed[0].contains("p/.a.tpl-tmp-"), "{c:?}");
         assert_eq!(c.kept.len(), 1, "{c:?}");
         assert!(
-            c.kept[0].contains("'p/.b.tmp'") && c.kept[0].contains("it has watchers"),
+            c.kept[0].contains(&format!("'{b_tmp}'")) && c.kept[0].contains("it has watchers"),
             "{c:?}"
         );
         assert!(jpath.exists());
+    }
+
+    /// Issue 22: a journal acts only on what it can prove is a dead run's own work. A
+    /// planted entry (a file that is not a temporary name of the journal's run, a final
+    /// file without its temporary one) makes the journal be kept and reported, with
+    /// nothing removed; a journal others may write, or another user's, is not even read.
+    #[test]
+    fn a_journal_tpl_did_not_write_is_never_obeyed() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let pid = dead_pid();
+        let victim = d.path().join("precious");
+        let other_run = tmp_name_of(&d.path().join("x.qcow2"), pid + 1);
+        for p in [&victim, &other_run] {
+            fs::write(p, "x").unwrap();
+        }
+        let clone = Entry::Clone {
+            name: "a".into(),
+            uuid: "u1".into(),
+            uri: "x".into(),
+        };
+        let planted = [
+            Entry::Tmp {
+                uuid: "u1".into(),
+                path: victim.clone(),
+            },
+            Entry::Tmp {
+                uuid: "u1".into(),
+                path: other_run.clone(),
+            },
+            Entry::File {
+                uuid: "u1".into(),
+                path: victim.clone(),
+                dev: ino(&victim).0,
+                ino: ino(&victim).1,
+            },
+            Entry::RbdTmp {
+                uuid: "u1".into(),
+                image: "rbd/precious".into(),
+                client: None,
+            },
+        ];
+        for (i, e) in planted.iter().enumerate() {
+            let jpath = d.path().join(format!("tpl-clone-{pid}-0000000{i}.journal"));
+            write_journal(&jpath, &[clone.clone(), e.clone()], "");
+            let c = clean_dead(d.path(), "x", |_| Some(false), &mut |_, _, _| {
+                panic!("an image of a planted journal is never removed")
+            });
+            assert!(c.removed.is_empty(), "{c:?}");
+            assert!(
+                c.kept.len() == 1 && c.kept[0].contains("nothing in it was acted on"),
+                "{c:?}"
+            );
+            assert!(victim.exists() && other_run.exists());
+            fs::remove_file(&jpath).unwrap();
+        }
+        // A journal anyone may write is not read at all, however well-formed.
+        let tmp = tmp_name_of(&d.path().join("y.qcow2"), pid);
+        fs::write(&tmp, "x").unwrap();
+        let jpath = d.path().join(format!("tpl-clone-{pid}-0badf00d.journal"));
+        let entries = [
+            clone.clone(),
+            Entry::Tmp {
+                uuid: "u1".into(),
+                path: tmp.clone(),
+            },
+        ];
+        write_journal(&jpath, &entries, "");
+        fs::set_permissions(&jpath, fs::Permissions::from_mode(0o666)).unwrap();
+        let c = clean_dead(d.path(), "x", |_| Some(false), &mut |_, _, _| Ok(None));
+        assert!(c.removed.is_empty() && tmp.exists(), "{c:?}");
+        assert!(
+            c.kept.len() == 1 && c.kept[0].contains("others may write it"),
+            "{c:?}"
+        );
+        // ...until it is this user's own again.
+        fs::set_permissions(&jpath, fs::Permissions::from_mode(0o600)).unwrap();
+        let c = clean_dead(d.path(), "x", |_| Some(false), &mut |_, _, _| Ok(None));
+        assert_eq!(c.removed.len(), 1, "{c:?}");
+        assert!(!tmp.exists() && !jpath.exists());
     }
 
     #[test]

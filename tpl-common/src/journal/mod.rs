@@ -19,6 +19,7 @@ pub mod rename;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -40,7 +41,7 @@ impl Journal {
     /// step ever replaces a file: an older journal under the same name is a dead run's
     /// that a recoverer kept on purpose.
     pub fn create(dir: &Path, kind: &str) -> Result<Journal> {
-        fs::create_dir_all(dir).ctx("cannot create the journal directory", dir)?;
+        crate::state::create_private_dir(dir).ctx("cannot create the journal directory", dir)?;
         let pid = std::process::id();
         let mut tries = 0;
         loop {
@@ -48,7 +49,12 @@ impl Journal {
             let rand = &uuid::Uuid::new_v4().simple().to_string()[..8];
             let path = dir.join(format!("{kind}-{pid}-{rand}.journal"));
             let new = path.with_extension("journal-new");
-            let file = match OpenOptions::new().create_new(true).write(true).open(&new) {
+            let file = match OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .mode(0o600)
+                .open(&new)
+            {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 8 => continue,
                 Err(e) => return Err(e).ctx("cannot create the journal", &new),
@@ -142,7 +148,11 @@ pub fn journal_name(p: &Path, kind: &str) -> Option<(u32, bool)> {
 
 /// The journal's lock, if its run is dead (nobody holds it).
 pub fn lock_if_dead(path: &Path) -> Option<Flock<File>> {
-    let f = File::open(path).ok()?;
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .ok()?;
     Flock::lock(f, FlockArg::LockExclusiveNonblock).ok()
 }
 
@@ -164,19 +174,32 @@ impl<E> Dead<E> {
     }
 }
 
-/// The journals of `kind` in `dir` whose runs are dead, each locked. A run killed while
-/// creating its journal left it under the `-new` name, before any entry: that file is
-/// simply removed (the pid check keeps one a live run has created and not yet locked).
-pub fn dead<E: DeserializeOwned>(dir: &Path, kind: &str) -> Vec<Dead<E>> {
+/// The journals of `kind` in `dir` whose runs are dead, each locked; and why others were
+/// not taken (see [`crate::state::untrusted`]: a journal that is not this user's own is
+/// never obeyed, only reported). A run killed while creating its journal left it under
+/// the `-new` name, before any entry: that file is simply removed (the pid check keeps
+/// one a live run has created and not yet locked).
+pub fn dead<E: DeserializeOwned>(dir: &Path, kind: &str) -> (Vec<Dead<E>>, Vec<String>) {
     let mut out = Vec::new();
+    let mut refused = Vec::new();
     let Ok(rd) = fs::read_dir(dir) else {
-        return out;
+        return (out, refused);
     };
     for e in rd.flatten() {
         let path = e.path();
         let Some((pid, new)) = journal_name(&path, kind) else {
             continue;
         };
+        if let Some(why) = crate::state::untrusted(&path) {
+            if note_refusal(&path) {
+                refused.push(format!(
+                    "ignored the journal '{}': {why}; tpl obeys only journals of its own \
+                     user that nobody else may write (remove it, or check who wrote it)",
+                    crate::text::shown_path(&path)
+                ));
+            }
+            continue;
+        }
         if new {
             if !pid_exists(pid) && lock_if_dead(&path).is_some() {
                 let _ = fs::remove_file(&path);
@@ -186,7 +209,13 @@ pub fn dead<E: DeserializeOwned>(dir: &Path, kind: &str) -> Vec<Dead<E>> {
         let Some(lock) = lock_if_dead(&path) else {
             continue;
         };
-        let Ok(f) = File::open(&path) else { continue };
+        let Ok(f) = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+        else {
+            continue;
+        };
         let entries = BufReader::new(f)
             .lines()
             .map_while(|l| l.ok())
@@ -199,7 +228,18 @@ pub fn dead<E: DeserializeOwned>(dir: &Path, kind: &str) -> Vec<Dead<E>> {
             _lock: lock,
         });
     }
-    out
+    (out, refused)
+}
+
+/// Whether a refused journal is to be reported now: once a run, not at every recovery.
+fn note_refusal(path: &Path) -> bool {
+    static SAID: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+    if said.iter().any(|p| p == path) {
+        return false;
+    }
+    said.push(path.to_path_buf());
+    true
 }
 
 /// The pids without a process here whose journals of `kind` in `dir` are still locked (a
@@ -244,7 +284,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let mut j = Journal::create(d.path(), "tpl-test").unwrap();
         j.log(&serde_json::json!({"op": "x"})).unwrap();
-        assert!(dead::<serde_json::Value>(d.path(), "tpl-test").is_empty());
+        assert!(dead::<serde_json::Value>(d.path(), "tpl-test").0.is_empty());
         let p = j.path().to_path_buf();
         j.close();
         assert!(!p.exists());

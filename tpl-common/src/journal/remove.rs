@@ -345,6 +345,42 @@ impl Intent {
         r
     }
 
+    /// Whether this intent is of the shape tpl-rm writes, and if not why: each file an
+    /// absolute path whose hidden name is [`hidden_name`]'s, next to it; each image a
+    /// valid image name. Recovery acts on nothing else.
+    pub fn check_shape(&self) -> std::result::Result<(), String> {
+        for f in &self.files {
+            let hidden_ok = f.path.is_absolute()
+                && f.hidden.parent() == f.path.parent()
+                && f.path
+                    .file_name()
+                    .zip(f.hidden.file_name())
+                    .is_some_and(|(p, h)| {
+                        let (p, h) = (p.to_string_lossy(), h.to_string_lossy());
+                        h.strip_prefix('.')
+                            .and_then(|h| h.strip_prefix(p.as_ref()))
+                            .and_then(|h| h.strip_prefix(".tpl-rm-"))
+                            .is_some_and(|r| {
+                                r.len() == 8 && r.bytes().all(|b| b.is_ascii_hexdigit())
+                            })
+                    });
+            if !hidden_ok {
+                return Err(format!(
+                    "'{}' is not the hidden name tpl-rm gives '{}' (.FILE.tpl-rm-RANDOM next \
+                     to it)",
+                    shown_path(&f.hidden),
+                    shown_path(&f.path)
+                ));
+            }
+        }
+        for i in &self.images {
+            if i.spec().validate().is_err() {
+                return Err(format!("'{}' is not an RBD image name", shown(&i.image)));
+            }
+        }
+        Ok(())
+    }
+
     /// Finish or roll back this removal after its run died, as the module says.
     pub fn recover(&self, s: &Session) -> Result<(Outcome, Report)> {
         match s.domain_exists(&self.uuid) {
@@ -394,14 +430,25 @@ pub fn recover_dead(
     only: Option<&str>,
     mut lock: impl FnMut(&str) -> Option<Option<DomainLock>>,
 ) -> Vec<(bool, String)> {
-    let mut notes = Vec::new();
-    for d in dead::<Intent>(dir, KIND) {
+    let (deads, refused) = dead::<Intent>(dir, KIND);
+    let mut notes: Vec<(bool, String)> = refused.into_iter().map(|r| (true, r)).collect();
+    for d in deads {
         // Journaled before the first change: a journal without its intent changed nothing.
         let Some(intent) = d.entries.first().cloned() else {
             d.remove();
             continue;
         };
         if intent.uri != s.uri || only.is_some_and(|u| !u.eq_ignore_ascii_case(&intent.uuid)) {
+            continue;
+        }
+        if let Err(why) = intent.check_shape() {
+            notes.push((
+                true,
+                format!(
+                    "kept the journal '{}' of a dead tpl-rm: {why}; nothing in it was acted on",
+                    shown_path(&d.path)
+                ),
+            ));
             continue;
         }
         let Some(held) = lock(&intent.uuid) else {

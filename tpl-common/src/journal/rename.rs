@@ -71,6 +71,23 @@ pub enum Outcome {
 }
 
 impl Move {
+    /// What the definition `x` names in this move's place now (a file's path, an RBD
+    /// image's name), and the disk.
+    fn named_by(
+        &self,
+        x: &crate::domxml::DomainXml,
+    ) -> (Option<PathBuf>, Option<crate::record::Disk>) {
+        let disk = match &self.role {
+            Role::Disk { target } => x.disks().into_iter().find(|d| &d.target == target),
+            Role::Nvram => None,
+        };
+        let now = match (&self.role, &disk) {
+            (Role::Nvram, _) => x.nvram(),
+            (_, Some(d)) if self.rbd.is_some() => d.rbd.as_ref().map(|r| PathBuf::from(&r.image)),
+            (_, d) => d.as_ref().and_then(|d| d.path.clone()),
+        };
+        (now, disk)
+    }
     fn is_at(&self, s: &Session, p: &Path) -> bool {
         use std::os::unix::fs::MetadataExt;
         match &self.rbd {
@@ -190,15 +207,7 @@ impl Intent {
         let mut changed = false;
         for m in &self.moves {
             let want = if forward { &m.to } else { &m.from };
-            let disk = match &m.role {
-                Role::Disk { target } => x.disks().into_iter().find(|d| &d.target == target),
-                Role::Nvram => None,
-            };
-            let now = match (&m.role, &disk) {
-                (Role::Nvram, _) => x.nvram(),
-                (_, Some(d)) if m.rbd.is_some() => d.rbd.as_ref().map(|r| PathBuf::from(&r.image)),
-                (_, d) => d.as_ref().and_then(|d| d.path.clone()),
-            };
+            let (now, disk) = m.named_by(&x);
             if now.as_ref() == Some(want) {
                 continue;
             }
@@ -249,14 +258,24 @@ impl Intent {
         };
         let mut dom = match Dom::lookup(s, &r) {
             Ok(d) => d,
-            // The domain was undefined since: its files go back to their old names where
-            // they still are; nothing else needs them, so nothing is left to wait for.
+            // No such domain: undefined since, or a journal tpl did not write. Nothing
+            // proves the files are a domain's: nothing is moved, the journal is kept.
             Err(Error::Usage { .. }) => {
-                let _ = self.move_files(s, false, false);
-                return Ok((Outcome::RolledBack, Vec::new()));
+                return Err(Error::failed(
+                    "nothing was acted on",
+                    format!(
+                        "no domain with UUID {} exists on {}, so nothing proves its files are \
+                         a domain's (if the domain was undefined since, move its files back \
+                         by hand and remove the journal)",
+                        shown(&self.uuid),
+                        shown(&s.uri)
+                    ),
+                ))
             }
             Err(e) => return Err(e),
         };
+        self.check_shape(&dom.xml()?)
+            .map_err(|why| Error::failed("nothing was acted on", why))?;
         if dom.name == self.new {
             let mut problems = self.move_files(s, true, false)?;
             if let Err(e) = self.point_definition(&dom, true) {
@@ -266,6 +285,36 @@ impl Intent {
         } else {
             Ok((Outcome::RolledBack, self.roll_back(&mut dom)))
         }
+    }
+}
+
+impl Intent {
+    /// Whether this intent is of the shape tpl-rename writes for the domain defined as
+    /// `x`, and if not why: each file moves within its directory, between absolute paths,
+    /// and the definition names each move's old or new place. Recovery acts on nothing
+    /// else (a journal could otherwise move any file, or point a disk anywhere).
+    pub fn check_shape(&self, x: &crate::domxml::DomainXml) -> std::result::Result<(), String> {
+        for m in &self.moves {
+            if m.rbd.is_none()
+                && !(m.from.is_absolute() && m.to.is_absolute() && m.from.parent() == m.to.parent())
+            {
+                return Err(format!(
+                    "its move of '{}' to '{}' leaves the directory, which tpl-rename never does",
+                    shown_path(&m.from),
+                    shown_path(&m.to)
+                ));
+            }
+            let (now, _) = m.named_by(x);
+            if now.as_ref() != Some(&m.from) && now.as_ref() != Some(&m.to) {
+                return Err(format!(
+                    "the domain's {} is neither '{}' nor '{}'",
+                    m.role,
+                    shown_path(&m.from),
+                    shown_path(&m.to)
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -279,8 +328,9 @@ pub fn recover_dead<L>(
     only: Option<&str>,
     mut lock: impl FnMut(&str) -> Option<L>,
 ) -> Vec<(bool, String)> {
-    let mut notes = Vec::new();
-    for d in dead::<Intent>(dir, KIND) {
+    let (deads, refused) = dead::<Intent>(dir, KIND);
+    let mut notes: Vec<(bool, String)> = refused.into_iter().map(|r| (true, r)).collect();
+    for d in deads {
         // Journaled before the first change: a journal without its intent changed nothing.
         let Some(intent) = d.entries.first().cloned() else {
             d.remove();
