@@ -19,10 +19,12 @@ use crate::rbd::{self, Ceph, CephOptions};
 use crate::record::{Disk, DiskKind, DomainRef, Record, State, SCHEMA};
 use crate::text::{shown, shown_path};
 
-/// The URI used when neither `-c` nor `LIBVIRT_DEFAULT_URI` says otherwise.
-pub const DEFAULT_URI: &str = "qemu:///system";
+/// What virsh connects to when neither `-c` nor `LIBVIRT_DEFAULT_URI` says: the system
+/// daemon for root, the user's own session daemon for anyone else.
+pub const DEFAULT_URI: &str = "qemu:///system (root), else qemu:///session";
 
-/// The URI to connect to: the option, else `LIBVIRT_DEFAULT_URI`, else qemu:///system.
+/// The URI to connect to: the option, else `LIBVIRT_DEFAULT_URI`, else virsh's default
+/// (qemu:///system for root, qemu:///session for other users).
 pub fn resolve_uri(opt: Option<&str>) -> String {
     opt.map(String::from)
         .or_else(|| {
@@ -30,7 +32,13 @@ pub fn resolve_uri(opt: Option<&str>) -> String {
                 .ok()
                 .filter(|s| !s.is_empty())
         })
-        .unwrap_or_else(|| DEFAULT_URI.to_string())
+        .unwrap_or_else(|| {
+            if nix::unistd::geteuid().is_root() {
+                "qemu:///system".into()
+            } else {
+                "qemu:///session".into()
+            }
+        })
 }
 
 /// An open libvirt connection, and the run's Ceph connection for RBD disks.
@@ -76,11 +84,17 @@ impl Session {
     pub fn open_with(uri: &str, ceph: CephOptions) -> Result<Session> {
         virt::error::clear_error_callback();
         let conn = Connect::open(Some(uri)).map_err(|e| {
+            let hint = if e.message().contains("ermission denied")
+                || e.message().contains("uthentication")
+            {
+                "this user may not use that connection: run as root, join the libvirt \
+                 group, or pick another with -c (qemu:///session is your own)"
+            } else {
+                "is libvirtd running? on a systemd host: systemctl start libvirtd; on a \
+                 test machine: make libvirtd"
+            };
             Error::libvirt(
-                format!(
-                    "cannot connect to libvirt at '{}' (is libvirtd running? try 'make libvirtd')",
-                    shown(uri)
-                ),
+                format!("cannot connect to libvirt at '{}' ({hint})", shown(uri)),
                 e,
             )
         })?;
@@ -400,6 +414,18 @@ impl<'a> Dom<'a> {
 
     /// Re-read the name (after a rename).
     pub fn refresh_name(&mut self) -> Result<()> {
+        // A handle outlives its domain's undefinition, and then reads an unknown state.
+        if self.session.domain_exists(&self.uuid) == Some(false) {
+            return Err(Error::usage(
+                format!("domain '{}' is gone", shown(&self.name)),
+                format!(
+                    "it was removed (undefined) meanwhile; no domain with UUID {} exists on {} \
+                     any more",
+                    self.uuid,
+                    shown(&self.session.uri)
+                ),
+            ));
+        }
         self.name = self
             .dom
             .name()
@@ -410,6 +436,12 @@ impl<'a> Dom<'a> {
     pub fn state(&self) -> Result<DomainState> {
         match self.dom.state() {
             Ok((Enum::Known(s), _)) => Ok(s),
+            Ok((Enum::Unknown(_), _)) if self.session.domain_exists(&self.uuid) == Some(false) => {
+                Err(Error::usage(
+                    format!("domain '{}' is gone", shown(&self.name)),
+                    "it was removed (undefined) meanwhile",
+                ))
+            }
             Ok((Enum::Unknown(v), _)) => Err(Error::failed(
                 format!("cannot read state of domain '{}'", self.name),
                 format!("libvirt reported unknown state {v}"),

@@ -191,12 +191,22 @@ fn view(inv: &Inventory, args: &Args) -> Result<Vec<Shown>> {
                 .map(|c| Shown { item: c, depth: 0 }),
         );
         if args.all {
-            out.extend(
-                sorted(Role::Plain, false)
-                    .into_iter()
-                    .map(|p| Shown { item: p, depth: 0 }),
-            );
+            for p in sorted(Role::Plain, false) {
+                with_children(&mut out, p);
+            }
         }
+        // Every domain asked for, once: a clone whose source is not listed where the
+        // clone would go under it (a full clone of a plain VM without --all, a clone of
+        // a clone) stands on its own line rather than vanish.
+        let mut shown = vec![false; items.len()];
+        for sh in &out {
+            shown[sh.item] = true;
+        }
+        let mut rest: Vec<usize> = (0..items.len())
+            .filter(|&i| !shown[i] && (items[i].role != Role::Plain || args.all))
+            .collect();
+        rest.sort_by(|&a, &b| items[a].name().cmp(items[b].name()));
+        out.extend(rest.into_iter().map(|i| Shown { item: i, depth: 0 }));
     }
     Ok(out)
 }

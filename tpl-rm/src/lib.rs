@@ -50,6 +50,11 @@ const TOOL: &str = "tpl-rm";
 /// (kill -9, a crash) is finished or rolled back by the next run of any tpl tool, from
 /// the journal it keeps in $TPL_STATE_DIR/remove-journal (default /var/lib/tpl for root).
 ///
+/// It removes templates and clones; an ordinary VM only with --plain. Every input is
+/// read and checked before anything goes: a domain named twice is removed once, and an
+/// input that names no domain here, or a record whose UUID and name are two domains
+/// (made before a rename), is refused (exit 2) with nothing removed at all.
+///
 /// Like rm, it prints nothing for a removed domain (-v says on stderr what went), and
 /// never anything on stdout. Exit status: 0, 1 failed, 2 bad usage or unknown domain,
 /// 3 refused.
@@ -79,6 +84,12 @@ pub struct Args {
     #[arg(short, long)]
     verbose: bool,
 
+    /// Also remove domains that are neither templates nor clones (ordinary VMs, which tpl
+    /// did not make), with their disks; without it such a domain is refused, so that a
+    /// careless pipe or a mistyped name cannot take one
+    #[arg(long)]
+    plain: bool,
+
     #[command(flatten)]
     common: Common,
 }
@@ -88,25 +99,21 @@ pub fn main() -> ExitCode {
 }
 
 fn run(args: &Args, ctx: &mut Ctx) -> Result<()> {
-    if args.domains.is_empty() {
-        return each(ctx, None, args);
-    }
-    for d in &args.domains {
-        each(ctx, Some(d), args)?;
-    }
-    Ok(())
-}
-
-/// Remove the domain `arg` names, or those of the records on stdin, as
-/// [`Ctx::for_each_input`] does but with nothing to print: a failing domain is reported
-/// and the next one removed; a stopping signal ends the run.
-fn each(ctx: &mut Ctx, arg: Option<&str>, args: &Args) -> Result<()> {
-    for r in ctx.inputs(arg)? {
+    for uuid in checked_inputs(ctx, args)? {
         ctx.intr.check()?;
-        let res = r.and_then(|r| {
-            let s = ctx.session()?;
-            r.check_uri(&s.uri)?;
-            let dom = Dom::lookup(&s, &r)?;
+        let res = ctx.session().and_then(|s| {
+            let dom = Dom::lookup(&s, &by_uuid(&uuid))?;
+            if !args.plain && !is_tpl_domain(&dom)? {
+                return Err(Error::refused(
+                    format!("cannot remove domain '{}'", shown(&dom.name)),
+                    format!(
+                        "it is neither a template nor a clone: an ordinary VM, which tpl did \
+                         not make; 'virsh undefine' keeps its disks, so tpl-rm does not take \
+                         them unless asked: tpl-rm --plain {}",
+                        shown(&dom.name)
+                    ),
+                ));
+            }
             Remover { ctx, s: &s, args }.remove(dom, &[], args.with_clones, None)
         });
         match res {
@@ -116,6 +123,104 @@ fn each(ctx: &mut Ctx, arg: Option<&str>, args: &Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Every domain the arguments or the records on stdin name, each once (by UUID), read
+/// and checked before anything is removed: an input that names no domain here, a record
+/// of another connection or one whose UUID and name are two domains (renamed since the
+/// record was made, or edited) is reported, and then nothing at all is removed (exit 2):
+/// a pipe that went wrong must not take the half of it that looked right.
+fn checked_inputs(ctx: &mut Ctx, args: &Args) -> Result<Vec<String>> {
+    let sources: Vec<Option<&str>> = if args.domains.is_empty() {
+        vec![None]
+    } else {
+        args.domains.iter().map(|d| Some(d.as_str())).collect()
+    };
+    let mut uuids: Vec<String> = Vec::new();
+    let mut bad = 0;
+    for src in sources {
+        for r in ctx.inputs(src)? {
+            ctx.intr.check()?;
+            let res = r.and_then(|r| {
+                let s = ctx.session()?;
+                r.check_uri(&s.uri)?;
+                let dom = Dom::lookup(&s, &r)?;
+                match r.name.as_deref() {
+                    Some(n) if r.uuid.is_some() && n != dom.name => Err(Error::usage(
+                        format!(
+                            "record on stdin line {} names domain '{}', but its UUID {} is \
+                             domain '{}'",
+                            r.line,
+                            shown(n),
+                            dom.uuid,
+                            shown(&dom.name)
+                        ),
+                        "renamed since the record was made, or the record was edited; tpl-rm \
+                         acts on no record that contradicts itself: name the domain you mean",
+                    )),
+                    _ => Ok(dom.uuid.clone()),
+                }
+            });
+            match res {
+                Ok(u) if !uuids.iter().any(|x| x.eq_ignore_ascii_case(&u)) => uuids.push(u),
+                Ok(_) => {} // named twice: one removal
+                Err(e @ Error::Interrupted { .. }) => return Err(e),
+                Err(e) => {
+                    ctx.fail(&e);
+                    bad += 1;
+                }
+            }
+        }
+    }
+    if bad > 0 {
+        return Err(Error::usage(
+            "nothing removed",
+            format!(
+                "{bad} of the inputs {} refused above; tpl-rm removes nothing until every \
+                 input names a domain it can find",
+                if bad == 1 { "was" } else { "were" }
+            ),
+        ));
+    }
+    Ok(uuids)
+}
+
+/// Whether tpl made or manages this domain: a template (generalized, locked, registering
+/// the overlays of its clones) or a clone (a clone origin in its metadata, or a disk whose
+/// backing chain reaches another domain's image: a linked clone made by hand, as
+/// tpl-list counts it).
+fn is_tpl_domain(dom: &Dom) -> Result<bool> {
+    let m = dom.meta()?;
+    if m.template.generalized.is_some()
+        || m.template.locked
+        || !m.overlays.is_empty()
+        || m.clone.is_some()
+    {
+        return Ok(true);
+    }
+    let rec = dom.describe()?;
+    let chain: Vec<&std::path::Path> = rec
+        .disks
+        .iter()
+        .flat_map(|d| d.backing.iter().map(|b| b.path.as_path()))
+        .collect();
+    if chain.is_empty() {
+        return Ok(false);
+    }
+    let others = dom.others()?;
+    Ok(others.iter().any(|o| {
+        o.files
+            .disks
+            .iter()
+            .any(|(_, p)| chain.contains(&p.as_path()))
+            || o.files.rbd.iter().any(|(_, img)| {
+                chain.iter().any(|c| {
+                    c.to_string_lossy()
+                        .strip_prefix("rbd:")
+                        .is_some_and(|r| r.split('@').next() == Some(img.as_str()))
+                })
+            })
+    }))
 }
 
 fn by_uuid(uuid: &str) -> DomainRef {
