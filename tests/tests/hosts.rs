@@ -283,7 +283,7 @@ fn every_tool_refuses_another_hosts_files_and_touches_no_decoy() {
         ("tpl-clone", vec![&locked.0, &c]),
         ("tpl-clone", vec![&plain.0, &c, "--full"]),
         ("tpl-generalize", vec![&plain.0]),
-        ("tpl-rm", vec![&plain.0]),
+        ("tpl-rm", vec!["--plain", &plain.0]),
     ];
     for (tool, args) in &tries {
         let mut a = vec!["-c", HV2];

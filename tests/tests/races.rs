@@ -603,7 +603,7 @@ fn a_busy_domain_is_waited_for_and_a_held_lock_is_shared() {
     let locks = state_dir().join("locks");
     fs::create_dir_all(&locks).unwrap();
     let lockfile = p(&locks.join(format!("{}.lock", g.uuid))).to_string();
-    // Another holder for 3 s (flock(1) writes no name: "another tpl tool").
+    // Another holder for 3 s: flock(1), named as the kernel knows it.
     let mut holder = Command::new("flock")
         .args([&lockfile, "sleep", "3"])
         .spawn()
@@ -623,7 +623,7 @@ fn a_busy_domain_is_waited_for_and_a_held_lock_is_shared() {
     let t0 = Instant::now();
     run("tpl-lock", &["--wait", "1", &g.name], None)
         .fails(3)
-        .says(&["busy", "another tpl tool", "--wait"]);
+        .says(&["busy", "flock (pid", "which is not a tpl tool", "--wait"]);
     assert!(t0.elapsed() < Duration::from_secs(3));
     assert_eq!(mode(&g.disk) & 0o222, 0o200, "nothing changed");
     // With the default bound it waits, says so, and goes on once the holder is done.
