@@ -873,6 +873,25 @@ pub fn signal_mid_copy(
     (pid, child.wait_with_output().unwrap())
 }
 
+/// Start `sh -c 'SETUP; exec tpl-clone TEMPLATE NAME --full'` (stdout and stderr piped)
+/// and wait until the tool copies into `dir`; the shell's child and the tool's pid.
+pub fn full_clone_through_sh(setup: &str, dir: &Path, template: &str, name: &str) -> (Child, u32) {
+    let child = shell(
+        "sh",
+        &format!("{setup}; exec tpl-clone '{template}' '{name}' --full"),
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let file = format!("{name}.qcow2");
+    wait_until(60, "the clone to copy", || {
+        pid_writing(dir, &file).is_some()
+    });
+    let pid = pid_writing(dir, &file).unwrap();
+    (child, pid)
+}
+
 /// A test guest `<prefix>-<tag>` with a UEFI loader (a dummy: it is never started) and an
 /// NVRAM file `<dir>/<name>_VARS.fd` of 64 KiB, mode 0644, named by the `<nvram>` element
 /// written as `form` (`@` stands for the path). The guest and its NVRAM file.

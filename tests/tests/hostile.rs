@@ -288,19 +288,8 @@ fn ctrl_c_kills_a_clone_by_the_signal_and_stops_the_shell_loop() {
     // leaves them ignored, as every Unix tool does: both, sent in the middle of the copy,
     // change nothing, and the clone is made. It used to die by the first.
     let c = s.name("nohup");
-    let child = shell(
-        "sh",
-        &format!("trap '' INT HUP; exec {CLONE} '{t}' '{c}' --full"),
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    let (child, pid) = full_clone_through_sh("trap '' INT HUP", &s.dir, &t, &c);
     let file = format!("{c}.qcow2");
-    wait_until(60, "the nohup clone to copy", || {
-        pid_writing(&s.dir, &file).is_some()
-    });
-    let pid = pid_writing(&s.dir, &file).unwrap();
     for sig in [Signal::SIGINT, Signal::SIGHUP] {
         kill(Pid::from_raw(pid as i32), sig).unwrap();
     }

@@ -187,19 +187,7 @@ fn state_is_private_whatever_the_umask() {
     let (t, _) = data_template(&mut s, "big", "2G", 512);
     // A full clone killed in its copy leaves its journal for the next run to read.
     let c = s.name("c");
-    let child = shell(
-        "sh",
-        &format!("umask 000; exec tpl-clone '{t}' '{c}' --full"),
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
-    let file = format!("{c}.qcow2");
-    wait_until(60, "the clone to copy", || {
-        pid_writing(&s.dir, &file).is_some()
-    });
-    let pid = pid_writing(&s.dir, &file).unwrap();
+    let (child, pid) = full_clone_through_sh("umask 000", &s.dir, &t, &c);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGKILL,
@@ -297,22 +285,16 @@ fn a_user_without_home_never_reads_a_journal_in_tmp() {
     assert!(!stderr.contains("thesis"), "{stderr}");
 }
 
-/// Row 4: the waiter named the lock's holder from the file, so a user's `flock` on it was
-/// blamed on a tpl tool long dead. Now the kernel's holder is named (/proc/locks), with
-/// "not a tpl tool" for another program.
-#[test]
-fn the_waiter_names_the_real_holder_of_a_lock() {
-    let mut s = Scratch::new();
-    let g = generalized_template(&mut s, "tpl");
-    // A tpl tool held the lock once: its name and pid stay in the file.
-    run("tpl-lock", &["--dry-run", &g.name], None).ok(1);
-    let lock = state_dir().join(format!("locks/{}.lock", g.uuid));
-    assert!(fs::read_to_string(&lock).unwrap().contains("tpl-lock (pid"));
-    // -o: flock itself holds the lock, not the command it runs, so killing it lets go.
-    let mut holder = Command::new("flock")
+/// The lock file of a domain, made by a run of tpl-lock (which writes its name and pid
+/// into it), and a `flock -o` holding it, once it does: flock itself holds the lock, not
+/// the command it runs, so killing it lets go.
+fn hold_lock(name: &str, uuid: &str) -> (PathBuf, std::process::Child) {
+    run("tpl-lock", &["--dry-run", name], None).ok(1);
+    let lock = state_dir().join(format!("locks/{uuid}.lock"));
+    let holder = Command::new("flock")
         .arg("-o")
         .arg(&lock)
-        .args(["sleep", "30"])
+        .args(["sleep", "60"])
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -324,6 +306,19 @@ fn the_waiter_names_the_real_holder_of_a_lock() {
     {
         assert!(Instant::now() < deadline, "flock never took the lock");
     }
+    (lock, holder)
+}
+
+/// Row 4: the waiter named the lock's holder from the file, so a user's `flock` on it was
+/// blamed on a tpl tool long dead. Now the kernel's holder is named (/proc/locks), with
+/// "not a tpl tool" for another program.
+#[test]
+fn the_waiter_names_the_real_holder_of_a_lock() {
+    let mut s = Scratch::new();
+    let g = generalized_template(&mut s, "tpl");
+    let (lock, mut holder) = hold_lock(&g.name, &g.uuid);
+    // A tpl tool held the lock once: its name and pid stay in the file.
+    assert!(fs::read_to_string(&lock).unwrap().contains("tpl-lock (pid"));
     let r = run("tpl-lock", &["--wait", "1", &g.name], None);
     holder.kill().unwrap();
     holder.wait().unwrap();
@@ -438,15 +433,7 @@ fn tpl_list_all_lists_every_domain_once() {
 fn a_template_removed_while_a_tool_waits_is_gone() {
     let mut s = Scratch::new();
     let t = locked_template(&mut s, "tpl");
-    run("tpl-lock", &["--dry-run", &t.name], None).ok(1);
-    let lock = state_dir().join(format!("locks/{}.lock", t.uuid));
-    // -o: flock itself holds the lock, not the command it runs, so killing it lets go.
-    let mut holder = Command::new("flock")
-        .arg("-o")
-        .arg(&lock)
-        .args(["sleep", "60"])
-        .spawn()
-        .unwrap();
+    let (_, mut holder) = hold_lock(&t.name, &t.uuid);
     let mut c = tool_command("tpl-clone")
         .args([&t.name, &s.name("c"), "--wait", "60"])
         .stdin(Stdio::null())
