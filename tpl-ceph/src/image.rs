@@ -132,6 +132,16 @@ pub struct Child {
     pub in_trash: bool,
 }
 
+/// A lock holder of an image (`rbd lock ls`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Locker {
+    /// The client entity (`client.<id>`).
+    pub client: String,
+    pub cookie: String,
+    /// `IP:port/nonce` of the client.
+    pub addr: String,
+}
+
 /// A client watching an image: every client that has it open read-write
 /// (a running qemu, `rbd map`, an open [`Image`]); read-only opens do not
 /// watch.
@@ -302,6 +312,23 @@ impl<'c> Image<'c> {
                 addr: w.addr,
                 id: w.id,
                 cookie: w.cookie,
+            })
+            .collect())
+    }
+
+    /// Who holds locks on the image (`rbd lock ls`; the owner of the exclusive lock is
+    /// one, with a cookie `auto N`).
+    pub fn lockers(&self) -> Result<Vec<Locker>> {
+        let op = self.op("list lockers of");
+        Ok(self
+            .inner
+            .lockers()
+            .map_err(|e| err(e, &op, None))?
+            .into_iter()
+            .map(|(client, cookie, addr)| Locker {
+                client,
+                cookie,
+                addr,
             })
             .collect())
     }
@@ -841,6 +868,24 @@ impl Cluster {
     pub fn watchers(&self, spec: &ImageSpec) -> Result<Vec<Watcher>> {
         self.look_as(&spec.head(), &format!("list watchers of {}", spec.head()))?
             .watchers()
+    }
+
+    /// [`Image::lockers`].
+    pub fn lockers(&self, spec: &ImageSpec) -> Result<Vec<Locker>> {
+        self.look_as(&spec.head(), &format!("list lockers of {}", spec.head()))?
+            .lockers()
+    }
+
+    /// Break a lock on the image (`rbd lock rm IMAGE COOKIE CLIENT`), as one does for a
+    /// client known to be dead.
+    pub fn break_lock(&self, spec: &ImageSpec, locker: &Locker) -> Result<()> {
+        let what = format!("break the lock of {} on {}", locker.client, spec.head());
+        let img = self.open_as(&spec.head(), false, &what)?;
+        let client = c_name("lock client", &locker.client)?;
+        let cookie = c_name("lock cookie", &locker.cookie)?;
+        img.inner
+            .break_lock(&client, &cookie)
+            .map_err(|e| err(e, &what, None))
     }
 
     /// [`Image::metadata_get`].

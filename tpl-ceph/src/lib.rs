@@ -33,7 +33,7 @@ mod sys;
 pub use cluster::{library_versions, Cluster, ConnectOptions, MonAddr};
 pub use error::{errno_name, errno_text, Error, Hint, Op, Result};
 pub use image::{
-    Child, Features, Image, ImageInfo, NewImageOptions, Parent, Progress, SnapInfo, Watcher,
-    COPY_SPARSE_SIZE,
+    Child, Features, Image, ImageInfo, Locker, NewImageOptions, Parent, Progress, SnapInfo,
+    Watcher, COPY_SPARSE_SIZE,
 };
 pub use spec::{check_name, ImageSpec};

@@ -242,6 +242,19 @@ extern "C" {
         max_watchers: *mut usize,
     ) -> c_int;
     fn rbd_watchers_list_cleanup(watchers: *mut rbd_image_watcher_t, num_watchers: usize);
+    fn rbd_list_lockers(
+        image: rbd_image_t,
+        exclusive: *mut c_int,
+        tag: *mut c_char,
+        tag_len: *mut usize,
+        clients: *mut c_char,
+        clients_len: *mut usize,
+        cookies: *mut c_char,
+        cookies_len: *mut usize,
+        addrs: *mut c_char,
+        addrs_len: *mut usize,
+    ) -> isize;
+    fn rbd_break_lock(image: rbd_image_t, client: *const c_char, cookie: *const c_char) -> c_int;
     fn rbd_metadata_get(
         image: rbd_image_t,
         key: *const c_char,
@@ -1058,6 +1071,68 @@ impl<'r> Image<'r> {
     }
 
     /// All metadata pairs (`max` 0 = no limit).
+    /// The lockers of the image (`rbd lock ls`: an exclusive-lock owner shows as one, its
+    /// cookie `auto N`): (client entity, cookie, address) each.
+    pub(crate) fn lockers(&self) -> Result<Vec<(String, String, String)>, Errno> {
+        let mut cap = 1024usize;
+        loop {
+            let mut bufs = [
+                vec![0u8; cap],
+                vec![0u8; cap],
+                vec![0u8; cap],
+                vec![0u8; cap],
+            ];
+            let mut lens = [cap; 4];
+            let mut exclusive: c_int = 0;
+            let [tag, clients, cookies, addrs] = &mut bufs;
+            let [tl, cl, kl, al] = &mut lens;
+            // SAFETY: open image; the four buffers are writable for their lengths, and
+            // librbd sets the lengths used (or needed, with ERANGE).
+            let rc = unsafe {
+                rbd_list_lockers(
+                    self.ptr,
+                    &mut exclusive,
+                    tag.as_mut_ptr().cast(),
+                    tl,
+                    clients.as_mut_ptr().cast(),
+                    cl,
+                    cookies.as_mut_ptr().cast(),
+                    kl,
+                    addrs.as_mut_ptr().cast(),
+                    al,
+                )
+            };
+            if rc >= 0 {
+                let part = |b: &Vec<u8>, l: usize| split_nul(&b[..l.min(cap)]);
+                let (c, k, a) = (
+                    part(&bufs[1], lens[1]),
+                    part(&bufs[2], lens[2]),
+                    part(&bufs[3], lens[3]),
+                );
+                return Ok(c
+                    .into_iter()
+                    .zip(k)
+                    .zip(a)
+                    .map(|((c, k), a)| (c, k, a))
+                    .collect());
+            }
+            let e = -(rc as c_int);
+            match e {
+                libc::ERANGE if lens.iter().any(|&l| l > cap) => {
+                    cap = lens.into_iter().max().unwrap_or(cap);
+                }
+                libc::ERANGE => cap *= 2,
+                e => return Err(e),
+            }
+        }
+    }
+
+    /// Break the lock `cookie` that `client` holds (`rbd lock rm`).
+    pub(crate) fn break_lock(&self, client: &CStr, cookie: &CStr) -> Result<(), Errno> {
+        // SAFETY: open image; valid C strings.
+        check(unsafe { rbd_break_lock(self.ptr, client.as_ptr(), cookie.as_ptr()) }).map(drop)
+    }
+
     pub(crate) fn metadata_list(&self) -> Result<Vec<(String, String)>, Errno> {
         let (mut kcap, mut vcap) = (1024usize, 4096usize);
         loop {

@@ -488,6 +488,32 @@ fn metadata_round_trip() {
     assert_eq!(e.errno(), Some(libc::EROFS), "{e}");
 }
 
+/// The owner of an image's exclusive lock shows as a locker, by its client id (the one
+/// `client_id` gives and watchers carry), and another connection can break that lock.
+#[test]
+fn lockers_name_the_exclusive_lock_owner_and_a_lock_can_be_broken() {
+    let c = connect();
+    let pool = TestPool::new(&c);
+    let img = pool.image("img", 8 * MIB);
+    assert!(c.lockers(&img).unwrap().is_empty());
+    let other = connect();
+    let held = other.open(&img).unwrap();
+    held.write_at(0, b"x").unwrap(); // a write takes the exclusive lock
+    let l = c.lockers(&img).unwrap();
+    assert_eq!(l.len(), 1, "{l:?}");
+    assert_eq!(
+        l[0].client,
+        format!("client.{}", other.client_id()),
+        "{l:?}"
+    );
+    assert!(l[0].cookie.starts_with("auto "), "{l:?}");
+    assert_eq!(c.watchers(&img).unwrap()[0].id as u64, other.client_id());
+    c.break_lock(&img, &l[0]).unwrap();
+    assert!(c.lockers(&img).unwrap().is_empty());
+    drop(held);
+    c.remove(&img).unwrap();
+}
+
 #[test]
 fn watchers_show_who_has_an_image_open() {
     let c = connect();
