@@ -120,17 +120,19 @@ impl DomainLock {
             if let Some(l) = Self::try_once(&path, tool)? {
                 return Ok(l);
             }
-            let who = holder(&path).unwrap_or_else(|| "another process".into());
+            // Read from /proc/locks when said, not at every try.
+            let who = || holder(&path).unwrap_or_else(|| "another process".into());
             if !told {
-                waiting(&who);
+                waiting(&who());
                 told = true;
             }
             if start.elapsed() >= wait {
                 return Err(Error::refused(
                     "the domain is busy",
                     format!(
-                        "{who} holds its lock ({}) and has not let go in {} s; try again when \
+                        "{} holds its lock ({}) and has not let go in {} s; try again when \
                          it is done, or wait longer with --wait SECONDS",
+                        who(),
                         path.display(),
                         wait.as_secs()
                     ),
