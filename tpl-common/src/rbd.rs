@@ -337,7 +337,11 @@ fn end_dead_watches(
                 }
             }
         }
-        Err(tpl_ceph::Error::NotFound { .. }) => return Ok(Vec::new()),
+        // Gone, or listed but without a header to open (a clone killed halfway): the
+        // removal tells them apart; the message says which it was, should it still fail.
+        Err(tpl_ceph::Error::NotFound { .. }) => {
+            return Ok(vec!["it does not open (no image header)".into()])
+        }
         Err(e) => others.push(format!("its watchers cannot be listed: {e}")),
     }
     match cluster.lockers(spec) {
