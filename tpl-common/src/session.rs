@@ -413,18 +413,24 @@ impl<'a> Dom<'a> {
     }
 
     /// Re-read the name (after a rename).
+    /// The domain was undefined while this handle was held (bad input, as any domain that
+    /// is not there).
+    fn gone(&self) -> Error {
+        Error::usage(
+            format!("domain '{}' is gone", shown(&self.name)),
+            format!(
+                "it was removed (undefined) meanwhile; no domain with UUID {} exists on {} \
+                 any more",
+                self.uuid,
+                shown(&self.session.uri)
+            ),
+        )
+    }
+
     pub fn refresh_name(&mut self) -> Result<()> {
         // A handle outlives its domain's undefinition, and then reads an unknown state.
         if self.session.domain_exists(&self.uuid) == Some(false) {
-            return Err(Error::usage(
-                format!("domain '{}' is gone", shown(&self.name)),
-                format!(
-                    "it was removed (undefined) meanwhile; no domain with UUID {} exists on {} \
-                     any more",
-                    self.uuid,
-                    shown(&self.session.uri)
-                ),
-            ));
+            return Err(self.gone());
         }
         self.name = self
             .dom
@@ -437,10 +443,7 @@ impl<'a> Dom<'a> {
         match self.dom.state() {
             Ok((Enum::Known(s), _)) => Ok(s),
             Ok((Enum::Unknown(_), _)) if self.session.domain_exists(&self.uuid) == Some(false) => {
-                Err(Error::usage(
-                    format!("domain '{}' is gone", shown(&self.name)),
-                    "it was removed (undefined) meanwhile",
-                ))
+                Err(self.gone())
             }
             Ok((Enum::Unknown(v), _)) => Err(Error::failed(
                 format!("cannot read state of domain '{}'", self.name),
