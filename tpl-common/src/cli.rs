@@ -139,6 +139,7 @@ impl Ctx {
         let s = Rc::new(Session::open_with(&self.uri(), ceph)?);
         self.session = Some(s.clone());
         self.recover(&s, None);
+        self.sweep_probes(&s);
         Ok(s)
     }
 
@@ -151,7 +152,16 @@ impl Ctx {
         };
         let s = Rc::new(Session::open_with(uri, ceph)?);
         self.recover(&s, None);
+        self.sweep_probes(&s);
         Ok(s)
+    }
+
+    /// Remove what killed locality probes left for this connection (once, when it is
+    /// opened: unlike the journals, nothing here waits for a domain's lock).
+    fn sweep_probes(&self, s: &Session) {
+        for what in crate::locality::sweep_dead(&s.conn) {
+            self.info(format!("removed {what}, left by a killed tpl tool"));
+        }
     }
 
     /// Finish or undo what dead runs left on this connection: their unfinished clones'
@@ -172,9 +182,6 @@ impl Ctx {
         }
         for why in cleaned.kept {
             self.warn(why);
-        }
-        for what in crate::locality::sweep_dead(&s.conn) {
-            self.info(format!("removed {what}, left by a killed tpl tool"));
         }
         let lockdir = state::lock_dir();
         // the held lock stands for its domain; any other domain's lock is taken if free
