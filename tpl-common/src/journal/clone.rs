@@ -28,11 +28,10 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 
-use super::{dead, foreign_live_pids, pid_exists, Journal};
+use super::{dead, foreign_live_pids, host_tag, pid_exists, Journal};
 use crate::error::{IoContext, Result};
 use crate::text::shown_path;
 
@@ -250,37 +249,6 @@ fn clean_one(
         }
     }
     Ok(())
-}
-
-/// This host's name as it goes into temporary file names: the characters a file name
-/// and the parsing in [`sweep_tmp`] are safe with, at most 64 of them.
-pub(crate) fn host_tag() -> &'static str {
-    static TAG: OnceLock<String> = OnceLock::new();
-    TAG.get_or_init(|| {
-        let h = nix::unistd::gethostname()
-            .map(|h| h.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        sanitize_host(&h)
-    })
-}
-
-fn sanitize_host(h: &str) -> String {
-    let t: String = h
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(64)
-        .collect();
-    if t.is_empty() {
-        "localhost".into()
-    } else {
-        t
-    }
 }
 
 /// The temporary name of a file this run writes: hidden, in the target's directory (so
@@ -738,8 +706,6 @@ mod tests {
         assert_eq!(o(".a.qcow2.tpl-tmp-web-02.lan-42"), None);
         assert_eq!(o(".a.qcow2.tpl-tmp-web-01.lan-x"), None);
         assert_eq!(o("a.qcow2.tpl-tmp-web-01.lan-42"), None);
-        assert_eq!(sanitize_host("a b/c-d.e"), "a_b_c-d.e");
-        assert_eq!(sanitize_host(""), "localhost");
         let t = tmp_name(Path::new("/d/x.qcow2"));
         let name = t.file_name().unwrap().to_str().unwrap();
         assert_eq!(tmp_pid(name, host_tag()), Some(std::process::id()));
