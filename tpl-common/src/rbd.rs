@@ -221,8 +221,8 @@ pub fn ceph_error(what: &str, e: tpl_ceph::Error) -> Error {
 /// connection `client` was journaled with the image, and watchers carry their client's
 /// global id, which the monitor never gives twice) is ended first, by blocklisting that
 /// client's address, as `rbd` advises for a dead client: proven the dead run's, it is
-/// nobody else's connection; librbd then breaks the lock of an owner without a watch.
-/// Any other watcher is waited for, up to [`LEFTOVER_WATCH_WAIT`], and then named in the
+/// nobody else's connection; its lock is broken too ([`end_dead_watches`]). Any other
+/// watcher or locker is waited for, up to [`LEFTOVER_WATCH_WAIT`], and then named in the
 /// error.
 pub fn remove_leftover(
     cluster: &Cluster,
