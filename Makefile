@@ -73,11 +73,15 @@ hv2: libvirtd
 # Every test: unit tests and the workspace tests against the real libvirtd and Ceph.
 # Prerequisites run in this order: packages, libvirtd, the build that needs them, then the
 # Ceph cluster. The cluster is stopped at the end, the tests passing or not (an interrupt
-# too), unless KEEP_CEPH=1; the exit status is the tests'.
+# too), unless KEEP_CEPH=1; the exit status is the tests'. The output is kept in
+# target/test.log, and why each failed test failed is printed again at the end.
 test: deps libvirtd build ceph hv2
 	@status=0; \
 	trap 'echo "make test: interrupted; stopping the Ceph cluster and hv2" >&2; scripts/hv2-down.sh >&2; scripts/ceph-down.sh >&2; exit 130' INT TERM HUP; \
-	CEPH_CONF=$(CEPH_TEST_CONF) $(CARGO) test --workspace --no-fail-fast || status=$$?; \
+	rm -f target/test.status; \
+	{ CEPH_CONF=$(CEPH_TEST_CONF) $(CARGO) test --workspace --no-fail-fast 2>&1 || echo $$? > target/test.status; } | tee target/test.log; \
+	if [ -s target/test.status ]; then status=$$(cat target/test.status); scripts/test-failures.sh target/test.log; fi; \
+	rm -f target/test.status; \
 	trap - INT TERM HUP; \
 	scripts/hv2-down.sh >/dev/null || { echo "make test: hv2 did not stop" >&2; [ $$status != 0 ] || status=1; }; \
 	if [ "$(KEEP_CEPH)" = 1 ]; then \
