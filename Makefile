@@ -19,8 +19,9 @@ PKGS = qemu-utils/bookworm qemu-system-x86 libvirt-dev libvirt-daemon-system \
 CHECK = /usr/bin/qemu-system-x86_64 /usr/sbin/libvirtd /usr/bin/virsh /usr/bin/virt-sysprep \
         /usr/lib/x86_64-linux-gnu/pkgconfig/libvirt.pc /usr/bin/pkg-config /bin/busybox \
         /usr/sbin/dnsmasq /sbin/mkfs.btrfs /usr/bin/qemu-img /usr/bin/python3
-# Ceph RBD (issue 12): the build links librbd and librados (tpl-ceph; the -dev packages
-# bring the unversioned .so the linker needs); the tests use strace, the benchmark time.
+# Ceph RBD (issue 12): the tools load librbd.so.1 (and librados.so.2) when a disk is on
+# RBD; the -dev packages bring them and the headers tpl-ceph's layout test reads. The
+# tests use strace, the benchmark time.
 PKGS  += librbd-dev librados-dev strace time
 CHECK += /usr/lib/x86_64-linux-gnu/librbd.so /usr/lib/x86_64-linux-gnu/librados.so \
          /usr/bin/strace /usr/bin/time

@@ -806,3 +806,87 @@ fn a_domain_with_a_file_disk_and_an_rbd_disk_works_disk_by_disk() {
     assert_eq!(template_state(&renamed, "vdb"), (None, None));
     assert!(rbd_snapshots(&pool, &new_data).is_empty());
 }
+
+/// A host without Ceph's client libraries, made here by a mount namespace that binds
+/// /dev/null over librbd.so.1 (what the dynamic loader would find of it): the tools load
+/// librbd only when a disk is on RBD, so work on file disks goes on; a run that meets an
+/// RBD disk says what is missing and what to install, and makes nothing.
+#[test]
+fn without_librbd_file_disks_work_and_an_rbd_disk_names_the_missing_library() {
+    let lib = ldconfig_path("librbd.so.1");
+    let real = fs::canonicalize(&lib).unwrap();
+    let mut s = RbdScratch::new();
+    let rbd = locked_rbd_template(&mut s, "norbd");
+    let file = s.s.guest("file");
+    mark_generalized(&file.name);
+    run("tpl-lock", &[&file.name], None).ok(1);
+
+    let masked_sh = |script: &str| {
+        let inner = format!(
+            "mount --bind /dev/null {} && {script}",
+            shlex::try_quote(real.to_str().unwrap()).unwrap()
+        );
+        format!(
+            "exec unshare -m --propagation private sh -c {}",
+            shlex::try_quote(&inner).unwrap()
+        )
+    };
+    let masked = |script: &str| pipeline(&masked_sh(script));
+    // The mask holds: librbd does not load in there.
+    let probe = shell(
+        "sh",
+        &masked_sh(&format!(
+            "python3 -c 'import ctypes; ctypes.CDLL(\"{}\")'",
+            lib.display()
+        )),
+    )
+    .output()
+    .unwrap();
+    let said = String::from_utf8_lossy(&probe.stderr);
+    assert!(
+        !probe.status.success() && said.contains("librbd.so.1"),
+        "librbd.so.1 is not masked: {probe:?}"
+    );
+
+    let fc = s.s.name("fc");
+    let lc = s.s.name("lc");
+    let r = masked(&format!(
+        "tpl-clone {0} {fc} --full --no-identity && tpl-clone {0} {lc} --linked \
+         --no-identity && tpl-list --clones-of {0} --json",
+        file.name
+    ));
+    assert_eq!(r.code, 0, "file clones without librbd: {}", r.stderr);
+    let listed: Vec<&str> = r.records.iter().map(|c| c.name.as_str()).collect();
+    assert!(listed.contains(&lc.as_str()), "{listed:?} {}", r.stderr);
+    assert!(domain_exists(&fc) && domain_exists(&lc));
+
+    let rc = s.s.name("rc");
+    let r = masked(&format!("tpl-clone {} {rc} --no-identity", rbd.name));
+    assert_ne!(r.code, 0, "an RBD clone without librbd: {}", r.stdout);
+    assert!(r.records.is_empty(), "{}", r.stdout);
+    let disk = format!("for the RBD disk '{}/{}'", rbd.pool, rbd.image);
+    for part in ["librbd.so.1", "apt install librbd1", &disk] {
+        assert!(r.stderr.contains(part), "lacks {part:?}: {}", r.stderr);
+    }
+    no_panic("tpl-clone", &r.stderr);
+    assert!(!domain_exists(&rc), "a clone was defined: {}", r.stderr);
+    assert!(
+        !s.images().iter().any(|i| i.starts_with(&rc)),
+        "an image was made: {:?}",
+        s.images()
+    );
+    for c in [&fc, &lc] {
+        run("tpl-rm", &[c], None).ok(0);
+    }
+}
+
+/// Where the dynamic loader finds `soname` (`ldconfig -p`).
+fn ldconfig_path(soname: &str) -> std::path::PathBuf {
+    let out = sh("ldconfig", &["-p"]);
+    out.lines()
+        .filter(|l| l.trim_start().starts_with(&format!("{soname} ")))
+        .filter(|l| l.contains("x86-64"))
+        .find_map(|l| l.split(" => ").nth(1))
+        .map(|p| p.trim().into())
+        .unwrap_or_else(|| panic!("ldconfig -p does not list {soname}:\n{out}"))
+}

@@ -38,7 +38,7 @@ fn main() -> BoxResult {
     println!(
         "connect: {:?} ({})",
         t0.elapsed(),
-        tpl_ceph::library_versions()
+        tpl_ceph::library_versions()?
     );
 
     let pool = format!("tplb-{}", std::process::id());

@@ -154,6 +154,7 @@ fn connect_rados(opts: &ConnectOptions, io_threads: Option<u32>) -> Result<(sys:
         .to_string();
     let c_user = c_name("user", &user)?;
     let op0 = format!("connect to Ceph as client.{user}");
+    sys::load().map_err(|why| Error::Unavailable { why })?;
     let rados = sys::Rados::create(&c_user).map_err(|e| Error::from_errno(e, op0.clone(), None))?;
 
     let conf_desc = match &opts.conf {
@@ -403,8 +404,9 @@ impl Cluster {
 }
 
 /// Versions of the librados and librbd loaded, e.g. `librados 3.0.0,
-/// librbd 1.16.0` (Ceph 16.2 pacific).
-pub fn library_versions() -> String {
-    let ((a, b, c), (d, e, f)) = sys::library_versions();
-    format!("librados {a}.{b}.{c}, librbd {d}.{e}.{f}")
+/// librbd 1.16.0` (Ceph 16.2 pacific), loading them if need be; or why they cannot be.
+pub fn library_versions() -> Result<String> {
+    let ((a, b, c), (d, e, f)) =
+        sys::library_versions().map_err(|why| Error::Unavailable { why })?;
+    Ok(format!("librados {a}.{b}.{c}, librbd {d}.{e}.{f}"))
 }

@@ -76,6 +76,13 @@ pub enum Error {
     /// A reply from the cluster that could not be understood.
     #[error("{op}: unexpected reply from the cluster: {why}")]
     BadReply { op: Op, why: String },
+
+    /// librbd (and the librados it needs) cannot be loaded on this host.
+    #[error(
+        "Ceph's client libraries cannot be loaded ({why}): RBD disks need librbd1 and \
+         librados2 on this host (Debian: apt install librbd1)"
+    )]
+    Unavailable { why: String },
 }
 
 impl Error {
@@ -104,9 +111,10 @@ impl Error {
             Error::PermissionDenied { errno, .. } | Error::Os { errno, .. } => Some(*errno),
             Error::TimedOut { .. } => Some(libc::ETIMEDOUT),
             Error::Cancelled { .. } => Some(libc::ECANCELED),
-            Error::InvalidName { .. } | Error::InvalidArgument { .. } | Error::BadReply { .. } => {
-                None
-            }
+            Error::InvalidName { .. }
+            | Error::InvalidArgument { .. }
+            | Error::BadReply { .. }
+            | Error::Unavailable { .. } => None,
         }
     }
 
@@ -123,7 +131,7 @@ impl Error {
             | Error::Os { op, .. }
             | Error::InvalidArgument { op, .. }
             | Error::BadReply { op, .. } => Some(&op.0),
-            Error::InvalidName { .. } => None,
+            Error::InvalidName { .. } | Error::Unavailable { .. } => None,
         }
     }
 }

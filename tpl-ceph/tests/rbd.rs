@@ -17,7 +17,10 @@ fn defaults() -> NewImageOptions {
 #[test]
 fn connect_reports_fsid_and_monitors_of_the_conf() {
     let (c, took) = connect_timed();
-    println!("connect: {took:?} ({})", tpl_ceph::library_versions());
+    println!(
+        "connect: {took:?} ({})",
+        tpl_ceph::library_versions().unwrap()
+    );
     let conf = std::fs::read_to_string(std::env::var("CEPH_CONF").unwrap()).unwrap();
     let value = |key: &str| {
         conf.lines()

@@ -68,7 +68,13 @@ impl Ceph {
     /// cluster the disk's `<host>` elements name (a disk of another cluster is refused,
     /// never acted on in this one).
     pub fn cluster_for(&self, src: &RbdSource) -> Result<&Cluster> {
-        let cluster = self.connect(src.user.as_deref())?;
+        let cluster = self.connect(src.user.as_deref()).map_err(|e| match e {
+            Error::Failed { what, why } => Error::Failed {
+                what: format!("{what} for the RBD disk '{}'", spec_of(src)),
+                why,
+            },
+            e => e,
+        })?;
         if !self.checked.borrow().contains(&src.hosts) {
             check_monitors(cluster, src)?;
             self.checked.borrow_mut().push(src.hosts.clone());
@@ -130,22 +136,24 @@ impl Ceph {
                     && !std::path::Path::new("/etc/ceph/ceph.conf").exists() =>
                 {
                     return Err("no Ceph configuration: no --ceph-conf, $CEPH_CONF is not \
-                                set and /etc/ceph/ceph.conf does not exist"
+                                set and /etc/ceph/ceph.conf does not exist; tpl reads the \
+                                cluster's configuration from --ceph-conf, else $CEPH_CONF, \
+                                else /etc/ceph/ceph.conf"
                         .to_string());
                 }
                 None => {}
             }
-            Cluster::connect(&o).map_err(|e| e.to_string())
-        });
-        res.as_ref().map_err(|e| {
-            Error::failed(
-                "cannot connect to the Ceph cluster",
-                format!(
+            Cluster::connect(&o).map_err(|e| match e {
+                // not a question of configuration: the message says what to install
+                tpl_ceph::Error::Unavailable { .. } => e.to_string(),
+                e => format!(
                     "{e}; tpl reads the cluster's configuration from --ceph-conf, else \
                      $CEPH_CONF, else /etc/ceph/ceph.conf"
                 ),
-            )
-        })
+            })
+        });
+        res.as_ref()
+            .map_err(|e| Error::failed("cannot connect to the Ceph cluster", e.clone()))
     }
 }
 
