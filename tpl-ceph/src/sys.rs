@@ -2,12 +2,14 @@
 //!
 //! It holds hand-written declarations of exactly the C functions tpl-ceph
 //! uses, resolved from librbd when a tool first connects to Ceph ([`load`]: a
-//! run that meets no RBD disk never loads librbd and librados) (declarations checked against Ceph 16.2 "pacific"'s
-//! `rados/librados.h` and `rbd/librbd.h`; the struct layouts are checked
-//! against the installed headers by the `abi_layouts_match_the_c_headers`
-//! test below), and thin RAII handles whose methods are safe and return
-//! `Result<T, Errno>` with a positive errno. Everything above this module is
-//! safe code and turns an errno into a typed [`crate::Error`].
+//! run that meets no RBD disk never loads librbd and librados), and thin RAII
+//! handles whose methods are safe and return `Result<T, Errno>` with a
+//! positive errno. Everything above this module is safe code and turns an
+//! errno into a typed [`crate::Error`]. The tests below check the
+//! declarations against the installed `rados/librados.h` and `rbd/librbd.h`:
+//! every function's type (`function_signatures_match_the_c_headers`, by gcc
+//! at compile time) and every struct's layout
+//! (`abi_layouts_match_the_c_headers`).
 //!
 //! Lifetimes encode the C ownership rules: an [`IoCtx`] borrows its
 //! [`Rados`], an [`Image`] owns the `IoCtx` it was opened with (closed after
@@ -19,12 +21,12 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 #![allow(non_camel_case_types)]
 
-use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::marker::PhantomData;
 use std::ops::ControlFlow;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// A positive errno value as returned (negated) by librados/librbd.
@@ -132,6 +134,17 @@ macro_rules! ceph_api {
                 })
             }
         }
+
+        /// Each function's name, parameter types and return type as declared here, for
+        /// the test that checks them against the C headers.
+        #[cfg(test)]
+        const SIGNATURES: &[(&str, &[&str], &str)] = &[
+            $( (
+                stringify!($name),
+                &[ $( stringify!($ty) ),* ],
+                concat!("", $( stringify!($ret) )?),
+            ), )*
+        ];
 
         $(
             #[allow(clippy::too_many_arguments)]
@@ -1259,16 +1272,19 @@ impl<'r> Image<'r> {
     /// not counting the parent: `rbd_diff_iterate2(NULL, 0, size,
     /// include_parent=0, whole_object=1)`, as `rbd du` does.
     pub(crate) fn allocated_bytes(&self, size: u64) -> Result<u64, Errno> {
+        // librbd 16.2.15 calls back on the caller's thread, with fast-diff or without
+        // (tests/rbd.rs, 40 objects of an image with layering only: every call on the
+        // caller's thread); librbd does not promise it, so the sum is an atomic, sound
+        // from any thread, and diff_iterate2 returns only after its last callback.
         extern "C" fn add(_ofs: u64, len: usize, exists: c_int, arg: *mut c_void) -> c_int {
-            // SAFETY: `arg` is the RefCell<u64> below, alive for the call;
-            // librbd calls back from the thread that called diff_iterate2.
-            let sum = unsafe { &*arg.cast::<RefCell<u64>>() };
+            // SAFETY: `arg` is the AtomicU64 below, alive until diff_iterate2 returns.
+            let sum = unsafe { &*arg.cast::<AtomicU64>() };
             if exists != 0 {
-                *sum.borrow_mut() += len as u64;
+                sum.fetch_add(len as u64, Ordering::SeqCst);
             }
             0
         }
-        let sum = RefCell::new(0u64);
+        let sum = AtomicU64::new(0);
         // SAFETY: open image; callback and its argument valid for the call.
         check(unsafe {
             rbd_diff_iterate2(
@@ -1413,5 +1429,74 @@ mod tests {
         ];
         let c_lines: Vec<&str> = out.lines().collect();
         assert_eq!(c_lines, rust.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+
+    /// A Rust FFI type as C spells it (only the types declared in this module).
+    fn c_type(t: &str) -> String {
+        let t = t.trim();
+        if let Some(r) = t.strip_prefix("*mut ") {
+            return format!("{} *", c_type(r));
+        }
+        if let Some(r) = t.strip_prefix("*const ") {
+            return format!("{} const *", c_type(r));
+        }
+        match t {
+            "" | "()" => "void",
+            "c_int" => "int",
+            "c_char" => "char",
+            "c_void" => "void",
+            "u8" => "uint8_t",
+            "u64" => "uint64_t",
+            "i64" => "int64_t",
+            "usize" => "size_t",
+            "isize" => "ssize_t",
+            "bool" => "bool",
+            "diff_cb_t" => "int (*)(uint64_t, size_t, int, void *)",
+            typedef => typedef,
+        }
+        .to_string()
+    }
+
+    /// Every declared function has exactly the type the installed librados.h and
+    /// librbd.h give it: gcc compares the two function pointer types, qualifiers and
+    /// widths included (`__builtin_types_compatible_p`), at compile time.
+    #[test]
+    fn function_signatures_match_the_c_headers() {
+        assert_eq!(c_type("*mut *const c_char"), "char const * *");
+        assert_eq!(c_type("*mut rbd_image_t"), "rbd_image_t *");
+        let dir = std::env::temp_dir().join(format!("tpl-ceph-sig-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = dir.join("sig.c");
+        let mut c = String::from(
+            "#include <stdbool.h>\n#include <stdint.h>\n#include <sys/types.h>\n\
+             #include <rados/librados.h>\n#include <rbd/librbd.h>\n",
+        );
+        for (name, args, ret) in SIGNATURES {
+            let args: Vec<String> = args.iter().map(|a| c_type(a)).collect();
+            let args = if args.is_empty() {
+                "void".to_string()
+            } else {
+                args.join(", ")
+            };
+            c += &format!(
+                "_Static_assert(__builtin_types_compatible_p(__typeof__(&{name}), \
+                 {ret} (*)({args})), \"{name}: declared as {ret} (*)({args})\");\n",
+                ret = c_type(ret)
+            );
+        }
+        std::fs::write(&src, &c).unwrap();
+        let out = Command::new("cc")
+            .args(["-std=gnu11", "-fsyntax-only"])
+            .arg(&src)
+            .output()
+            .expect("run cc");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            out.status.success(),
+            "the declarations differ from the C headers:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(SIGNATURES.len(), c.matches("_Static_assert").count());
+        assert!(SIGNATURES.len() > 50, "{}", SIGNATURES.len());
     }
 }

@@ -750,3 +750,29 @@ fn a_clone_in_the_trash_is_still_a_child() {
     let e = c.snap_unprotect(&snap).unwrap_err();
     assert!(matches!(e, Error::Busy { .. }), "{e}");
 }
+
+/// Without fast-diff (no object map), librbd finds the allocated objects by asking the
+/// OSD of each object, and `allocated_bytes` adds up what its callbacks report (an
+/// atomic sum: librbd does not promise which thread calls back).
+#[test]
+fn allocated_bytes_without_fast_diff_counts_every_written_object() {
+    let c = connect();
+    let pool = TestPool::new(&c);
+    let img = pool.spec("plain");
+    let opts = NewImageOptions {
+        features: Some(Features::LAYERING),
+        order: Some(22),
+    };
+    c.create(&img, 256 * MIB, &opts).unwrap();
+    assert_eq!(c.info(&img).unwrap().features, Features(Features::LAYERING));
+    assert_eq!(c.allocated_bytes(&img).unwrap(), 0);
+    // a byte every 6 MiB: 40 writes over 59 of the 64 objects of 4 MiB
+    for i in 0..40u64 {
+        write(&c, &img, i * 6 * MIB, &[1]);
+    }
+    let objects: BTreeSet<u64> = (0..40u64).map(|i| i * 6 / 4).collect();
+    assert_eq!(
+        c.allocated_bytes(&img).unwrap(),
+        objects.len() as u64 * 4 * MIB
+    );
+}
