@@ -20,10 +20,11 @@ use crate::error::{Error, Result};
 use crate::journal;
 use crate::lock::DomainLock;
 use crate::record::{read_records, DomainRef, Record};
-use crate::session::{resolve_uri, Dom, Session};
+use crate::session::{Dom, Session};
 use crate::signals::{die_by_sigpipe, Interrupt};
 use crate::state;
 use crate::text::shown;
+use crate::uri::resolve_uri;
 
 /// How long a tool waits by default for another one to let go of a domain's lock.
 pub const DEFAULT_WAIT_SECS: u64 = 300;

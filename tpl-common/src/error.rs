@@ -34,8 +34,8 @@ pub enum Error {
         source: io::Error,
     },
     /// SIGINT, SIGTERM or SIGHUP asked the run to stop; the tool cleans up and then dies by
-    /// the signal (see [`crate::signals`]).
-    #[error("interrupted by {} (stopping; what was unfinished is undone)", crate::signals::signal_name(*signal))]
+    /// the signal (see [`crate::signals`], which depends on this module, not the reverse).
+    #[error("interrupted by {} (stopping; what was unfinished is undone)", signal_name(*signal))]
     Interrupted { signal: i32 },
     /// stdout was closed by its reader: the tool stops quietly and dies by SIGPIPE.
     #[error("stdout was closed")]
@@ -103,6 +103,17 @@ impl<T> IoContext<T> for io::Result<T> {
 impl<T> IoContext<T> for nix::Result<T> {
     fn ctx(self, what: &str, path: impl AsRef<Path>) -> Result<T> {
         self.map_err(|e| Error::io(what, path, io::Error::from(e)))
+    }
+}
+
+/// A signal's name for messages.
+pub fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGPIPE => "SIGPIPE",
+        _ => "a signal",
     }
 }
 

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod domxml;
 pub mod error;
 pub mod fsutil;
+pub mod host;
 pub mod hostname;
 pub mod image;
 pub mod journal;
@@ -19,6 +20,7 @@ pub mod session;
 pub mod signals;
 pub mod state;
 pub mod text;
+pub mod uri;
 
 pub use error::{Error, Result};
 pub use record::Record;

@@ -56,7 +56,7 @@ use virt::error::ErrorNumber;
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 
-use crate::journal::{host_tag, pid_exists};
+use crate::host::{host_tag, pid_exists};
 
 /// Prefix of the transient pools; the marker directory is `"." + PREFIX + token`.
 pub const PREFIX: &str = "tpl-locality-";

@@ -385,7 +385,7 @@ impl DomainRef {
                     "this run uses '{}' (-c, else LIBVIRT_DEFAULT_URI, else {}); a record \
                      never chooses the connection: run the tool with -c for that one",
                     crate::text::shown(uri),
-                    crate::session::DEFAULT_URI
+                    crate::uri::DEFAULT_URI
                 ),
             )),
             _ => Ok(()),

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use nix::sys::signal::{self, SigHandler, Signal};
 
-use crate::error::{Error, Result};
+use crate::error::{signal_name, Error, Result};
 
 /// The signals that ask a tool to stop.
 pub const STOPPING: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
@@ -93,17 +93,6 @@ fn ignored_at_start(sig: i32) -> bool {
     // SAFETY: sigaction filled it (rc 0), or it is still the zeroed value, a valid one.
     let old = unsafe { old.assume_init() };
     rc == 0 && old.sa_sigaction == libc::SIG_IGN
-}
-
-/// A signal's name for messages.
-pub fn signal_name(sig: i32) -> &'static str {
-    match sig {
-        libc::SIGINT => "SIGINT",
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGHUP => "SIGHUP",
-        libc::SIGPIPE => "SIGPIPE",
-        _ => "a signal",
-    }
 }
 
 /// End the process by SIGPIPE: what a Unix filter does when its reader has gone. Rust
