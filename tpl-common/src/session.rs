@@ -510,32 +510,38 @@ impl<'a> Dom<'a> {
 
     /// The domain as a record: state, disks with backing chains, NVRAM and our metadata.
     pub fn describe(&self) -> Result<Record> {
-        let x = self.xml()?;
-        let m = self.meta()?;
+        let state = state_of(self.state()?);
+        Ok(self.record_from(&self.xml()?, &self.meta()?, state))
+    }
+
+    /// The record of this domain from a definition, metadata and state already read (a
+    /// listing reads every definition once, in bulk): what [`Dom::describe`] returns.
+    /// Backing chains are read here: a file's from its qcow2 headers, an RBD image's from
+    /// Ceph; an image that cannot be read, or a cluster that cannot be reached, leaves its
+    /// chain empty, and the record still describes the domain.
+    pub fn record_from(&self, x: &DomainXml, m: &Meta, state: State) -> Record {
         let mut disks = x.disks();
         for d in &mut disks {
             if let (Some(p), DiskKind::File, Some("qcow2")) = (&d.path, d.kind, d.format.as_deref())
             {
-                // A missing or unreadable image still describes, with what could be read.
                 d.backing = image::readable_chain(p).0;
             }
             if let Some(src) = &d.rbd {
-                // Likewise a cluster that cannot be reached: the chain stays empty.
                 d.backing = self.session.ceph.parent_chain(src).unwrap_or_default();
             }
         }
-        Ok(Record {
+        Record {
             schema: SCHEMA,
             uri: self.session.uri.clone(),
             name: self.name.clone(),
             uuid: self.uuid.clone(),
-            state: state_of(self.state()?),
+            state,
             disks,
             nvram: x.nvram(),
-            template: m.template,
-            clone: m.clone,
-            history: m.history,
-        })
+            template: m.template.clone(),
+            clone: m.clone.clone(),
+            history: m.history.clone(),
+        }
     }
 
     /// The domain's own files and RBD images (see [`OwnFiles::of`]), each file checked to be

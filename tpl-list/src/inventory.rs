@@ -17,7 +17,7 @@ use tpl_common::domxml::DomainXml;
 use tpl_common::error::{Error, Result};
 use tpl_common::image::{self, overlays_in, readable_chain, Dependent};
 use tpl_common::meta::{self, Meta, Registered};
-use tpl_common::record::{CloneMode, DiskKind, Record, State, SCHEMA};
+use tpl_common::record::{CloneMode, DiskKind, Record, State};
 use tpl_common::session::{state_of, Dom, Session};
 use tpl_common::text::{shown, shown_path};
 use virt::enumutil::Enum;
@@ -159,30 +159,6 @@ pub fn meta_of(x: &DomainXml) -> Result<Meta> {
     Ok(Meta::default())
 }
 
-/// The record of a domain from its definition, its metadata and its state: what
-/// [`Dom::describe`] returns, from one read of the definition instead of three calls (a
-/// unit test holds the two equal).
-pub fn record_of(s: &Session, dom: &Dom, x: &DomainXml, m: &Meta, state: State) -> Record {
-    let mut disks = x.disks();
-    for d in &mut disks {
-        if let (Some(p), DiskKind::File, Some("qcow2")) = (&d.path, d.kind, d.format.as_deref()) {
-            d.backing = readable_chain(p).0;
-        }
-    }
-    Record {
-        schema: SCHEMA,
-        uri: s.uri.clone(),
-        name: dom.name.clone(),
-        uuid: dom.uuid.clone(),
-        state,
-        disks,
-        nvram: x.nvram(),
-        template: m.template.clone(),
-        clone: m.clone.clone(),
-        history: m.history.clone(),
-    }
-}
-
 /// One domain as an item, with what its disks say about missing files.
 fn item_of(s: &Session, dom: &Dom, x: &DomainXml, state: State, warn: &mut Vec<String>) -> Item {
     let m = meta_of(x).unwrap_or_else(|e| {
@@ -192,20 +168,8 @@ fn item_of(s: &Session, dom: &Dom, x: &DomainXml, state: State, warn: &mut Vec<S
         ));
         Meta::default()
     });
-    // A disk that is not a file (an RBD image, a block device) is described as every tool
-    // describes it, which may ask its storage; a file's chain is read here, cheaply.
-    let plain_files = x.disks().iter().all(|d| d.kind == DiskKind::File);
-    let rec = if plain_files {
-        record_of(s, dom, x, &m, state)
-    } else {
-        dom.describe().unwrap_or_else(|e| {
-            warn.push(format!(
-                "domain '{}': {e}; its disks are listed as its definition names them",
-                shown(&dom.name)
-            ));
-            record_of(s, dom, x, &m, state)
-        })
-    };
+    // The record every tool prints, from the definition read in bulk.
+    let rec = dom.record_from(x, &m, state);
     let mut missing = Vec::new();
     let mut images = Vec::new();
     let mut alloc = 0;
@@ -631,7 +595,7 @@ mod tests {
         let x = dom.xml().unwrap();
         let read = meta_of(&x).unwrap();
         assert_eq!(read, m);
-        let rec = record_of(&s, &dom, &x, &read, state_of(dom.state().unwrap()));
+        let rec = dom.record_from(&x, &read, state_of(dom.state().unwrap()));
         assert_eq!(rec, dom.describe().unwrap());
         let st = bulk_states(&s);
         assert_eq!(st.get(&dom.uuid), Some(&State::Running));
