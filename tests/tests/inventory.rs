@@ -4,6 +4,7 @@
 //! at this test's domains (named after its Scratch), and an exit status is asserted
 //! only where this test's own state decides it.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
@@ -885,6 +886,108 @@ fn kill_9_at_random_points_of_a_removal_leaves_it_whole_or_gone() {
     eprintln!(
         "{trials} trials in {:.1} s: {killed} killed while running; {whole} left whole \
          (rolled back), {gone} gone",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(killed >= trials / 2, "too few kills hit a running removal");
+}
+
+/// `tpl-rm --with-clones` drops the registrations of the clones it removed from the
+/// template 64 at a time, each clone's journal open until its registration is gone. A
+/// kill -9 anywhere in the batch leaves every clone whole (defined, its files, still
+/// registered) or gone (no definition, no file, no registration), after the next run of
+/// any tool, and the template registers exactly the clones still defined.
+#[test]
+fn kill_9_in_a_removal_with_clones_leaves_no_clone_half_gone_nor_registered_when_gone() {
+    let started = Instant::now();
+    let mut rng = Rng::seeded("tpl-rm --with-clones kill -9 trials");
+    let mut s = Scratch::new();
+    let (trials, count) = (6, 80);
+    let (mut killed, mut gone_total) = (0, 0);
+    for i in 0..trials {
+        let (t, nv) = locked_with_nvram(&mut s, &format!("wt{i}"), &[]);
+        let prefix = format!("{}-w{i}-", s.prefix);
+        let n = count.to_string();
+        let r = run(
+            "tpl-clone",
+            &[&t.name, "--count", &n, "--prefix", &prefix, "--no-identity"],
+            None,
+        )
+        .ok(count);
+        let clones: Vec<Whole> = r
+            .records
+            .iter()
+            .map(|rec| {
+                let files = [
+                    rec.disks[0].path.clone().unwrap(),
+                    rec.nvram.clone().unwrap(),
+                ];
+                Whole::of(&rec.name, &files, Some(&t.name))
+            })
+            .collect();
+        let tw = Whole::of(&t.name, &[t.disk.clone(), nv], None);
+        let mut child = spawn_tool_here(RM, &["--with-clones", &t.name]);
+        let after = rng.range(200, 1100);
+        std::thread::sleep(Duration::from_millis(after));
+        let running = child.try_wait().unwrap().is_none();
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        let _ = child.wait();
+        assert!(!err.contains("panicked"), "trial {i}: {err}");
+        killed += usize::from(running);
+
+        let next = run(LIST, &["--templates"], None);
+        assert!(!next.stderr.contains("panicked"), "{}", next.stderr);
+        let mut gone = 0;
+        for c in &clones {
+            match (c.is_whole(), c.is_gone()) {
+                (Ok(()), _) => {}
+                (_, Ok(())) => gone += 1,
+                (Err(a), Err(b)) => panic!(
+                    "trial {i}: clone {} neither whole ({a}) nor gone ({b}) after the next \
+                     run; the killed run said: {err}\nthe next run said: {}",
+                    c.name, next.stderr
+                ),
+            }
+        }
+        if domain_exists(&t.name) {
+            tw.is_whole()
+                .unwrap_or_else(|e| panic!("trial {i}: template: {e}"));
+            let registered: BTreeSet<String> = read_meta(&t.name)
+                .overlays
+                .iter()
+                .map(|o| o.clone_uuid.clone())
+                .collect();
+            let defined: BTreeSet<String> = clones
+                .iter()
+                .filter(|c| domain_exists(&c.name))
+                .map(|c| c.uuid.clone())
+                .collect();
+            assert_eq!(registered, defined, "trial {i}: registrations");
+            run(RM, &["--with-clones", &t.name], None).ok(0);
+        } else {
+            tw.is_gone()
+                .unwrap_or_else(|e| panic!("trial {i}: template: {e}"));
+            assert_eq!(
+                gone, count,
+                "trial {i}: the template went before its clones"
+            );
+        }
+        gone_total += gone;
+        eprintln!(
+            "{:5.1} s: trial {i}: {} after {after} ms: {gone} of {count} clones gone",
+            started.elapsed().as_secs_f64(),
+            if running { "killed" } else { "had finished" },
+        );
+    }
+    eprintln!(
+        "{trials} trials of tpl-rm --with-clones on {count} clones in {:.1} s: {killed} killed \
+         while running, {gone_total} clones gone in all",
         started.elapsed().as_secs_f64()
     );
     assert!(killed >= trials / 2, "too few kills hit a running removal");

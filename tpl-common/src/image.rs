@@ -328,22 +328,23 @@ pub fn overlays_in(dirs: &[PathBuf], images: &[PathBuf]) -> Vec<Dependent> {
     out
 }
 
+/// Run the real qemu-img for a unit test; panics with its stderr when it fails.
+#[cfg(test)]
+pub(crate) fn qemu_img(args: &[&str]) {
+    let st = std::process::Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img must be installed (make deps)");
+    assert!(
+        st.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::process::Command;
-
-    fn qemu_img(args: &[&str]) {
-        let st = Command::new("qemu-img")
-            .args(args)
-            .output()
-            .expect("qemu-img must be installed (make deps)");
-        assert!(
-            st.status.success(),
-            "qemu-img {args:?}: {}",
-            String::from_utf8_lossy(&st.stderr)
-        );
-    }
 
     #[test]
     fn reads_backing_name_and_format_like_qemu_img() {

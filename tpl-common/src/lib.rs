@@ -13,6 +13,7 @@ pub mod locality;
 pub mod lock;
 pub mod meta;
 pub mod names;
+pub mod overlays;
 pub mod ownfiles;
 pub mod rbd;
 pub mod record;

@@ -190,34 +190,60 @@ impl OwnFiles {
         action: &str,
         others: impl IntoIterator<Item = &'a OtherFiles> + Clone,
     ) -> Result<()> {
+        self.check_not_shared_by(
+            name,
+            action,
+            |image| {
+                others.clone().into_iter().find_map(|o| {
+                    o.rbd
+                        .iter()
+                        .find(|(_, n)| n == image)
+                        .map(|(t, _)| (o.name.clone(), t.clone()))
+                })
+            },
+            |f| {
+                others
+                    .clone()
+                    .into_iter()
+                    .find_map(|o| o.names(f).map(|how| (o.name.clone(), how)))
+            },
+        )
+    }
+
+    /// [`Self::check_not_shared`] with the lookups given: which other domain has an RBD
+    /// image as a disk (its name and the disk's target), and which other domain names a
+    /// file, and how (its name and "the disk vdb image" or "the NVRAM"). A batch that
+    /// checks many domains against the same others answers from an index.
+    pub fn check_not_shared_by(
+        &self,
+        name: &str,
+        action: &str,
+        rbd_user: impl Fn(&str) -> Option<(String, String)>,
+        file_user: impl Fn(&OwnFile) -> Option<(String, String)>,
+    ) -> Result<()> {
         for r in &self.rbd {
-            let image = r.source.name();
-            for o in others.clone() {
-                if let Some((t, _)) = o.rbd.iter().find(|(_, n)| *n == image) {
-                    return Err(Error::refused(
-                        format!("cannot {action} domain '{}'", shown(name)),
-                        format!(
-                            "its {r} is also the disk {t} image of domain '{}', so it is not \
-                             this domain's own; give each domain its own image first",
-                            shown(&o.name)
-                        ),
-                    ));
-                }
+            if let Some((other, t)) = rbd_user(&r.source.name()) {
+                return Err(Error::refused(
+                    format!("cannot {action} domain '{}'", shown(name)),
+                    format!(
+                        "its {r} is also the disk {t} image of domain '{}', so it is not \
+                         this domain's own; give each domain its own image first",
+                        shown(&other)
+                    ),
+                ));
             }
         }
         for f in &self.files {
-            for o in others.clone() {
-                if let Some(how) = o.names(f) {
-                    return Err(Error::refused(
-                        format!("cannot {action} domain '{}'", shown(name)),
-                        format!(
-                            "its {f} is also {how} of domain '{}', so it is not this domain's \
-                             own; give each domain its own copy first (or mark a shared disk \
-                             <shareable/> in both)",
-                            shown(&o.name)
-                        ),
-                    ));
-                }
+            if let Some((other, how)) = file_user(f) {
+                return Err(Error::refused(
+                    format!("cannot {action} domain '{}'", shown(name)),
+                    format!(
+                        "its {f} is also {how} of domain '{}', so it is not this domain's \
+                         own; give each domain its own copy first (or mark a shared disk \
+                         <shareable/> in both)",
+                        shown(&other)
+                    ),
+                ));
             }
         }
         Ok(())
@@ -241,13 +267,15 @@ impl OtherFiles {
     fn names(&self, f: &OwnFile) -> Option<String> {
         let same =
             |p: &Path| f.is_at(p) || crate::image::canonical(p) == crate::image::canonical(&f.path);
-        if let Some((t, _)) = self.disks.iter().find(|(_, p)| same(p)) {
-            return Some(format!("the disk {t} image"));
-        }
-        self.nvram
-            .as_deref()
-            .filter(|p| same(p))
-            .map(|_| "the NVRAM".to_string())
+        self.named().find(|(p, _)| same(p)).map(|(_, how)| how)
+    }
+
+    /// Each file this domain names, with how: "the disk vdb image", "the NVRAM".
+    pub fn named(&self) -> impl Iterator<Item = (&Path, String)> {
+        self.disks
+            .iter()
+            .map(|(t, p)| (p.as_path(), format!("the disk {t} image")))
+            .chain(self.nvram.as_deref().map(|p| (p, "the NVRAM".to_string())))
     }
 }
 

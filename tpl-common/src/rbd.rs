@@ -304,9 +304,10 @@ fn end_dead_watches(
 ) -> std::result::Result<Vec<String>, String> {
     let mut others = Vec::new();
     let dead = |id: Option<u64>| client.is_some() && id == client;
+    // Ok(false): blocklisted already by this removal, and still there
     let mut blocklist = |addr: &str, what: String, notes: &mut Vec<String>| {
         if !blocklisted.insert(addr.to_string()) {
-            return Ok(()); // blocklisted already: the OSD is dropping its watches
+            return Ok(false);
         }
         cluster
             .mon_command(&serde_json::json!({
@@ -316,14 +317,14 @@ fn end_dead_watches(
             }))
             .map_err(|e| format!("cannot blocklist the killed run's Ceph client: {e}"))?;
         notes.push(what);
-        Ok::<(), String>(())
+        Ok::<bool, String>(true)
     };
     match cluster.watchers(spec) {
         Ok(ws) => {
             for w in ws {
                 let id = u64::try_from(w.id).ok();
                 if dead(id) {
-                    blocklist(
+                    let first = blocklist(
                         &w.addr,
                         format!(
                             "ended the watch the killed run's Ceph connection client.{} at {} \
@@ -332,6 +333,14 @@ fn end_dead_watches(
                         ),
                         notes,
                     )?;
+                    if !first {
+                        others.push(format!(
+                            "still watched by the killed run's connection client.{} at {} \
+                             (cookie {}) although that address is blocklisted: the OSD has \
+                             not dropped the watch",
+                            w.id, w.addr, w.cookie
+                        ));
+                    }
                 } else {
                     let whose = if id == Some(cluster.client_id()) {
                         "this run's own connection"
@@ -363,7 +372,7 @@ fn end_dead_watches(
                     others.push(format!("locked by {} at {}", l.client, l.addr));
                     continue;
                 }
-                blocklist(
+                let _ = blocklist(
                     &l.addr,
                     format!(
                         "the killed run's Ceph connection {} at {} still held its lock: \

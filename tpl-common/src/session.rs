@@ -27,6 +27,8 @@ pub struct Session {
     /// What the locality probe found for each directory, once per run: None for the same
     /// files, else why not and whether that was proven (rather than undecided).
     seen_dirs: std::cell::RefCell<std::collections::HashMap<PathBuf, Option<NotSame>>>,
+    /// The qcow2 files of the directories searched for dependents, read once a run.
+    overlays: std::cell::RefCell<crate::overlays::OverlayIndex>,
 }
 
 impl std::fmt::Debug for Session {
@@ -81,6 +83,7 @@ impl Session {
             uri: uri.to_string(),
             ceph: Ceph::new(ceph),
             seen_dirs: Default::default(),
+            overlays: Default::default(),
         })
     }
 
@@ -678,7 +681,12 @@ impl<'a> Dom<'a> {
         found.domains(others);
         let live_registered = found.registered(registered);
         let dirs = self.scan_dirs(images)?;
-        for o in image::overlays_in(&dirs, images) {
+        let found_overlays = self
+            .session
+            .overlays
+            .borrow_mut()
+            .overlays_in(&dirs, images);
+        for o in found_overlays {
             // A file a domain uses, or one registered, is listed once.
             let path = match &o {
                 Dependent::Overlay { path, .. } | Dependent::Unchecked { path, .. } => path,

@@ -1,9 +1,10 @@
 //! tpl-rm: remove domains with their own files, all or nothing and crash-safe, refusing whatever would break a linked clone.
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -12,10 +13,12 @@ use tpl_common::cli::{self, Common, Ctx};
 use tpl_common::domxml::{disk_target, DomainXml};
 use tpl_common::error::{Error, Result};
 use tpl_common::image::{canonical, is_not_found, readable_chain, Dependent};
-use tpl_common::journal::remove::{drop_registration, Doomed, DoomedImage, Intent};
+use tpl_common::journal::remove::{
+    drop_registration, drop_registrations, Doomed, DoomedImage, Intent,
+};
 use tpl_common::journal::Journal;
 use tpl_common::lock::DomainLock;
-use tpl_common::ownfiles::{OtherFiles, OwnFiles};
+use tpl_common::ownfiles::OwnFiles;
 use tpl_common::record::{CloneMode, DiskKind, DomainRef};
 use tpl_common::session::{state_of, Dependents, Dom, OtherDomain, Session};
 use tpl_common::state;
@@ -24,6 +27,10 @@ use virt::domain::DomainState;
 use virt::sys;
 
 const TOOL: &str = "tpl-rm";
+/// How many clones of a batch (`--with-clones`) are removed before their registrations
+/// are dropped from the template, in one write of its metadata: 1000 clones were 1000
+/// rewrites of 1000 registrations each.
+const UNREGISTER_BATCH: usize = 64;
 
 /// Remove libvirt domains with their own files, and never one that a linked clone needs.
 ///
@@ -339,7 +346,7 @@ impl Remover<'_> {
                 (others, deps)
             }
             Some(sn) => {
-                own.check_not_shared(&name, "remove", sn.files(&uuid))?;
+                sn.check_not_shared(&own, &name, &uuid)?;
                 let others = sn.reaching(&images, &uuid);
                 let deps = dom.dependents(&images, &others, &dom.meta()?.overlays)?;
                 (others, deps)
@@ -406,20 +413,29 @@ impl Remover<'_> {
         // Committed: what is left cannot undo the removal, only fail to tidy up; the
         // journal stays until the end, so that a kill before then leaves the rest of it
         // to the next run.
-        if let Some(t) = &reg {
-            if let Err(e) = drop_registration(t, &uuid) {
-                self.ctx.warn(format!(
-                    "domain '{}' is removed, but its registration in template '{}' is not: \
-                     {e}; it is harmless (its file is gone) and the next tpl-clone of the \
-                     template drops it",
-                    shown(&name),
-                    shown(&t.name)
-                ));
-            }
-        }
         lock.remove_file();
-        if let Some(j) = journal {
-            j.close();
+        match (&reg, snap) {
+            // A clone of a batch: its registration goes with those of the next clones, in
+            // one write of the template's metadata; its journal stays open until then, so
+            // that the recovery of a kill meanwhile drops it.
+            (Some(t), Some(sn)) if t.uuid.eq_ignore_ascii_case(&sn.template_uuid) => {
+                sn.unregistered
+                    .borrow_mut()
+                    .push((uuid.clone(), name.clone(), journal));
+                if sn.unregistered.borrow().len() >= UNREGISTER_BATCH {
+                    self.drop_registrations(t, sn);
+                }
+            }
+            _ => {
+                if let Some(t) = &reg {
+                    if let Err(e) = drop_registration(t, &uuid) {
+                        self.warn_registered(&[name.as_str()], t, &e);
+                    }
+                }
+                if let Some(j) = journal {
+                    j.close();
+                }
+            }
         }
         for d in intent
             .files
@@ -580,7 +596,7 @@ impl Remover<'_> {
         }
         let mut held = held.to_vec();
         held.push(tpl.uuid.clone());
-        let snap = Snapshot::new(others);
+        let snap = Snapshot::new(&tpl.uuid, others);
         for (done, c) in clones.iter().enumerate() {
             let res = self.ctx.intr.check().and_then(|()| {
                 match Dom::lookup(self.s, &by_uuid(&c.uuid)) {
@@ -591,6 +607,9 @@ impl Remover<'_> {
                 }
             });
             snap.removed.borrow_mut().insert(c.uuid.clone());
+            if res.is_err() || done + 1 == clones.len() {
+                self.drop_registrations(tpl, &snap);
+            }
             if let Err(e) = res {
                 if done > 0 && !self.args.dry_run {
                     self.ctx.warn(format!(
@@ -604,6 +623,48 @@ impl Remover<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Drop the registrations of the clones of a batch removed since the last time, in one
+    /// write of the template's metadata, and close their journals.
+    fn drop_registrations(&self, tpl: &Dom, sn: &Snapshot) {
+        let done = std::mem::take(&mut *sn.unregistered.borrow_mut());
+        if done.is_empty() {
+            return;
+        }
+        let uuids: Vec<&str> = done.iter().map(|(u, ..)| u.as_str()).collect();
+        if let Err(e) = drop_registrations(tpl, &uuids) {
+            let names: Vec<&str> = done.iter().map(|(_, n, _)| n.as_str()).collect();
+            self.warn_registered(&names, tpl, &e);
+        }
+        for (_, _, j) in done {
+            if let Some(j) = j {
+                j.close();
+            }
+        }
+    }
+
+    fn warn_registered(&self, names: &[&str], tpl: &Dom, e: &Error) {
+        self.ctx.warn(format!(
+            "{} removed, but {} in template '{}' {}: {e}; that is harmless (the files are \
+             gone) and the next tpl-clone of the template drops them",
+            if names.len() == 1 {
+                format!("domain '{}' is", shown(names[0]))
+            } else {
+                format!("{} domains are", names.len())
+            },
+            if names.len() == 1 {
+                "its registration"
+            } else {
+                "their registrations"
+            },
+            shown(&tpl.name),
+            if names.len() == 1 {
+                "is not"
+            } else {
+                "are not"
+            },
+        ));
     }
 
     /// The domain could not be locked: if it is gone (the recovery of a killed tpl-rm
@@ -630,16 +691,28 @@ impl Remover<'_> {
 /// locked as a template, whose overlays it registers in the clone's metadata, which is
 /// read fresh for each clone, as is the scan of its directory).
 struct Snapshot {
+    /// The template whose clones are removed (its lock is held).
+    template_uuid: String,
     others: Vec<OtherDomain>,
     /// Each one's files, its disks' own and their backing chains', canonical; None where
     /// a chain could not be read: it may reach anything.
     reach: Vec<Option<HashSet<PathBuf>>>,
+    /// Which of them name a file as a disk or NVRAM, and how, by the file's device and
+    /// inode and by its canonical path (the sharing check, [`OwnFiles::check_not_shared`],
+    /// without a stat and two realpaths per other domain for each clone).
+    by_inode: HashMap<(u64, u64), Vec<(usize, String)>>,
+    by_path: HashMap<PathBuf, Vec<(usize, String)>>,
+    /// Which of them have an RBD image (`POOL/IMAGE`) as a disk, and its target.
+    rbd_users: HashMap<String, Vec<(usize, String)>>,
     /// The clones removed so far: they name nothing any more.
     removed: RefCell<HashSet<String>>,
+    /// The clones removed whose registrations in the template are still to drop (uuid,
+    /// name), each with its journal, closed once they are.
+    unregistered: RefCell<Vec<(String, String, Option<Journal>)>>,
 }
 
 impl Snapshot {
-    fn new(others: &[OtherDomain]) -> Snapshot {
+    fn new(template_uuid: &str, others: &[OtherDomain]) -> Snapshot {
         let reach = others
             .iter()
             .map(|o| {
@@ -658,25 +731,71 @@ impl Snapshot {
                 Some(files)
             })
             .collect();
+        let (mut by_inode, mut by_path, mut rbd_users) =
+            (HashMap::new(), HashMap::new(), HashMap::new());
+        for (i, o) in others.iter().enumerate() {
+            for (p, how) in o.files.named() {
+                if let Ok(m) = std::fs::symlink_metadata(p) {
+                    by_inode
+                        .entry((m.dev(), m.ino()))
+                        .or_insert_with(Vec::new)
+                        .push((i, how.clone()));
+                }
+                by_path
+                    .entry(canonical(p))
+                    .or_insert_with(Vec::new)
+                    .push((i, how));
+            }
+            for (t, image) in &o.files.rbd {
+                rbd_users
+                    .entry(image.clone())
+                    .or_insert_with(Vec::new)
+                    .push((i, t.clone()));
+            }
+        }
         Snapshot {
+            template_uuid: template_uuid.to_string(),
             others: others.to_vec(),
             reach,
+            by_inode,
+            by_path,
+            rbd_users,
             removed: RefCell::default(),
+            unregistered: RefCell::default(),
         }
     }
 
-    fn live(&self, except: &str) -> impl Iterator<Item = (usize, &OtherDomain)> {
-        let removed = self.removed.borrow().clone();
-        let except = except.to_ascii_lowercase();
-        self.others.iter().enumerate().filter(move |(_, o)| {
-            let u = o.uuid.to_ascii_lowercase();
-            u != except && !removed.contains(&o.uuid)
-        })
+    /// Whether the other domain `i` is still defined and is not the domain `except`.
+    fn is_live(&self, i: usize, except: &str) -> bool {
+        let u = &self.others[i].uuid;
+        !u.eq_ignore_ascii_case(except) && !self.removed.borrow().contains(u)
     }
 
-    /// The files of the other domains still defined, for the sharing check.
-    fn files(&self, except: &str) -> Vec<&OtherFiles> {
-        self.live(except).map(|(_, o)| &o.files).collect()
+    fn live(&self, except: &str) -> impl Iterator<Item = (usize, &OtherDomain)> {
+        let except = except.to_string();
+        self.others
+            .iter()
+            .enumerate()
+            .filter(move |(i, _)| self.is_live(*i, &except))
+    }
+
+    /// [`OwnFiles::check_not_shared`] against the other domains still defined.
+    fn check_not_shared(&self, own: &OwnFiles, name: &str, except: &str) -> Result<()> {
+        let first_live = |users: Option<&Vec<(usize, String)>>| {
+            users?
+                .iter()
+                .find(|(i, _)| self.is_live(*i, except))
+                .map(|(i, how)| (self.others[*i].files.name.clone(), how.clone()))
+        };
+        own.check_not_shared_by(
+            name,
+            "remove",
+            |image| first_live(self.rbd_users.get(image)),
+            |f| {
+                first_live(self.by_inode.get(&(f.dev, f.ino)))
+                    .or_else(|| first_live(self.by_path.get(&canonical(&f.path))))
+            },
+        )
     }
 
     /// The other domains still defined whose disks are, or back onto, one of `images`, or

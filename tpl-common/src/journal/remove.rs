@@ -400,10 +400,19 @@ impl Intent {
 /// Drop the overlays of the clone with this UUID from the template's registrations (the
 /// caller holds the template's lock). Whether there were any.
 pub fn drop_registration(tpl: &Dom, clone_uuid: &str) -> Result<bool> {
+    drop_registrations(tpl, &[clone_uuid])
+}
+
+/// [`drop_registration`] for several clones, in one write of the template's metadata (a
+/// batch of 1000 clones rewrote the template's 1000 registrations 1000 times).
+pub fn drop_registrations(tpl: &Dom, clone_uuids: &[&str]) -> Result<bool> {
     let mut meta = tpl.meta()?;
     let before = meta.overlays.len();
-    meta.overlays
-        .retain(|o| !o.clone_uuid.eq_ignore_ascii_case(clone_uuid));
+    meta.overlays.retain(|o| {
+        !clone_uuids
+            .iter()
+            .any(|u| o.clone_uuid.eq_ignore_ascii_case(u))
+    });
     if meta.overlays.len() == before {
         return Ok(false);
     }
