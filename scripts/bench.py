@@ -20,6 +20,10 @@ medians:
                  runs without it: virsh list --all, then per domain virsh domblklist and
                  qemu-img info --backing-chain of each file disk; virsh list --all alone
                  is the floor (what listing the domains costs libvirt itself)
+  removal        tpl-rm --with-clones of a template with BENCH_REMOVE linked clones
+                 (250 and 1000) vs a shell loop of virsh undefine + rm over the same
+                 clones and the template (what it replaces), on a small template of
+                 its own
 
 Before every measured command the template image's pages are dropped from the page
 cache (sync, then posix_fadvise DONTNEED on the image and, for btrfs, on the loop
@@ -34,8 +38,9 @@ in /var/lib/libvirt/images/tpl-bench-PID/ and is removed at the end, also on fai
 or Ctrl-C (domains undefined, loop file system unmounted).
 
 Environment: URI (default qemu:///system), TPL_BIN_DIR (default target/release),
-BENCH_RUNS (default 3), BENCH_LINKED (default 100), BENCH_INVENTORY (default 500),
-BENCH_DROP=all, BENCH_ONLY (some of full,linked,writes,inventory; default all).
+BENCH_RUNS (default 3), BENCH_LINKED (default 100), BENCH_INVENTORY (default 1000),
+BENCH_REMOVE (default 250,1000), BENCH_DROP=all, BENCH_ONLY (some of
+full,linked,writes,inventory,removal; default all).
 
 Why qcow2: it is what libvirt templates are, and every contender copies the same file
 (virt-clone through libvirt's storage pool, which runs qemu-img convert for qcow2).
@@ -58,8 +63,10 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("TPL_BIN_DIR", os.path.join(HERE, "target", "release"))
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 LINKED = int(os.environ.get("BENCH_LINKED", "100"))
-INVENTORY = int(os.environ.get("BENCH_INVENTORY", "500"))
-ONLY = set(os.environ.get("BENCH_ONLY", "full,linked,writes,inventory").split(","))
+INVENTORY = int(os.environ.get("BENCH_INVENTORY", "1000"))
+REMOVE = [int(n) for n in os.environ.get("BENCH_REMOVE", "250,1000").split(",")]
+ONLY = set(os.environ.get("BENCH_ONLY", "full,linked,writes,inventory,removal").split(","))
+REMOVE_LOOP = "virsh undefine + rm loop"
 INVENTORY_LOOP = "virsh domblklist + qemu-img info per domain"
 IMAGES = "/var/lib/libvirt/images"
 PREFIX = "tpl-bench-"
@@ -350,6 +357,46 @@ done >/dev/null
     remove_clones(prefix, out_dir)
 
 
+def removal(out_dir, results):
+    """tpl-rm --with-clones of a template with N linked clones, against a shell loop of
+    virsh undefine and rm over the same clones and then the template. Each run makes a
+    small template (64 MiB qcow2, no data: the removal reads headers, not data) and its
+    clones afresh; only the removal is measured."""
+    tc, tr = os.path.join(BIN, "tpl-clone"), os.path.join(BIN, "tpl-rm")
+    loop = os.path.join(ROOT, "removal.sh")
+    for n in REMOVE:
+        contenders = ["tpl-rm --with-clones", REMOVE_LOOP]
+        for r in range(RUNS):
+            for label in contenders[r % 2:] + contenders[:r % 2]:
+                tpl = f"{TAG}-rm{n}"
+                disk = os.path.join(out_dir, f"{tpl}.qcow2")
+                run(["qemu-img", "create", "-q", "-f", "qcow2", disk, "64M"])
+                make_template(tpl, disk)
+                prefix = f"{TAG}-rm{n}-c"
+                say(f"removal: {n} linked clones for {label} (run {r + 1}/{RUNS})")
+                run([tc, "-q", "-c", URI, tpl, "--linked", "--count", str(n), "--prefix",
+                     prefix, "--dir", out_dir, "--no-identity"])
+                if label == REMOVE_LOOP:
+                    with open(loop, "w") as f:
+                        f.write(f"""set -e
+for d in $(virsh -q -c {URI} list --all --name | grep '^{prefix}'); do
+  virsh -q -c {URI} undefine "$d" >/dev/null
+  rm -f {out_dir}/"$d".qcow2
+done
+virsh -q -c {URI} undefine {tpl} >/dev/null
+chmod u+w {disk}; rm -f {disk}
+""")
+                    argv = ["bash", loop]
+                else:
+                    argv = [tr, "-q", "-c", URI, "--with-clones", tpl]
+                wall, cmd, rss = measure(argv)
+                results.setdefault((f"removal {n}", label), []).append((wall, cmd, rss, 0))
+                say(f"  {cmd:.2f} s")
+                left = [f for f in os.listdir(out_dir) if f.startswith(tpl)]
+                if left:
+                    raise RuntimeError(f"removal: {label} left {len(left)} files: {left[:3]}")
+
+
 def rss_of(argv):
     out = subprocess.run(["/usr/bin/time", "-f", "%M", *argv], stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -426,6 +473,25 @@ def targets(res):
                                       f"(+{ours - floor:.2f} s)"))
         t.append((ours <= 0.1 * loop, f"tpl-list on {INVENTORY} linked clones <= 0.1x {INVENTORY_LOOP}: "
                                       f"{ours:.2f} s vs {loop:.2f} s = {ours / loop:.3f}x"))
+    if ("inventory", "tpl-list (records)") in res:
+        ours, floor = (m(("inventory", k), 1) for k in
+                       ("tpl-list (records)", "virsh list --all (the floor)"))
+        t.append((ours <= 2 * floor, f"tpl-list on {INVENTORY} linked clones <= 2x virsh "
+                                     f"list --all: {ours:.2f} s vs {floor:.2f} s = "
+                                     f"{ours / floor:.2f}x"))
+    rm = {n: (m((f"removal {n}", "tpl-rm --with-clones"), 1),
+              m((f"removal {n}", REMOVE_LOOP), 1))
+          for n in REMOVE if (f"removal {n}", REMOVE_LOOP) in res}
+    for n, (ours, loop) in rm.items():
+        t.append((ours <= 0.5 * loop, f"tpl-rm --with-clones of {n} linked clones <= 0.5x "
+                                      f"the {REMOVE_LOOP}: {ours:.2f} s vs {loop:.2f} s = "
+                                      f"{ours / loop:.2f}x"))
+    if len(rm) >= 2:
+        (n0, (a, _)), (n1, (b, _)) = sorted(rm.items())[0], sorted(rm.items())[-1]
+        growth = (b / a) / (n1 / n0)
+        t.append((growth <= 1.25, f"tpl-rm --with-clones linear from {n0} to {n1} clones: "
+                                  f"{a:.2f} s to {b:.2f} s, {b / a:.1f}x the time for "
+                                  f"{n1 / n0:.0f}x the clones ({growth:.2f} of linear)"))
     clone_rows = [r for k, rows in res.items() if k[1].startswith("tpl-clone") for r in rows]
     if not clone_rows:
         return t
@@ -488,6 +554,8 @@ def main():
             overlay_writes(tpl, disk, out, results)
         if "inventory" in ONLY:
             inventory(tpl, out, results)
+        if "removal" in ONLY:
+            removal(out, results)
         print(table(results, targets(results)), flush=True)
         say(f"done in {time.monotonic() - started:.0f} s")
     except KeyboardInterrupt:
