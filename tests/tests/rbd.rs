@@ -890,3 +890,39 @@ fn ldconfig_path(soname: &str) -> std::path::PathBuf {
         .map(|p| p.trim().into())
         .unwrap_or_else(|| panic!("ldconfig -p does not list {soname}:\n{out}"))
 }
+
+/// An image open elsewhere (here a handle this test holds, as a VM or an `rbd map`
+/// would) is changed by no tool: lock, rename --disks and rm refuse with exit 3, naming
+/// the watcher; once it is closed, each goes through.
+#[test]
+fn an_image_open_elsewhere_is_locked_renamed_and_removed_by_no_tool() {
+    let mut s = RbdScratch::new();
+    let g = s.rbd_guest("busy");
+    mark_generalized(&g.name);
+    let spec = rbd_spec(&g.pool, &g.image);
+    let renamed = s.s.name("busy2");
+    let who = with_ceph(|c| {
+        let _open = c.open(&spec).unwrap();
+        let who = format!("client.{}", c.client_id());
+        for (tool, args) in [
+            ("tpl-lock", vec![g.name.as_str()]),
+            ("tpl-rename", vec!["--disks", &g.name, &renamed]),
+            ("tpl-rm", vec![g.name.as_str()]),
+        ] {
+            let r = run(tool, &args, None).fails(3);
+            for part in ["is open elsewhere (1 watcher", &who, &g.image] {
+                assert!(r.stderr.contains(part), "{tool} lacks {part:?}: {}", r.stderr);
+            }
+            assert!(domain_exists(&g.name), "{tool}: {}", r.stderr);
+            assert!(rbd_exists(&g.pool, &g.image), "{tool}: {}", r.stderr);
+            assert_eq!(rbd_snapshots(&g.pool, &g.image), Vec::new(), "{tool}");
+        }
+        who
+    });
+    // closed: the same steps go through
+    run("tpl-lock", &[&g.name], None).ok(1);
+    let r = run("tpl-rename", &["--disks", &g.name, &renamed], None).ok(1);
+    assert!(!r.stderr.contains(&who), "{}", r.stderr);
+    run("tpl-rm", &[&renamed], None).ok(0);
+    assert!(!domain_exists(&renamed));
+}

@@ -202,6 +202,30 @@ pub fn spec_of(src: &RbdSource) -> ImageSpec {
     ImageSpec::new(&src.pool, &src.image).in_namespace(&src.namespace)
 }
 
+/// Whether an RBD image is open elsewhere now (a VM that runs or has just stopped, an
+/// `rbd map`): the refusal's reason, "{what} is open elsewhere (...)", naming the
+/// watchers, or None when nobody watches it. tpl changes no image in use.
+pub fn open_elsewhere(cluster: &Cluster, spec: &ImageSpec, what: &str) -> Result<Option<String>> {
+    let watchers = cluster
+        .watchers(spec)
+        .map_err(|e| ceph_error(&format!("list the users of '{spec}'"), e))?;
+    if watchers.is_empty() {
+        return Ok(None);
+    }
+    let who = crate::text::list(
+        watchers
+            .iter()
+            .map(|w| format!("client.{} at {}", w.id, w.addr)),
+        ", ",
+    );
+    Ok(Some(format!(
+        "{what} is open elsewhere ({} watcher{}: a VM that runs or has just stopped, or an \
+         rbd map: {who})",
+        watchers.len(),
+        if watchers.len() == 1 { "" } else { "s" }
+    )))
+}
+
 /// A Ceph error as a tpl error: refusals for what a safety check would also refuse
 /// (busy, exists, not empty), failures for the rest.
 pub fn ceph_error(what: &str, e: tpl_ceph::Error) -> Error {

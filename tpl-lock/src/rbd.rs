@@ -9,7 +9,7 @@ use tpl_ceph::{Cluster, ImageSpec};
 use tpl_common::cli::Ctx;
 use tpl_common::error::{Error, Result};
 use tpl_common::ownfiles::OwnRbd;
-use tpl_common::rbd::{ceph_error, spec_of, TEMPLATE_SNAPSHOT};
+use tpl_common::rbd::{ceph_error, open_elsewhere, spec_of, TEMPLATE_SNAPSHOT};
 use tpl_common::session::Dom;
 use tpl_common::text::shown;
 
@@ -88,15 +88,12 @@ pub fn plan_lock<'c>(dom: &'c Dom, rbd: &[OwnRbd]) -> Result<Vec<RbdChange<'c>>>
                      point it at the image itself (virsh edit) and lock it again"
                 )));
             }
-            let watchers = cluster
-                .watchers(&spec)
-                .map_err(|e| ceph_error(&format!("list the users of '{spec}'"), e))?;
-            if !watchers.is_empty() && r.source.snapshot.is_none() {
-                return Err(refuse(format!(
-                    "its {r} is open elsewhere ({} watchers: a running VM, or an rbd map); \
-                     a snapshot taken now would not be the image it will be",
-                    watchers.len()
-                )));
+            if r.source.snapshot.is_none() {
+                if let Some(why) = open_elsewhere(cluster, &spec, &format!("its {r}"))? {
+                    return Err(refuse(format!(
+                        "{why}; a snapshot taken now would not be the image it will be"
+                    )));
+                }
             }
             let st = state(cluster, &spec)?;
             Ok(RbdChange {

@@ -304,14 +304,8 @@ fn plan_rbd(
     let info = cluster
         .info(&spec)
         .map_err(|e| ceph_error(&format!("read the RBD image '{spec}'"), e))?;
-    let watchers = cluster
-        .watchers(&spec)
-        .map_err(|e| ceph_error(&format!("list the users of '{spec}'"), e))?;
-    if !watchers.is_empty() {
-        return Err(refuse(format!(
-            "its {r} is open elsewhere ({} watchers: a running VM, or an rbd map)",
-            watchers.len()
-        )));
+    if let Some(why) = tpl_common::rbd::open_elsewhere(cluster, &spec, &format!("its {r}"))? {
+        return Err(refuse(why));
     }
     if cluster
         .exists(&to_spec)

@@ -820,18 +820,11 @@ fn doomed_image(dom: &Dom, r: &tpl_common::ownfiles::OwnRbd) -> Result<DoomedIma
     let spec = tpl_common::rbd::spec_of(&r.source);
     let err = |op: &str, e| tpl_common::rbd::ceph_error(&format!("{op} '{spec}'"), e);
     let info = cluster.info(&spec).map_err(|e| err("read", e))?;
-    let watchers = cluster
-        .watchers(&spec)
-        .map_err(|e| err("list the users of", e))?;
-    if !watchers.is_empty() {
+    let what = format!("its disk {} image '{spec}'", r.target);
+    if let Some(why) = tpl_common::rbd::open_elsewhere(cluster, &spec, &what)? {
         return Err(Error::refused(
             format!("cannot remove domain '{}'", shown(&dom.name)),
-            format!(
-                "its disk {} image '{spec}' is open elsewhere ({} watchers: a VM that runs or \
-                 has just stopped, or an rbd map); try again in a moment",
-                r.target,
-                watchers.len()
-            ),
+            format!("{why}; try again in a moment"),
         ));
     }
     let snap = tpl_common::rbd::TEMPLATE_SNAPSHOT;
