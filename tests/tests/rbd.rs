@@ -911,7 +911,11 @@ fn an_image_open_elsewhere_is_locked_renamed_and_removed_by_no_tool() {
         ] {
             let r = run(tool, &args, None).fails(3);
             for part in ["is open elsewhere (1 watcher", &who, &g.image] {
-                assert!(r.stderr.contains(part), "{tool} lacks {part:?}: {}", r.stderr);
+                assert!(
+                    r.stderr.contains(part),
+                    "{tool} lacks {part:?}: {}",
+                    r.stderr
+                );
             }
             assert!(domain_exists(&g.name), "{tool}: {}", r.stderr);
             assert!(rbd_exists(&g.pool, &g.image), "{tool}: {}", r.stderr);

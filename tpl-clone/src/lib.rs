@@ -15,6 +15,7 @@ use std::rc::Rc;
 
 use clap::Parser;
 use tpl_common::cli::{self, Common, Ctx};
+use tpl_common::dom::Dom;
 use tpl_common::error::{Error, Result};
 use tpl_common::fsutil::{fsync_dir, rename_noreplace};
 use tpl_common::hostname::{hostname_for, validate_hostname};
@@ -24,7 +25,7 @@ use tpl_common::meta::{Meta, Registered};
 use tpl_common::names::validate_name;
 use tpl_common::ownfiles::Role;
 use tpl_common::record::{CloneMode, CloneOrigin, DomainRef};
-use tpl_common::session::{Dom, Session};
+use tpl_common::session::Session;
 use tpl_common::state;
 use tpl_common::text::{shown, shown_path};
 use virt::domain::Domain;

@@ -6,12 +6,13 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use tpl_common::cli::Ctx;
+use tpl_common::dom::Dom;
 use tpl_common::domxml::DomainXml;
 use tpl_common::error::{Error, Result};
 use tpl_common::image::{backing_chain, is_qcow2, qcow2_backing, writable_backing};
 use tpl_common::ownfiles::{renamed_file, Naming, Role};
 use tpl_common::record::CloneMode;
-use tpl_common::session::{Dom, Session};
+use tpl_common::session::Session;
 use tpl_common::text::{shown, shown_path};
 
 use crate::images;

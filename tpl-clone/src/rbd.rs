@@ -11,13 +11,13 @@ use std::path::Path;
 
 use tpl_ceph::{Cluster, ImageSpec, NewImageOptions};
 use tpl_common::cli::Ctx;
+use tpl_common::dom::Dom;
 use tpl_common::error::{Error, Result};
 use tpl_common::journal::clone::{self as cj, Entry};
 use tpl_common::journal::Journal;
 use tpl_common::ownfiles::{renamed_file, Naming, OwnRbd};
 use tpl_common::rbd::{ceph_error, spec_of, TEMPLATE_SNAPSHOT};
 use tpl_common::record::{CloneMode, RbdSource};
-use tpl_common::session::Dom;
 use tpl_common::text::shown;
 
 /// One RBD disk of the template to clone.

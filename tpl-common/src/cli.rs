@@ -16,11 +16,12 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::dom::Dom;
 use crate::error::{Error, Result};
 use crate::journal;
 use crate::lock::DomainLock;
 use crate::record::{read_records, DomainRef, Record};
-use crate::session::{Dom, Session};
+use crate::session::Session;
 use crate::signals::{die_by_sigpipe, Interrupt};
 use crate::state;
 use crate::text::shown;

@@ -2,6 +2,8 @@
 
 pub mod child;
 pub mod cli;
+pub mod dependents;
+pub mod dom;
 pub mod domxml;
 pub mod error;
 pub mod fsutil;

@@ -7,11 +7,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tpl_common::cli::{self, Common, Ctx};
+use tpl_common::dom::Dom;
 use tpl_common::domxml::DomainXml;
 use tpl_common::error::{Error, IoContext, Result};
 use tpl_common::hostname::{kernel_hostname, validate_hostname};
 use tpl_common::record::{DomainRef, Generalized, Method, Record};
-use tpl_common::session::{Dom, Session};
+use tpl_common::session::Session;
 use tpl_common::text::{list, shown};
 
 use crate::ops::{Plan, Request};

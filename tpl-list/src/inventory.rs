@@ -13,12 +13,13 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use tpl_common::dom::Dom;
 use tpl_common::domxml::DomainXml;
 use tpl_common::error::{Error, Result};
 use tpl_common::image::{self, overlays_in, readable_chain, Dependent};
 use tpl_common::meta::{self, Meta, Registered};
 use tpl_common::record::{CloneMode, DiskKind, Record, State};
-use tpl_common::session::{state_of, Dom, Session};
+use tpl_common::session::{state_of, Session};
 use tpl_common::text::{shown, shown_path};
 use virt::enumutil::Enum;
 use virt::error::ErrorNumber;

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tpl_common::cli::{self, Common, Ctx};
+use tpl_common::dependents::Dependents;
+use tpl_common::dom::Dom;
 use tpl_common::error::{Error, IoContext, Result};
 use tpl_common::fsutil::{attr_unsupported, is_immutable, set_immutable};
 use tpl_common::image::writable_backing;
@@ -13,7 +15,7 @@ use tpl_common::meta::Meta;
 use tpl_common::ownfiles::{OwnFile, OwnFiles};
 use tpl_common::rbd::TEMPLATE_SNAPSHOT;
 use tpl_common::record::{DomainRef, Record, TemplateState};
-use tpl_common::session::{Dependents, Dom, Session};
+use tpl_common::session::Session;
 use tpl_common::text::{list, shown, shown_path};
 
 mod rbd;

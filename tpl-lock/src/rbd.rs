@@ -7,10 +7,10 @@
 
 use tpl_ceph::{Cluster, ImageSpec};
 use tpl_common::cli::Ctx;
+use tpl_common::dom::Dom;
 use tpl_common::error::{Error, Result};
 use tpl_common::ownfiles::OwnRbd;
 use tpl_common::rbd::{ceph_error, open_elsewhere, spec_of, TEMPLATE_SNAPSHOT};
-use tpl_common::session::Dom;
 use tpl_common::text::shown;
 
 /// What locking or unlocking one RBD disk takes.

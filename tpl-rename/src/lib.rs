@@ -4,13 +4,14 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tpl_common::cli::{self, Common, Ctx};
+use tpl_common::dom::Dom;
 use tpl_common::error::{Error, Result};
 use tpl_common::journal::rename::{Intent, Move, RbdMove};
 use tpl_common::names::validate_name;
 use tpl_common::ownfiles::{renamed_file, Naming, Role};
 use tpl_common::rbd::{ceph_error, spec_of};
 use tpl_common::record::{DomainRef, Record};
-use tpl_common::session::{Dom, Session};
+use tpl_common::session::Session;
 use tpl_common::state;
 use tpl_common::text::{list, shown, shown_path};
 

@@ -10,6 +10,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tpl_common::cli::{self, Common, Ctx};
+use tpl_common::dependents::Dependents;
+use tpl_common::dom::{Dom, OtherDomain};
 use tpl_common::domxml::{disk_target, DomainXml};
 use tpl_common::error::{Error, Result};
 use tpl_common::image::{canonical, is_not_found, readable_chain, Dependent};
@@ -20,7 +22,7 @@ use tpl_common::journal::Journal;
 use tpl_common::lock::DomainLock;
 use tpl_common::ownfiles::OwnFiles;
 use tpl_common::record::{CloneMode, DiskKind, DomainRef};
-use tpl_common::session::{state_of, Dependents, Dom, OtherDomain, Session};
+use tpl_common::session::{state_of, Session};
 use tpl_common::state;
 use tpl_common::text::{list, shown, shown_path};
 use virt::domain::DomainState;

@@ -40,12 +40,13 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::{dead, Journal};
+use crate::dom::Dom;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{attr_unsupported, fsync_dir, is_immutable, rename_noreplace, set_immutable};
 use crate::lock::DomainLock;
 use crate::ownfiles::{OwnFile, Role};
 use crate::record::DomainRef;
-use crate::session::{Dom, Session};
+use crate::session::Session;
 use crate::text::{shown, shown_path};
 
 /// The journal kind, and the start of its file names.

@@ -16,10 +16,11 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::{dead, Journal};
+use crate::dom::Dom;
 use crate::error::{Error, Result};
 use crate::fsutil::{fsync_dir, rename_noreplace};
 use crate::ownfiles::Role;
-use crate::session::{Dom, Session};
+use crate::session::Session;
 use crate::text::{shown, shown_path};
 
 /// The journal kind, and the start of its file names.
