@@ -262,14 +262,16 @@ impl Canon {
 pub fn collect(s: &Session) -> Result<Inventory> {
     let mut inv = Inventory::default();
     let states = bulk_states(s);
-    for d in s.all_domains()? {
+    let domains = s.all_domains()?;
+    let definitions = tpl_common::dom::definitions(&domains);
+    for (d, x) in domains.into_iter().zip(definitions) {
         let dom = match Dom::new(s, d) {
             Ok(d) => d,
             // Undefined between the listing and now: it is not there any more.
             Err(e) if gone(&e) => continue,
             Err(e) => return Err(e),
         };
-        let x = match dom.xml() {
+        let x = match x {
             Ok(x) => x,
             Err(e) if gone(&e) => continue,
             Err(e) => return Err(e),
