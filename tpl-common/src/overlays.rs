@@ -83,7 +83,9 @@ impl OverlayIndex {
         let mut out = Vec::new();
         let mut fresh: Vec<PathBuf> = Vec::new();
         for dir in dirs {
-            if self.roots.contains(dir) || self.roots.iter().any(|r| dir.starts_with(r)) {
+            // A directory under a root is a root of its own: its walk goes MAX_DEPTH
+            // below it, not below the root.
+            if self.roots.contains(dir) {
                 continue;
             }
             if !self.index(dir, &mut out) {
@@ -127,9 +129,13 @@ impl OverlayIndex {
         out
     }
 
-    /// Whether `p` is under one of `dirs` (an indexed root may hold more than was asked).
+    /// Whether `p` is one of the files a walk of one of `dirs` finds ([`MAX_DEPTH`] deep):
+    /// an indexed root may hold more than was asked.
     fn under(&self, p: &Path, dirs: &[PathBuf]) -> bool {
-        dirs.iter().any(|d| p.starts_with(d))
+        dirs.iter().any(|d| {
+            p.strip_prefix(d)
+                .is_ok_and(|rel| rel.components().count() <= MAX_DEPTH)
+        })
     }
 
     /// Read and watch `dir` and its subdirectories. False when it cannot be kept current
