@@ -81,6 +81,20 @@ impl OverlayIndex {
     pub fn overlays_in(&mut self, dirs: &[PathBuf], images: &[PathBuf]) -> Vec<Dependent> {
         self.catch_up();
         let mut out = Vec::new();
+        // what changed since it was read (before new directories are indexed: a file that
+        // cannot be read there is reported by the indexing, once)
+        let stale = std::mem::take(&mut self.stale);
+        for p in stale {
+            if let Err(e) = self.read(&p) {
+                self.stale.insert(p.clone()); // and asked again next time
+                if self.under(&p, dirs) {
+                    out.push(Dependent::Unchecked {
+                        path: p,
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
         let mut fresh: Vec<PathBuf> = Vec::new();
         for dir in dirs {
             // A directory under a root is a root of its own: its walk goes MAX_DEPTH
@@ -95,18 +109,6 @@ impl OverlayIndex {
         // what is not indexed is read now, as it is
         if !fresh.is_empty() {
             out.extend(crate::image::overlays_in(&fresh, images));
-        }
-        let stale = std::mem::take(&mut self.stale);
-        for p in stale {
-            if let Err(e) = self.read(&p) {
-                self.stale.insert(p.clone()); // and asked again next time
-                if self.under(&p, dirs) {
-                    out.push(Dependent::Unchecked {
-                        path: p,
-                        reason: e.to_string(),
-                    });
-                }
-            }
         }
         let mut seen: HashSet<PathBuf> = out
             .iter()
