@@ -1617,3 +1617,22 @@ pub fn start_is_read_only(name: &str) -> String {
     });
     text
 }
+
+/// Whether every journal a tool's run kept (its "kept the journal" warnings) was kept for
+/// one reason only: an RBD image still watched by the killed run's own Ceph connection
+/// although the run blocklisted that address, a watch the OSD did not drop (a client
+/// killed while its watch request was in flight; see docs/ENVIRONMENT.md). False when no
+/// journal was kept, or one was kept for any other reason.
+pub fn ghost_watch_kept(stderr: &str) -> bool {
+    let kept: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("kept the journal"))
+        .collect();
+    !kept.is_empty()
+        && kept.iter().all(|l| {
+            l.contains("still watched by the killed run's connection")
+                && l.contains(
+                    "although that address is blocklisted: the OSD has not dropped the watch",
+                )
+        })
+}

@@ -411,6 +411,7 @@ fn kill_9_at_random_points_of_a_20_clone_rbd_batch_leaves_nothing_unaccounted() 
     let trials = 12;
     let (mut defined, mut cleaned, mut left_by_kill, mut untouched) = (0, 0, 0, 0);
     let (mut slow_next, mut blocklisted) = (0, 0);
+    let mut ghost_kept = false;
     for trial in 0..trials {
         let prefix = format!("{}-k{trial}-", s.prefix);
         let after = Duration::from_micros(rng.range(0, span.as_micros() as u64));
@@ -465,6 +466,22 @@ fn kill_9_at_random_points_of_a_20_clone_rbd_batch_leaves_nothing_unaccounted() 
         );
         assert_eq!(next.code, 0, "{what}");
         no_panic("tpl-lock", &next.stderr);
+        if ghost_watch_kept(&next.stderr) {
+            // The OSD kept a watch of the killed run's own connection although the next
+            // run blocklisted its address (seen in about 1 of 40 runs; docs/ENVIRONMENT.md):
+            // librbd removes no watched image, so the next run names the watch and keeps
+            // the journal. What is left must still be the killed run's, in its journal;
+            // later trials would only wait on the same journal, so the trials end here.
+            let left = unnamed(&s.images());
+            let unjournaled: Vec<&String> = left
+                .iter()
+                .filter(|i| !journaled.contains(&format!("{pool}/{i}")))
+                .collect();
+            assert!(!left.is_empty() && unjournaled.is_empty(), "{what}");
+            eprintln!("{what}\ntrial {trial}: a watch the OSD kept ends the trials");
+            ghost_kept = true;
+            break;
+        }
         assert!(!next.stderr.contains("kept the journal"), "{what}");
         assert!(took < Duration::from_secs(60), "{what}");
         if took > Duration::from_secs(5) {
@@ -519,8 +536,13 @@ fn kill_9_at_random_points_of_a_20_clone_rbd_batch_leaves_nothing_unaccounted() 
          {defined} clones finished and kept, {cleaned} leftover images in {left_by_kill} trials \
          removed by the next run ({slow_next} next runs took over 5 s, waiting for a watch; \
          {blocklisted} ended a watch of the killed run by blocklisting its client), \
-         {untouched} trials killed before anything was made",
-        span.as_secs_f64() * 1000.0
+         {untouched} trials killed before anything was made{}",
+        span.as_secs_f64() * 1000.0,
+        if ghost_kept {
+            "; the last trial's image kept a watch of the killed run that Ceph did not drop"
+        } else {
+            ""
+        }
     );
 }
 
@@ -929,4 +951,29 @@ fn an_image_open_elsewhere_is_locked_renamed_and_removed_by_no_tool() {
     assert!(!r.stderr.contains(&who), "{}", r.stderr);
     run("tpl-rm", &[&renamed], None).ok(0);
     assert!(!domain_exists(&renamed));
+}
+
+/// The one reason a kept journal is taken for the OSD's: the warning of a run in CI.
+#[test]
+fn a_kept_journal_is_the_osds_only_when_every_warning_names_a_watch_it_kept() {
+    let ghost = "tpl-lock: warning: kept the journal /var/lib/tpl-test/t/clone-journal/\
+        tpl-clone-28284-6f603898.journal of a killed tpl-clone for a later run: cannot remove \
+        temporary RBD image 'p/.c-02.tpl-tmp-vm-28284' of unfinished clone 'c-02' yet: remove \
+        p/.c-02.tpl-tmp-vm-28284: busy (EBUSY: Device or resource busy): the image is open \
+        elsewhere (it has watchers, e.g. a running VM) (still, after 45s; still watched by the \
+        killed run's connection client.4912 at 127.0.0.1:0/2158329640 (cookie \
+        139624891625664) although that address is blocklisted: the OSD has not dropped the \
+        watch)";
+    let other = "tpl-lock: warning: kept the journal /x.journal of a killed tpl-clone for a \
+        later run: cannot remove temporary RBD image 'p/i' yet: busy (still, after 45s; \
+        watched by client.9 at 127.0.0.1:0/1 (not the killed run's connection))";
+    assert!(ghost_watch_kept(ghost));
+    assert!(ghost_watch_kept(&format!(
+        "{ghost}\n{ghost}\ntpl-lock: nothing to do"
+    )));
+    assert!(!ghost_watch_kept(other));
+    assert!(!ghost_watch_kept(&format!("{ghost}\n{other}")));
+    assert!(!ghost_watch_kept(
+        "tpl-lock: domain 'x' is already locked; nothing to do"
+    ));
 }
