@@ -242,11 +242,7 @@ impl Found {
 mod tests {
     use super::*;
     use crate::record::DomainRef;
-    use crate::session::Session;
-
-    fn session() -> Session {
-        Session::open("test:///default").unwrap()
-    }
+    use crate::session::test_session as session;
 
     #[test]
     fn a_domain_disk_that_cannot_be_read_through_is_an_unchecked_dependent() {

@@ -326,16 +326,18 @@ fn parse_dac_label(l: &str) -> Option<(u32, u32)> {
     Some((num(u)?, num(g)?))
 }
 
+/// A session on libvirt's own `test:///default` driver (a real libvirt, in-process), for
+/// the unit tests of the libvirt layer; the tools are proven on qemu:///system in tests/.
+#[cfg(test)]
+pub(crate) fn test_session() -> Session {
+    Session::open("test:///default").unwrap()
+}
+
 #[cfg(test)]
 mod tests {
-    //! The libvirt layer against libvirt's own `test:///default` driver (a real libvirt,
-    //! in-process); the tools themselves are proven on qemu:///system in tests/.
+    use super::test_session as session;
     use super::*;
     use crate::dom::Dom;
-
-    fn session() -> Session {
-        Session::open("test:///default").unwrap()
-    }
 
     #[test]
     fn looks_up_by_uuid_first_then_name() {
