@@ -16,6 +16,7 @@ use tpl_common::journal::clone::Entry;
 use tpl_common::journal::remove::{Doomed, Intent as RmIntent};
 use tpl_common::journal::rename::{Intent as RenameIntent, Move};
 use tpl_common::ownfiles::Role;
+use tpl_common::volume::{Identity, Vol};
 use tpl_tests::*;
 
 /// A pid no process has: a child that has exited and been reaped.
@@ -83,13 +84,14 @@ fn journals_tpl_did_not_write_are_reported_and_never_obeyed() {
             json(&clone),
             json(&Entry::Tmp {
                 uuid: UNKNOWN.into(),
-                path: v1.clone(),
+                vol: Vol::File(v1.clone()),
+                client: None,
             }),
-            json(&Entry::File {
+            json(&Entry::Made {
                 uuid: UNKNOWN.into(),
-                path: v2.clone(),
-                dev: d2,
-                ino: i2,
+                vol: Vol::File(v2.clone()),
+                id: Identity::Inode { dev: d2, ino: i2 },
+                client: None,
             }),
         ],
     );

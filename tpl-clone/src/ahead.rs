@@ -19,6 +19,7 @@ use tpl_common::journal::clone::Entry;
 use tpl_common::rbd::ceph_error;
 use tpl_common::signals::Interrupt;
 use tpl_common::text::shown;
+use tpl_common::volume::{Identity, Vol};
 
 use crate::{rbd, Job, NewClone};
 
@@ -151,9 +152,9 @@ impl<'a> Job<'a> {
                 let cl = s.ceph.cluster_for(&img.src.source)?;
                 cluster = Some(cl);
                 let tmp = rbd::tmp_spec(&img.dest);
-                entries.push(Entry::RbdTmp {
+                entries.push(Entry::Tmp {
                     uuid: c.uuid.clone(),
-                    image: tmp.to_string(),
+                    vol: Vol::Rbd(tmp.to_string()),
                     client: Some(cl.client_id()),
                 });
                 todo.push(Todo {
@@ -181,10 +182,10 @@ impl<'a> Job<'a> {
         let mut renames = Vec::new();
         for (t, r) in &made {
             if let Some(Ok(id)) = r {
-                entries.push(Entry::RbdFile {
+                entries.push(Entry::Made {
                     uuid: t.uuid.clone(),
-                    image: t.dest.to_string(),
-                    id: id.clone(),
+                    vol: Vol::Rbd(t.dest.to_string()),
+                    id: Identity::Rbd { id: id.clone() },
                     client: Some(cluster.client_id()),
                 });
                 renames.push((t.tmp.clone(), t.dest.clone()));

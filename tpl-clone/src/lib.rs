@@ -28,6 +28,7 @@ use tpl_common::record::{CloneMode, CloneOrigin, DomainRef};
 use tpl_common::session::Session;
 use tpl_common::state;
 use tpl_common::text::{shown, shown_path};
+use tpl_common::volume::Vol;
 use virt::domain::Domain;
 
 use crate::ahead::Ahead;
@@ -477,7 +478,8 @@ impl<'a> Job<'a> {
             let _ = fs::remove_file(&tmp);
             self.jrnl.log(&Entry::Tmp {
                 uuid: c.uuid.clone(),
-                path: tmp.clone(),
+                vol: Vol::File(tmp.clone()),
+                client: None,
             })?;
             made.tmps.push(tmp.clone());
             let label = format!("{TOOL}: {}: {}", c.name, f.role);

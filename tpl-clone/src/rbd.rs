@@ -19,6 +19,7 @@ use tpl_common::ownfiles::{renamed_file, Naming, OwnRbd};
 use tpl_common::rbd::{ceph_error, spec_of, TEMPLATE_SNAPSHOT};
 use tpl_common::record::{CloneMode, RbdSource};
 use tpl_common::text::shown;
+use tpl_common::volume::{Identity, Vol};
 
 /// One RBD disk of the template to clone.
 #[derive(Debug)]
@@ -136,9 +137,9 @@ pub fn make(
     let tmp = tmp_spec(&img.dest);
     // An image under our own temporary name can only be a dead run's (pids are reused).
     let _ = cluster.remove(&tmp);
-    jrnl.log(&Entry::RbdTmp {
+    jrnl.log(&Entry::Tmp {
         uuid: uuid.into(),
-        image: tmp.to_string(),
+        vol: Vol::Rbd(tmp.to_string()),
         client: Some(cluster.client_id()),
     })?;
     let opts = NewImageOptions::default();
@@ -190,10 +191,10 @@ pub fn commit(
                 .id
         }
     };
-    jrnl.log(&Entry::RbdFile {
+    jrnl.log(&Entry::Made {
         uuid: uuid.into(),
-        image: img.dest.to_string(),
-        id,
+        vol: Vol::Rbd(img.dest.to_string()),
+        id: Identity::Rbd { id },
         client: Some(cluster.client_id()),
     })?;
     cluster

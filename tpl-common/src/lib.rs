@@ -24,6 +24,7 @@ pub mod signals;
 pub mod state;
 pub mod text;
 pub mod uri;
+pub mod volume;
 
 pub use error::{Error, Result};
 pub use record::Record;

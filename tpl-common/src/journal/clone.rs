@@ -4,20 +4,23 @@
 //! (see [`super`]), each synced before the step it announces:
 //!
 //! - `clone`: a clone is started (its name, UUID and libvirt URI);
-//! - `tmp`: a temporary file is about to be created (its name carries this host's name and
-//!   our pid, see [`tmp_name`]);
-//! - `file`: a finished temporary file is about to be renamed to its final name, with
-//!   its device and inode, so the final file is removed only if it is still that file
-//!   (a run that lost a race for a name never removes the winner's file);
-//! - `done`: the clone's domain is defined: its files are the domain's from now on;
+//! - `tmp`: a volume (file or RBD image, see [`crate::volume`]) is about to be made under
+//!   a temporary name that carries this host's name and our pid (see [`tmp_name`]);
+//! - `made`: a finished temporary volume is about to be renamed to its final name, with
+//!   its identity (device and inode, image id), so the final volume is removed only if it
+//!   is still that volume (a run that lost a race for a name never removes the winner's);
+//! - `done`: the clone's domain is defined: its volumes are the domain's from now on;
 //! - `undone`: a defined clone is being removed again (its start failed, say), so its
-//!   files are the run's to remove once more.
+//!   volumes are the run's to remove once more.
+//!
+//! The journals of releases before 0.19 said `tmp`/`rbdtmp` and `file`/`rbdfile`, with
+//! `path` or `image`: they read as the same two entries and are recovered the same way.
 //!
 //! A clone is finished when its domain is defined: that is the commit point. Cleaning a
-//! dead run's journal removes the temporary files and final files of every clone not
-//! marked done whose domain (by UUID) does not exist, then the journal. The mark matters
-//! once the domain is gone: a user may undefine a finished clone and keep its image, and
-//! that image must not be taken for an unfinished clone's. The domain check covers a run
+//! dead run's journal removes the temporary and final volumes of every clone not marked
+//! done whose domain (by UUID) does not exist, then the journal. The mark matters once
+//! the domain is gone: a user may undefine a finished clone and keep its image, and that
+//! image must not be taken for an unfinished clone's. The domain check covers a run
 //! killed between the definition and the mark. A normal run removes its journal at the
 //! end.
 //!
@@ -31,9 +34,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{dead, foreign_live_pids, host_tag, pid_exists, Journal};
+use super::{foreign_live_pids, host_tag, pid_exists, Journal, Verdict};
 use crate::error::{IoContext, Result};
 use crate::text::shown_path;
+pub use crate::volume::RemoveImage;
+use crate::volume::{Identity, Vol};
 
 /// The journal kind, and the start of its file names.
 pub const KIND: &str = "tpl-clone";
@@ -47,15 +52,28 @@ pub enum Entry {
         uuid: String,
         uri: String,
     },
+    /// A volume is about to be made under this run's temporary name; an RBD image by the
+    /// run's Ceph connection `client` (its global id: a watch that outlives the run on the
+    /// image is proven this run's by it).
+    #[serde(alias = "rbdtmp")]
     Tmp {
         uuid: String,
-        path: PathBuf,
+        #[serde(flatten)]
+        vol: Vol,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client: Option<u64>,
     },
-    File {
+    /// A finished volume (`id`, which a same-named volume of another run does not have)
+    /// is about to be renamed to its final name `vol`.
+    #[serde(alias = "file", alias = "rbdfile")]
+    Made {
         uuid: String,
-        path: PathBuf,
-        dev: u64,
-        ino: u64,
+        #[serde(flatten)]
+        vol: Vol,
+        #[serde(flatten)]
+        id: Identity,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client: Option<u64>,
     },
     Done {
         uuid: String,
@@ -63,32 +81,7 @@ pub enum Entry {
     Undone {
         uuid: String,
     },
-    /// An RBD image (`POOL[/NS]/IMAGE`) is about to be made under this run's temporary name,
-    /// by the run's Ceph connection `client` (its global id: a watch that outlives the run
-    /// on the image is proven this run's by it; absent in journals of older releases).
-    RbdTmp {
-        uuid: String,
-        image: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        client: Option<u64>,
-    },
-    /// A finished RBD image (its id, which a same-named image of another run does not
-    /// have) is about to be renamed to its final name.
-    RbdFile {
-        uuid: String,
-        image: String,
-        id: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        client: Option<u64>,
-    },
 }
-
-/// Removing an RBD image a dead run left: `remove(image, id, client)` removes it if it
-/// exists (and, with an id, only if it is that very image), and says whether it did and
-/// what it said on the way (a watch of the dead run's Ceph `client` it ended); an error
-/// (why it cannot) keeps the journal for a later run.
-pub type RemoveImage<'a> =
-    &'a mut dyn FnMut(&str, Option<&str>, Option<u64>) -> Result<Option<Vec<String>>, String>;
 
 /// What cleaning the dead runs' journals did: what it removed, and why it kept a journal
 /// for a later run.
@@ -101,11 +94,14 @@ pub struct Cleaned {
 /// Note the file at `tmp` (finished) before renaming it to `final_path`.
 pub fn log_file(j: &mut Journal, uuid: &str, tmp: &Path, final_path: &Path) -> Result<()> {
     let m = fs::symlink_metadata(tmp).ctx("cannot stat", tmp)?;
-    j.log(&Entry::File {
+    j.log(&Entry::Made {
         uuid: uuid.into(),
-        path: final_path.to_path_buf(),
-        dev: m.dev(),
-        ino: m.ino(),
+        vol: Vol::File(final_path.to_path_buf()),
+        id: Identity::Inode {
+            dev: m.dev(),
+            ino: m.ino(),
+        },
+        client: None,
     })
 }
 
@@ -120,33 +116,31 @@ pub fn clean_dead(
     remove_image: RemoveImage,
 ) -> Cleaned {
     let mut done = Cleaned::default();
-    let (deads, refused) = dead::<Entry>(dir, KIND);
-    done.kept.extend(refused);
-    for d in deads {
-        let ours = d
-            .entries
+    let notes = super::recover_each::<Entry>(dir, KIND, |entries, pid, path| {
+        let ours = entries
             .iter()
             .all(|e| !matches!(e, Entry::Clone { uri: u, .. } if u != uri));
         if !ours {
-            continue;
+            return Verdict::Skip;
         }
-        if let Err(why) = check_shape(&d.entries, d.pid) {
-            done.kept.push(format!(
-                "kept the journal {} of a dead tpl-clone: {why}",
-                shown_path(&d.path)
-            ));
-            continue;
+        if let Err(why) = check_shape(entries, pid) {
+            return Verdict::Kept(vec![(
+                true,
+                format!("kept the journal {path} of a dead tpl-clone: {why}"),
+            )]);
         }
         let mut removed = Vec::new();
-        match clean_one(&d.entries, &mut domain_exists, remove_image, &mut removed) {
-            Ok(()) => d.remove(),
-            Err(why) => done.kept.push(format!(
-                "kept the journal {} of a killed tpl-clone for a later run: {why}",
-                shown_path(&d.path)
-            )),
-        }
+        let r = clean_one(entries, &mut domain_exists, remove_image, &mut removed);
         done.removed.extend(removed);
-    }
+        match r {
+            Ok(()) => Verdict::Done(vec![]),
+            Err(why) => Verdict::Kept(vec![(
+                true,
+                format!("kept the journal {path} of a killed tpl-clone for a later run: {why}"),
+            )]),
+        }
+    });
+    done.kept.extend(notes.into_iter().map(|(_, t)| t));
     done
 }
 
@@ -179,7 +173,7 @@ fn clean_one(
             continue;
         }
         match domain_exists(uuid) {
-            Some(true) => continue, // finished: its files are the domain's now
+            Some(true) => continue, // finished: its volumes are the domain's now
             Some(false) => {}
             None => {
                 return Err(format!(
@@ -189,62 +183,35 @@ fn clean_one(
             }
         }
         for f in entries {
-            match f {
-                Entry::Tmp { uuid: u, path } if u == uuid && fs::remove_file(path).is_ok() => {
-                    removed.push(format!(
-                        "temporary file '{}' of unfinished clone '{}'",
-                        shown_path(path),
-                        crate::text::shown(name)
-                    ));
-                }
-                Entry::File {
+            let (vol, id, client, what) = match f {
+                Entry::Tmp {
                     uuid: u,
-                    path,
-                    dev,
-                    ino,
-                } if u == uuid => {
-                    let same = fs::symlink_metadata(path)
-                        .is_ok_and(|m| m.dev() == *dev && m.ino() == *ino);
-                    if same && fs::remove_file(path).is_ok() {
-                        removed.push(format!(
-                            "file '{}' of unfinished clone '{}'",
-                            shown_path(path),
-                            crate::text::shown(name)
-                        ));
-                    }
-                }
-                Entry::RbdTmp {
-                    uuid: u,
-                    image,
+                    vol,
                     client,
-                }
-                | Entry::RbdFile {
+                } if u == uuid => (vol, None, *client, "temporary "),
+                Entry::Made {
                     uuid: u,
-                    image,
+                    vol,
+                    id,
                     client,
-                    ..
-                } if u == uuid => {
-                    let (id, what) = match f {
-                        Entry::RbdFile { id, .. } => (Some(id.as_str()), "RBD image"),
-                        _ => (None, "temporary RBD image"),
-                    };
-                    let gone = remove_image(image, id, *client).map_err(|e| {
-                        format!(
-                            "cannot remove {what} '{}' of unfinished clone '{}' yet: {e}",
-                            crate::text::shown(image),
-                            crate::text::shown(name)
-                        )
-                    })?;
-                    if let Some(notes) = gone {
-                        let also = notes.iter().map(|n| format!(" ({n})")).collect::<String>();
-                        removed.push(format!(
-                            "{what} '{}' of unfinished clone '{}'{also}",
-                            crate::text::shown(image),
-                            crate::text::shown(name)
-                        ));
-                    }
-                }
-                _ => {}
+                } if u == uuid => (vol, Some(id), *client, ""),
+                _ => continue,
+            };
+            let what = format!("{what}{}", vol.kind());
+            let gone = vol.remove_leftover(id, client, remove_image).map_err(|e| {
+                format!(
+                    "cannot remove {what} '{}' of unfinished clone '{}' yet: {e}",
+                    vol.shown(),
+                    crate::text::shown(name)
+                )
+            })?;
+            if let Some(notes) = gone {
+                let also = notes.iter().map(|n| format!(" ({n})")).collect::<String>();
+                removed.push(format!(
+                    "{what} '{}' of unfinished clone '{}'{also}",
+                    vol.shown(),
+                    crate::text::shown(name)
+                ));
             }
         }
     }
@@ -268,36 +235,33 @@ fn tmp_name_of(final_path: &Path, pid: u32) -> PathBuf {
     final_path.with_file_name(format!(".{file}.tpl-tmp-{}-{pid}", host_tag()))
 }
 
+/// The temporary name run `pid` of this host gives volume `v` (None: it has no name).
+fn tmp_vol_of(v: &Vol, pid: u32) -> Option<Vol> {
+    Some(v.sibling(&format!(".{}.tpl-tmp-{}-{pid}", v.leaf()?, host_tag())))
+}
+
 /// Whether the entries of a dead run's journal are of the shape run `pid` writes, and if
-/// not the first that is not: a temporary file or image must carry this host's name and
-/// that pid (`.FILE.tpl-tmp-HOST-PID`), a final one must follow a temporary one of the
-/// same clone under its temporary name. Recovery acts on nothing else: a journal is no
-/// list of files to delete.
+/// not the first that is not: a temporary volume must carry this host's name and that
+/// pid (`.NAME.tpl-tmp-HOST-PID`), a made one must follow a temporary one of the same
+/// clone under its temporary name. Recovery acts on nothing else: a journal is no list
+/// of files to delete.
 fn check_shape(entries: &[Entry], pid: u32) -> Result<(), String> {
-    // a file's path, or an image's POOL[/NS]/IMAGE
-    let is_tmp = |p: &Path| {
-        p.file_name()
-            .and_then(|f| f.to_str())
-            .and_then(|f| tmp_pid(f, host_tag()))
-            == Some(pid)
-    };
-    let tmp_of = |uuid: &str, final_path: &Path| {
-        let want = tmp_name_of(final_path, pid);
-        entries.iter().any(|e| match e {
-            Entry::Tmp { uuid: u, path } => u == uuid && *path == want,
-            Entry::RbdTmp { uuid: u, image, .. } => u == uuid && Path::new(image) == want,
-            _ => false,
-        })
+    let is_tmp = |v: &Vol| v.leaf().and_then(|f| tmp_pid(f, host_tag())) == Some(pid);
+    let tmp_of = |uuid: &str, made: &Vol| {
+        let want = tmp_vol_of(made, pid);
+        entries
+            .iter()
+            .any(|e| matches!(e, Entry::Tmp { uuid: u, vol, .. } if u == uuid && Some(vol) == want.as_ref()))
     };
     for e in entries {
         let ok = match e {
-            Entry::Tmp { path, .. } => path.is_absolute() && is_tmp(path),
-            Entry::RbdTmp { image, .. } => {
-                image.parse::<tpl_ceph::ImageSpec>().is_ok() && is_tmp(Path::new(image))
-            }
-            Entry::File { uuid, path, .. } => path.is_absolute() && tmp_of(uuid, path),
-            Entry::RbdFile { uuid, image, .. } => {
-                image.parse::<tpl_ceph::ImageSpec>().is_ok() && tmp_of(uuid, Path::new(image))
+            Entry::Tmp { vol, .. } => vol.is_well_formed() && is_tmp(vol),
+            Entry::Made { uuid, vol, id, .. } => {
+                let kind_ok = matches!(
+                    (vol, id),
+                    (Vol::File(_), Identity::Inode { .. }) | (Vol::Rbd(_), Identity::Rbd { .. })
+                );
+                kind_ok && vol.is_well_formed() && tmp_of(uuid, vol)
             }
             Entry::Clone { .. } | Entry::Done { .. } | Entry::Undone { .. } => true,
         };
@@ -392,23 +356,31 @@ mod tests {
             },
             Entry::Tmp {
                 uuid: "u1".into(),
-                path: tmp.clone(),
+                vol: Vol::File(tmp.clone()),
+                client: None,
             },
-            Entry::File {
+            Entry::Made {
                 uuid: "u1".into(),
-                path: a.clone(),
-                dev: ino(&a).0,
-                ino: ino(&a).1,
+                vol: Vol::File(a.clone()),
+                id: Identity::Inode {
+                    dev: ino(&a).0,
+                    ino: ino(&a).1,
+                },
+                client: None,
             },
             Entry::Tmp {
                 uuid: "u1".into(),
-                path: tmp_name_of(&b, pid),
+                vol: Vol::File(tmp_name_of(&b, pid)),
+                client: None,
             },
-            Entry::File {
+            Entry::Made {
                 uuid: "u1".into(),
-                path: b.clone(),
-                dev: ino(&b).0,
-                ino: ino(&b).1 + 1_000_000,
+                vol: Vol::File(b.clone()),
+                id: Identity::Inode {
+                    dev: ino(&b).0,
+                    ino: ino(&b).1 + 1_000_000,
+                },
+                client: None,
             },
             Entry::Clone {
                 name: "c".into(),
@@ -417,13 +389,17 @@ mod tests {
             },
             Entry::Tmp {
                 uuid: "u2".into(),
-                path: tmp_name_of(&c, pid),
+                vol: Vol::File(tmp_name_of(&c, pid)),
+                client: None,
             },
-            Entry::File {
+            Entry::Made {
                 uuid: "u2".into(),
-                path: c.clone(),
-                dev: ino(&c).0,
-                ino: ino(&c).1,
+                vol: Vol::File(c.clone()),
+                id: Identity::Inode {
+                    dev: ino(&c).0,
+                    ino: ino(&c).1,
+                },
+                client: None,
             },
         ];
         let jpath = jdir.join(format!("tpl-clone-{pid}-0badf00d.journal"));
@@ -480,15 +456,19 @@ mod tests {
             uuid: u.into(),
             uri: "test:///x".into(),
         };
-        let file = |u: &str, p: &Path| Entry::File {
+        let file = |u: &str, p: &Path| Entry::Made {
             uuid: u.into(),
-            path: p.to_path_buf(),
-            dev: ino(p).0,
-            ino: ino(p).1,
+            vol: Vol::File(p.to_path_buf()),
+            id: Identity::Inode {
+                dev: ino(p).0,
+                ino: ino(p).1,
+            },
+            client: None,
         };
         let tmp = |u: &str, p: &Path| Entry::Tmp {
             uuid: u.into(),
-            path: tmp_name_of(p, pid),
+            vol: Vol::File(tmp_name_of(p, pid)),
+            client: None,
         };
         let entries = [
             clone("a", "u1"),
@@ -503,7 +483,8 @@ mod tests {
             clone("c", "u3"),
             Entry::Tmp {
                 uuid: "u3".into(),
-                path: t3.clone(),
+                vol: Vol::File(t3.clone()),
+                client: None,
             },
         ];
         let jpath = d.path().join(format!("tpl-clone-{pid}-0badf00d.journal"));
@@ -527,6 +508,72 @@ mod tests {
         assert!(!b.exists() && !t3.exists());
         assert_eq!(asked, ["u2", "u3"], "a clone marked done needs no libvirt");
         assert!(!jpath.exists());
+    }
+
+    /// Issue 19: a journal the release before the one-volume shape wrote (`tmp`/`file`
+    /// with `path`, `rbdtmp`/`rbdfile` with `image`, text as it wrote it) reads as the
+    /// same entries and is recovered the same way; the entries written now say `tmp` and
+    /// `made`, with `file` or `rbd`.
+    #[test]
+    fn a_journal_of_the_last_release_is_still_recovered() {
+        let d = tempfile::tempdir().unwrap();
+        let pid = dead_pid();
+        let a = d.path().join("a.qcow2");
+        let tmp = tmp_name_of(&d.path().join("b.qcow2"), pid);
+        for p in [&a, &tmp] {
+            fs::write(p, "x").unwrap();
+        }
+        let (dev, ino) = ino(&a);
+        let host = host_tag();
+        let old = format!(
+            r#"{{"op":"clone","name":"a","uuid":"u1","uri":"x"}}
+{{"op":"tmp","uuid":"u1","path":"{dir}/.a.qcow2.tpl-tmp-{host}-{pid}"}}
+{{"op":"file","uuid":"u1","path":"{a}","dev":{dev},"ino":{ino}}}
+{{"op":"tmp","uuid":"u1","path":"{tmp}"}}
+{{"op":"rbdtmp","uuid":"u1","image":"p/ns/.a.tpl-tmp-{host}-{pid}","client":7}}
+{{"op":"rbdfile","uuid":"u1","image":"p/ns/a","id":"abc","client":7}}
+{{"op":"rbdtmp","uuid":"u1","image":"p/.c.tpl-tmp-{host}-{pid}"}}
+"#,
+            dir = d.path().display(),
+            a = a.display(),
+            tmp = tmp.display()
+        );
+        let jpath = d.path().join(format!("tpl-clone-{pid}-0badf00d.journal"));
+        fs::write(&jpath, old).unwrap();
+        let mut asked = Vec::new();
+        let c = clean_dead(d.path(), "x", |_| Some(false), &mut |image, id, client| {
+            asked.push((image.to_string(), id.map(str::to_string), client));
+            Ok(Some(vec![]))
+        });
+        assert!(c.kept.is_empty(), "{c:?}");
+        assert_eq!(c.removed.len(), 5, "{c:?}");
+        assert!(!a.exists() && !tmp.exists() && !jpath.exists());
+        assert_eq!(
+            asked,
+            [
+                (format!("p/ns/.a.tpl-tmp-{host}-{pid}"), None, Some(7)),
+                ("p/ns/a".into(), Some("abc".into()), Some(7)),
+                (format!("p/.c.tpl-tmp-{host}-{pid}"), None, None),
+            ]
+        );
+        let now = |e: &Entry| serde_json::to_value(e).unwrap();
+        assert_eq!(
+            now(&Entry::Made {
+                uuid: "u".into(),
+                vol: Vol::Rbd("p/a".into()),
+                id: Identity::Rbd { id: "abc".into() },
+                client: Some(7)
+            }),
+            serde_json::json!({"op": "made", "uuid": "u", "rbd": "p/a", "id": "abc", "client": 7})
+        );
+        assert_eq!(
+            now(&Entry::Tmp {
+                uuid: "u".into(),
+                vol: Vol::File("/i/.a.tpl-tmp-h-1".into()),
+                client: None
+            }),
+            serde_json::json!({"op": "tmp", "uuid": "u", "file": "/i/.a.tpl-tmp-h-1"})
+        );
     }
 
     #[test]
@@ -559,11 +606,13 @@ mod tests {
                 uuid: u.into(),
                 uri: "x".into(),
             });
-            entries.push(Entry::RbdTmp {
+            entries.push(Entry::Tmp {
                 uuid: u.into(),
-                image: tmp_name_of(Path::new(&format!("p/{n}")), pid)
-                    .to_string_lossy()
-                    .into_owned(),
+                vol: Vol::Rbd(
+                    tmp_name_of(Path::new(&format!("p/{n}")), pid)
+                        .to_string_lossy()
+                        .into_owned(),
+                ),
                 client: Some(7),
             });
         }
@@ -614,21 +663,26 @@ mod tests {
         let planted = [
             Entry::Tmp {
                 uuid: "u1".into(),
-                path: victim.clone(),
+                vol: Vol::File(victim.clone()),
+                client: None,
             },
             Entry::Tmp {
                 uuid: "u1".into(),
-                path: other_run.clone(),
+                vol: Vol::File(other_run.clone()),
+                client: None,
             },
-            Entry::File {
+            Entry::Made {
                 uuid: "u1".into(),
-                path: victim.clone(),
-                dev: ino(&victim).0,
-                ino: ino(&victim).1,
+                vol: Vol::File(victim.clone()),
+                id: Identity::Inode {
+                    dev: ino(&victim).0,
+                    ino: ino(&victim).1,
+                },
+                client: None,
             },
-            Entry::RbdTmp {
+            Entry::Tmp {
                 uuid: "u1".into(),
-                image: "rbd/precious".into(),
+                vol: Vol::Rbd("rbd/precious".into()),
                 client: None,
             },
         ];
@@ -654,7 +708,8 @@ mod tests {
             clone.clone(),
             Entry::Tmp {
                 uuid: "u1".into(),
-                path: tmp.clone(),
+                vol: Vol::File(tmp.clone()),
+                client: None,
             },
         ];
         write_journal(&jpath, &entries, "");

@@ -227,6 +227,48 @@ pub fn dead<E: DeserializeOwned>(dir: &Path, kind: &str) -> (Vec<Dead<E>>, Vec<S
     (out, refused)
 }
 
+/// What recovering one dead run's journal came to.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Not this recoverer's to judge (another connection's, another domain's, a domain
+    /// whose lock another tool holds): left as it is.
+    Skip,
+    /// Finished or undone: the journal goes. The messages for people (warning?, text).
+    Done(Vec<(bool, String)>),
+    /// Kept for a later run: the messages, saying why.
+    Kept(Vec<(bool, String)>),
+}
+
+/// The one recovery loop of every journal kind: each journal of `kind` in `dir` whose run
+/// is dead, locked, is read and handed to `judge(entries, pid, shown path)`, which acts
+/// on it and says what became of it; the journal is removed (still locked) when it is
+/// done with. A journal without entries changed nothing (each entry is synced before the
+/// step it announces) and goes. Returns the messages for people, with the refusals of
+/// journals that are not to be obeyed (see [`dead`]).
+pub fn recover_each<E: DeserializeOwned>(
+    dir: &Path,
+    kind: &str,
+    mut judge: impl FnMut(&[E], u32, &str) -> Verdict,
+) -> Vec<(bool, String)> {
+    let (deads, refused) = dead::<E>(dir, kind);
+    let mut notes: Vec<(bool, String)> = refused.into_iter().map(|r| (true, r)).collect();
+    for d in deads {
+        if d.entries.is_empty() {
+            d.remove();
+            continue;
+        }
+        match judge(&d.entries, d.pid, &crate::text::shown_path(&d.path)) {
+            Verdict::Skip => {}
+            Verdict::Done(n) => {
+                notes.extend(n);
+                d.remove();
+            }
+            Verdict::Kept(n) => notes.extend(n),
+        }
+    }
+    notes
+}
+
 /// Whether a refused journal is to be reported now: once a run, not at every recovery.
 fn note_refusal(path: &Path) -> bool {
     static SAID: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());

@@ -39,7 +39,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{dead, Journal};
+use super::{Journal, Verdict};
 use crate::dom::Dom;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{attr_unsupported, fsync_dir, is_immutable, rename_noreplace, set_immutable};
@@ -440,47 +440,35 @@ pub fn recover_dead(
     only: Option<&str>,
     mut lock: impl FnMut(&str) -> Option<Option<DomainLock>>,
 ) -> Vec<(bool, String)> {
-    let (deads, refused) = dead::<Intent>(dir, KIND);
-    let mut notes: Vec<(bool, String)> = refused.into_iter().map(|r| (true, r)).collect();
-    for d in deads {
-        // Journaled before the first change: a journal without its intent changed nothing.
-        let Some(intent) = d.entries.first().cloned() else {
-            d.remove();
-            continue;
-        };
+    super::recover_each::<Intent>(dir, KIND, |entries, pid, path| {
+        // Journaled before the first change: the intent is the first line.
+        let intent = &entries[0];
         if intent.uri != s.uri || only.is_some_and(|u| !u.eq_ignore_ascii_case(&intent.uuid)) {
-            continue;
+            return Verdict::Skip;
         }
         if let Err(why) = intent.check_shape() {
-            notes.push((
+            return Verdict::Kept(vec![(
                 true,
                 format!(
-                    "kept the journal '{}' of a dead tpl-rm: {why}; nothing in it was acted on",
-                    shown_path(&d.path)
+                    "kept the journal '{path}' of a dead tpl-rm: {why}; nothing in it was acted on"
                 ),
-            ));
-            continue;
+            )]);
         }
         let Some(held) = lock(&intent.uuid) else {
-            continue;
+            return Verdict::Skip;
         };
         let what = format!(
-            "the removal of domain '{}' (tpl-rm, pid {}, was killed)",
+            "the removal of domain '{}' (tpl-rm, pid {pid}, was killed)",
             shown(&intent.name),
-            d.pid
         );
         let (outcome, mut report) = match intent.recover(s) {
             Ok(r) => r,
-            Err(e) => {
-                notes.push((
-                    true,
-                    format!(
-                        "cannot recover {what} now: {e}; its journal '{}' is kept for the next run",
-                        shown_path(&d.path)
-                    ),
-                ));
-                continue;
-            }
+            Err(e) => return Verdict::Kept(vec![(
+                true,
+                format!(
+                    "cannot recover {what} now: {e}; its journal '{path}' is kept for the next run"
+                ),
+            )]),
         };
         if outcome == Outcome::Finished {
             if let Some(t) = &intent.template_uuid {
@@ -492,6 +480,7 @@ pub fn recover_dead(
                 }
             }
         }
+        let mut notes = Vec::new();
         if !report.lost.is_empty() {
             notes.push((
                 true,
@@ -501,32 +490,30 @@ pub fn recover_dead(
                 ),
             ));
         }
-        if report.problems.is_empty() {
-            let done = match outcome {
-                Outcome::Finished => {
-                    if let Some(l) = &held {
-                        l.remove_file();
-                    }
-                    format!("finished {what}: it is gone with its files")
-                }
-                Outcome::RolledBack => {
-                    format!("rolled back {what}: the domain is whole, its files back in place")
-                }
-            };
-            notes.push((false, done));
-            d.remove();
-        } else {
+        if !report.problems.is_empty() {
             notes.push((
                 true,
                 format!(
-                    "cannot fully recover {what}: {}; its journal '{}' is kept for the next run",
+                    "cannot fully recover {what}: {}; its journal '{path}' is kept for the next run",
                     crate::text::list(&report.problems, "; "),
-                    shown_path(&d.path)
                 ),
             ));
+            return Verdict::Kept(notes);
         }
-    }
-    notes
+        notes.push(match outcome {
+            Outcome::Finished => {
+                if let Some(l) = &held {
+                    l.remove_file();
+                }
+                (false, format!("finished {what}: it is gone with its files"))
+            }
+            Outcome::RolledBack => (
+                false,
+                format!("rolled back {what}: the domain is whole, its files back in place"),
+            ),
+        });
+        Verdict::Done(notes)
+    })
 }
 
 #[cfg(test)]

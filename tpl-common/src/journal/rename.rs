@@ -10,18 +10,18 @@
 //! names (same device and inode), so a file someone put at a path since is never moved.
 
 use std::collections::BTreeSet;
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{dead, Journal};
+use super::{Journal, Verdict};
 use crate::dom::Dom;
 use crate::error::{Error, Result};
-use crate::fsutil::{fsync_dir, rename_noreplace};
+use crate::fsutil::fsync_dir;
 use crate::ownfiles::Role;
 use crate::session::Session;
 use crate::text::{shown, shown_path};
+use crate::volume::{Identity, Vol};
 
 /// The journal kind, and the start of its file names.
 pub const KIND: &str = "tpl-rename";
@@ -89,41 +89,32 @@ impl Move {
         };
         (now, disk)
     }
-    fn is_at(&self, s: &Session, p: &Path) -> bool {
-        use std::os::unix::fs::MetadataExt;
+    /// The volume this move names at `p` (one of its two names).
+    fn vol(&self, p: &Path) -> Vol {
         match &self.rbd {
-            None => {
-                fs::symlink_metadata(p).is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino)
-            }
-            Some(r) => s
-                .ceph
-                .cluster()
-                .and_then(|c| {
-                    c.info(&r.spec(p))
-                        .map_err(|e| crate::rbd::ceph_error("read an RBD image", e))
-                })
-                .is_ok_and(|i| i.id == r.id),
+            None => Vol::File(p.to_path_buf()),
+            Some(r) => Vol::Rbd(r.spec(p).to_string()),
         }
+    }
+
+    /// Which volume is moved.
+    fn identity(&self) -> Identity {
+        match &self.rbd {
+            None => Identity::Inode {
+                dev: self.dev,
+                ino: self.ino,
+            },
+            Some(r) => Identity::Rbd { id: r.id.clone() },
+        }
+    }
+
+    fn is_at(&self, s: &Session, p: &Path) -> bool {
+        self.vol(p).is(s, &self.identity())
     }
 
     /// Move it from `src` to `dst`, never over another file or image.
     fn rename(&self, s: &Session, src: &Path, dst: &Path) -> Result<()> {
-        match &self.rbd {
-            None => rename_noreplace(src, dst),
-            Some(r) => {
-                let from = r.spec(src);
-                s.ceph
-                    .cluster()?
-                    .rename(&from, &dst.to_string_lossy())
-                    .map(drop)
-                    .map_err(|e| {
-                        crate::rbd::ceph_error(
-                            &format!("rename '{from}' to '{}'", shown_path(dst)),
-                            e,
-                        )
-                    })
-            }
-        }
+        self.vol(src).rename_noreplace(s, &self.vol(dst))
     }
 }
 
@@ -329,25 +320,19 @@ pub fn recover_dead<L>(
     only: Option<&str>,
     mut lock: impl FnMut(&str) -> Option<L>,
 ) -> Vec<(bool, String)> {
-    let (deads, refused) = dead::<Intent>(dir, KIND);
-    let mut notes: Vec<(bool, String)> = refused.into_iter().map(|r| (true, r)).collect();
-    for d in deads {
-        // Journaled before the first change: a journal without its intent changed nothing.
-        let Some(intent) = d.entries.first().cloned() else {
-            d.remove();
-            continue;
-        };
+    super::recover_each::<Intent>(dir, KIND, |entries, pid, path| {
+        // Journaled before the first change: the intent is the first line.
+        let intent = &entries[0];
         if intent.uri != s.uri || only.is_some_and(|u| !u.eq_ignore_ascii_case(&intent.uuid)) {
-            continue;
+            return Verdict::Skip;
         }
         let Some(_held) = lock(&intent.uuid) else {
-            continue;
+            return Verdict::Skip;
         };
         let what = format!(
-            "the rename of domain '{}' to '{}' (tpl-rename, pid {}, was killed)",
+            "the rename of domain '{}' to '{}' (tpl-rename, pid {pid}, was killed)",
             shown(&intent.old),
             shown(&intent.new),
-            d.pid
         );
         match intent.recover(s) {
             Ok((outcome, problems)) if problems.is_empty() => {
@@ -355,32 +340,27 @@ pub fn recover_dead<L>(
                     Outcome::Finished => "finished",
                     Outcome::RolledBack => "rolled back",
                 };
-                notes.push((false, format!("{done} {what}")));
-                d.remove();
+                Verdict::Done(vec![(false, format!("{done} {what}"))])
             }
-            Ok((_, problems)) => notes.push((
+            Ok((_, problems)) => Verdict::Kept(vec![(
                 true,
                 format!(
-                    "cannot fully recover {what}: {}; its journal '{}' is kept for the next run",
+                    "cannot fully recover {what}: {}; its journal '{path}' is kept for the next run",
                     crate::text::list(problems, "; "),
-                    shown_path(&d.path)
                 ),
-            )),
-            Err(e) => notes.push((
+            )]),
+            Err(e) => Verdict::Kept(vec![(
                 true,
-                format!(
-                    "cannot recover {what} now: {e}; its journal '{}' is kept for the next run",
-                    shown_path(&d.path)
-                ),
-            )),
+                format!("cannot recover {what} now: {e}; its journal '{path}' is kept for the next run"),
+            )]),
         }
-    }
-    notes
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use std::os::unix::fs::MetadataExt;
 
     fn mv(d: &Path, from: &str, to: &str, role: Role) -> Move {
