@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use tpl_common::journal::clone::Entry;
+use tpl_common::volume::Vol;
 use tpl_tests::*;
 
 /// The snapshot tpl-lock protects (tpl_common::rbd::TEMPLATE_SNAPSHOT).
@@ -39,8 +41,16 @@ fn journal_images(pid: u32) -> BTreeSet<String> {
             fs::read_to_string(j)
                 .unwrap_or_default()
                 .lines()
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .filter_map(|v| v["image"].as_str().map(String::from))
+                .filter_map(|l| serde_json::from_str::<Entry>(l).ok())
+                .filter_map(|e| match e {
+                    Entry::Tmp {
+                        vol: Vol::Rbd(i), ..
+                    }
+                    | Entry::Made {
+                        vol: Vol::Rbd(i), ..
+                    } => Some(i),
+                    _ => None,
+                })
                 .collect::<Vec<_>>()
         })
         .collect()

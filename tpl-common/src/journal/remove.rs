@@ -463,12 +463,14 @@ pub fn recover_dead(
         );
         let (outcome, mut report) = match intent.recover(s) {
             Ok(r) => r,
-            Err(e) => return Verdict::Kept(vec![(
-                true,
-                format!(
+            Err(e) => {
+                return Verdict::Kept(vec![(
+                    true,
+                    format!(
                     "cannot recover {what} now: {e}; its journal '{path}' is kept for the next run"
                 ),
-            )]),
+                )])
+            }
         };
         if outcome == Outcome::Finished {
             if let Some(t) = &intent.template_uuid {
