@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domxml::DomainXml;
 use crate::error::{Error, Result};
-use crate::record::{DiskKind, RbdSource};
+use crate::record::RbdSource;
 use crate::text::{shown, shown_path};
 
 /// What an own file is to its domain.
@@ -109,7 +109,7 @@ impl OwnFiles {
                 });
                 continue;
             }
-            if d.kind != DiskKind::File {
+            if !d.kind.is_volume() {
                 let src = d
                     .path
                     .as_ref()

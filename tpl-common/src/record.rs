@@ -198,6 +198,13 @@ pub enum DiskKind {
 }
 
 impl DiskKind {
+    /// Whether a disk of this kind lives in a volume tpl can treat as a domain's own (see
+    /// [`crate::volume`]): the one rule every tool applies. A new backend adds its kind
+    /// here and a variant there.
+    pub fn is_volume(self) -> bool {
+        matches!(self, DiskKind::File | DiskKind::Rbd)
+    }
+
     pub fn parse(s: &str) -> DiskKind {
         match s {
             "file" => DiskKind::File,

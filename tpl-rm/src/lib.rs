@@ -854,7 +854,7 @@ fn own_files(name: &str, x: &DomainXml) -> Result<(OwnFiles, Vec<(String, PathBu
     if let Some(d) = x
         .disks()
         .into_iter()
-        .find(|d| d.is_writable() && !matches!(d.kind, DiskKind::File | DiskKind::Rbd))
+        .find(|d| d.is_writable() && !d.kind.is_volume())
     {
         return Err(Error::refused(
             format!("cannot remove domain '{}'", shown(name)),
