@@ -383,5 +383,8 @@ fn a_killed_cross_host_batch_heals_on_the_next_run() {
         }
         assert!(s.images().iter().all(|i| *i == t.image));
     }
-    eprintln!("kill -9 of a cross-host batch: 6 trials, {some} left finished clones, {none} none");
+    eprintln!(
+        "kill -9 of a cross-host batch: {} trials, {some} left finished clones, {none} none",
+        some + none
+    );
 }
