@@ -21,6 +21,7 @@ pub mod rbd;
 pub mod record;
 pub mod session;
 pub mod signals;
+pub mod snapshot;
 pub mod state;
 pub mod text;
 pub mod uri;

@@ -16,9 +16,9 @@ use tpl_common::ownfiles::{OwnFile, OwnFiles};
 use tpl_common::rbd::TEMPLATE_SNAPSHOT;
 use tpl_common::record::{DomainRef, Record, TemplateState};
 use tpl_common::session::Session;
+use tpl_common::snapshot as rbd;
 use tpl_common::text::{list, shown, shown_path};
 
-mod rbd;
 
 const TOOL: &str = "tpl-lock";
 

@@ -1,4 +1,4 @@
-//! Locking a template's RBD disks: a protected snapshot of each image, and the disk pointed at it without `<readonly/>`, so that starting the template fails ("Block node is read-only") while its clones read the snapshot.
+//! Freezing and thawing RBD volumes (tpl-lock's lock and unlock of a template's RBD disks): a protected snapshot of each image, and the disk pointed at it without `<readonly/>`, so that starting the template fails ("Block node is read-only") while its clones read the snapshot.
 //!
 //! No journal is needed: every step is idempotent and a later run completes it. A lock
 //! killed halfway leaves a protected snapshot the next lock reuses, or the next unlock
@@ -6,12 +6,13 @@
 //! is taken as it is by the next lock, and pointed back by the next unlock.
 
 use tpl_ceph::{Cluster, ImageSpec};
-use tpl_common::cli::Ctx;
-use tpl_common::dom::Dom;
-use tpl_common::error::{Error, Result};
-use tpl_common::ownfiles::OwnRbd;
-use tpl_common::rbd::{ceph_error, open_elsewhere, spec_of, TEMPLATE_SNAPSHOT};
-use tpl_common::text::shown;
+
+use crate::cli::Ctx;
+use crate::dom::Dom;
+use crate::error::{Error, Result};
+use crate::ownfiles::OwnRbd;
+use crate::rbd::{ceph_error, open_elsewhere, spec_of, TEMPLATE_SNAPSHOT};
+use crate::text::shown;
 
 /// What locking or unlocking one RBD disk takes.
 #[derive(Debug)]
