@@ -19,7 +19,6 @@ use tpl_common::session::Session;
 use tpl_common::snapshot as rbd;
 use tpl_common::text::{list, shown, shown_path};
 
-
 const TOOL: &str = "tpl-lock";
 
 /// Lock a template: make a shut-off, generalized libvirt domain read-only and unstartable.
