@@ -234,7 +234,9 @@ fn disk_of(d: &Element) -> Disk {
         backing: Vec::new(),
         rbd,
     };
-    disk.own = disk.is_writable() && disk.volume().is_some();
+    // A disk of a kind tpl handles, naming its file or image (an empty floppy names none).
+    disk.own =
+        disk.is_writable() && disk.kind.is_volume() && (disk.path.is_some() || disk.rbd.is_some());
     disk
 }
 
@@ -280,18 +282,6 @@ fn rbd_source(d: &Element) -> Option<RbdSource> {
 }
 
 impl Disk {
-    /// The volume the disk lives in, when it is of a kind tpl handles
-    /// ([`DiskKind::is_volume`]) and names one (a file disk without a source, an empty
-    /// floppy, names none).
-    pub fn volume(&self) -> Option<crate::volume::Vol> {
-        use crate::volume::Vol;
-        match (self.kind, &self.path, &self.rbd) {
-            (DiskKind::Rbd, _, Some(r)) => Some(Vol::Rbd(r.name())),
-            (DiskKind::File, Some(p), _) => Some(Vol::File(p.clone())),
-            _ => None,
-        }
-    }
-
     /// A disk the domain writes to (not a CD-ROM, not read-only, not shareable): one of its
     /// own, which lock makes read-only and clone copies, or a refusal when it is not a file.
     pub fn is_writable(&self) -> bool {

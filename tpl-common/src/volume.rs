@@ -75,7 +75,7 @@ impl Vol {
     }
 
     /// The last part of its name (a file's name, an image's name in its pool): where
-    /// the temporary names of [`crate::journal::clone`] carry the run's host and pid.
+    /// the temporary names of the clone journal carry the run's host and pid.
     pub fn leaf(&self) -> Option<&str> {
         match self {
             Vol::File(p) => p.file_name()?.to_str(),
