@@ -46,14 +46,7 @@ impl std::fmt::Debug for Dom<'_> {
 /// In the order of `domains`.
 pub fn definitions(domains: &[Domain]) -> Vec<Result<DomainXml>> {
     const THREADS: usize = 8;
-    let read = |d: &Domain| {
-        let flags = sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE;
-        let xml = d.xml_desc(flags).map_err(|e| {
-            let name = d.name().unwrap_or_default();
-            Error::libvirt(format!("cannot read the definition of domain '{name}'"), e)
-        })?;
-        DomainXml::parse(&xml)
-    };
+    let read = |d: &Domain| definition(d, || d.name().unwrap_or_default());
     if domains.len() < 2 * THREADS {
         return domains.iter().map(read).collect();
     }
@@ -68,6 +61,19 @@ pub fn definitions(domains: &[Domain]) -> Vec<Result<DomainXml>> {
             .flat_map(|h| h.join().expect("a definition reader panicked"))
             .collect()
     })
+}
+
+/// The persistent definition of `d` (what the next start uses), with security info;
+/// `name` names the domain in the error.
+fn definition(d: &Domain, name: impl FnOnce() -> String) -> Result<DomainXml> {
+    let flags = sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE;
+    let xml = d.xml_desc(flags).map_err(|e| {
+        Error::libvirt(
+            format!("cannot read the definition of domain '{}'", name()),
+            e,
+        )
+    })?;
+    DomainXml::parse(&xml)
 }
 
 impl<'a> Dom<'a> {
@@ -152,14 +158,7 @@ impl<'a> Dom<'a> {
 
     /// The persistent definition (what the next start uses), with security info.
     pub fn xml(&self) -> Result<DomainXml> {
-        let flags = sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE;
-        let xml = self.dom.xml_desc(flags).map_err(|e| {
-            Error::libvirt(
-                format!("cannot read the definition of domain '{}'", self.name),
-                e,
-            )
-        })?;
-        DomainXml::parse(&xml)
+        definition(&self.dom, || self.name.clone())
     }
 
     /// Define the domain anew from an edited definition (same UUID).

@@ -226,18 +226,24 @@ pub fn tmp_name(final_path: &Path) -> PathBuf {
     tmp_name_of(final_path, std::process::id())
 }
 
+/// The temporary name run `pid` of this host gives a file or image named `leaf`; what
+/// [`tmp_pid`] reads back.
+fn tmp_leaf(leaf: &str, pid: u32) -> String {
+    format!(".{leaf}.tpl-tmp-{}-{pid}", host_tag())
+}
+
 /// The temporary name run `pid` of this host gives `final_path`.
 fn tmp_name_of(final_path: &Path, pid: u32) -> PathBuf {
     let file = final_path
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_default();
-    final_path.with_file_name(format!(".{file}.tpl-tmp-{}-{pid}", host_tag()))
+    final_path.with_file_name(tmp_leaf(&file, pid))
 }
 
 /// The temporary name run `pid` of this host gives volume `v` (None: it has no name).
 fn tmp_vol_of(v: &Vol, pid: u32) -> Option<Vol> {
-    Some(v.sibling(&format!(".{}.tpl-tmp-{}-{pid}", v.leaf()?, host_tag())))
+    Some(v.sibling(&tmp_leaf(v.leaf()?, pid)))
 }
 
 /// Whether the entries of a dead run's journal are of the shape run `pid` writes, and if
