@@ -13,15 +13,13 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-use tpl_ceph::{Cluster, ImageSpec, NewImageOptions};
 use tpl_common::error::{Error, Result};
 use tpl_common::journal::clone::Entry;
-use tpl_common::rbd::ceph_error;
+use tpl_common::rbdclone::{Maker, Todo};
 use tpl_common::signals::Interrupt;
-use tpl_common::text::shown;
-use tpl_common::volume::{Identity, Vol};
+use tpl_common::volume::Vol;
 
-use crate::{rbd, Job, NewClone};
+use crate::{Job, NewClone};
 
 /// How many clones' images are made ahead at once: a quarter of the batch, so that the
 /// threads of one group overlap the definitions of the one before, within these bounds.
@@ -35,22 +33,14 @@ pub enum Ahead {
     /// Under its temporary name, with its id: not renamed (a signal came first).
     Made(String),
     /// Renamed to its final name.
-    Final(ImageSpec),
+    Final(Vol),
     /// librbd failed; the temporary image may exist.
     Failed(Error),
 }
 
-/// One image to make ahead, for clone `uuid`.
-struct Todo {
-    uuid: String,
-    from: ImageSpec,
-    tmp: ImageSpec,
-    dest: ImageSpec,
-}
-
 /// What the threads made of a group: each image's id, or librbd's error; None for one
 /// never started (a signal came first).
-type Made = Vec<(Todo, Option<tpl_ceph::Result<String>>)>;
+type Made = Vec<(Todo, Option<Result<String>>)>;
 
 /// `f` on each item, by up to [`THREADS`] threads; a stopping signal keeps them from
 /// starting more (None for those).
@@ -81,16 +71,8 @@ fn in_parallel<T: Sync, R: Send>(
 }
 
 /// Make each temporary image: an `rbd clone` of the template's snapshot, and its id.
-fn make(cluster: &Cluster, todo: Vec<Todo>, intr: &Interrupt) -> Made {
-    let opts = NewImageOptions::default();
-    let made = in_parallel(&todo, intr, |t| {
-        // An image under our own temporary name can only be a dead run's (pids are reused).
-        let _ = cluster.remove(&t.tmp);
-        cluster
-            .clone_image(&t.from, &t.tmp, &opts)
-            .and_then(|()| cluster.info(&t.tmp))
-            .map(|info| info.id)
-    });
+fn make(maker: Maker, todo: Vec<Todo>, intr: &Interrupt) -> Made {
+    let made = in_parallel(&todo, intr, |t| maker.make_linked(t));
     todo.into_iter().zip(made).collect()
 }
 
@@ -103,23 +85,23 @@ impl<'a> Job<'a> {
         let groups: Vec<&[NewClone]> = clones.chunks(size).collect();
         let intr = self.ctx.intr.clone();
         std::thread::scope(|sc| {
-            let spawn = |cluster: &'a Cluster, todo: Vec<Todo>| {
+            let spawn = |maker: Maker<'a>, todo: Vec<Todo>| {
                 let intr = intr.clone();
-                sc.spawn(move || make(cluster, todo, &intr))
+                sc.spawn(move || make(maker, todo, &intr))
             };
             let mut pending = None;
             let mut run = || -> Result<()> {
                 for (k, group) in groups.iter().enumerate() {
                     if k == 0 {
-                        let (cluster, todo) = self.journal_group(group)?;
-                        pending = Some((cluster, spawn(cluster, todo)));
+                        let (maker, todo) = self.journal_group(group)?;
+                        pending = Some((maker, spawn(maker, todo)));
                     }
-                    if let Some((cluster, h)) = pending.take() {
-                        self.rename_group(cluster, joined(h.join()))?;
+                    if let Some((maker, h)) = pending.take() {
+                        self.rename_group(maker, joined(h.join()))?;
                     }
                     if let Some(next) = groups.get(k + 1) {
-                        let (cluster, todo) = self.journal_group(next)?;
-                        pending = Some((cluster, spawn(cluster, todo)));
+                        let (maker, todo) = self.journal_group(next)?;
+                        pending = Some((maker, spawn(maker, todo)));
                     }
                     group.iter().try_for_each(|c| self.make_one(c))?;
                 }
@@ -136,12 +118,12 @@ impl<'a> Job<'a> {
 
     /// Journal the clones of `group` and their temporary images (one sync) before any is
     /// made. Returns the connection and what to make.
-    fn journal_group(&mut self, group: &[NewClone]) -> Result<(&'a Cluster, Vec<Todo>)> {
+    fn journal_group(&mut self, group: &[NewClone]) -> Result<(Maker<'a>, Vec<Todo>)> {
         self.ctx.intr.check()?;
         let s = self.s;
         let mut entries = Vec::new();
         let mut todo = Vec::new();
-        let mut cluster = None;
+        let mut maker = None;
         for c in group {
             entries.push(Entry::Clone {
                 name: c.name.clone(),
@@ -149,62 +131,46 @@ impl<'a> Job<'a> {
                 uri: s.uri.clone(),
             });
             for img in self.plan.images(&self.tpl.name, &c.name) {
-                let cl = s.ceph.cluster_for(&img.src.source)?;
-                cluster = Some(cl);
-                let tmp = rbd::tmp_spec(&img.dest);
-                entries.push(Entry::Tmp {
-                    uuid: c.uuid.clone(),
-                    vol: Vol::Rbd(tmp.to_string()),
-                    client: Some(cl.client_id()),
-                });
-                todo.push(Todo {
-                    uuid: c.uuid.clone(),
-                    from: img.src.from.clone(),
-                    tmp,
-                    dest: img.dest.clone(),
-                });
+                let m = Maker::of(s, &img)?;
+                maker = Some(m);
+                let (entry, t) = m.todo(&c.uuid, &img);
+                entries.push(entry);
+                todo.push(t);
             }
         }
         self.jrnl.log_all(&entries)?;
         self.logged.extend(group.iter().map(|c| c.uuid.clone()));
         // Every clone of a linked batch on RBD has an image: the connection is known.
-        let cluster = match cluster {
-            Some(c) => c,
-            None => s.ceph.cluster()?,
-        };
-        Ok((cluster, todo))
+        let maker = maker.ok_or_else(|| {
+            Error::failed(
+                "cannot make the clones' RBD images ahead",
+                "the group has no RBD image (a bug)",
+            )
+        })?;
+        Ok((maker, todo))
     }
 
     /// Note what the threads made, then journal the ids of the made images (one sync) and
     /// rename them into place, in parallel. A rename that fails is that clone's error.
-    fn rename_group(&mut self, cluster: &Cluster, made: Made) -> Result<()> {
+    fn rename_group(&mut self, maker: Maker, made: Made) -> Result<()> {
         let mut entries = Vec::new();
         let mut renames = Vec::new();
         for (t, r) in &made {
             if let Some(Ok(id)) = r {
-                entries.push(Entry::Made {
-                    uuid: t.uuid.clone(),
-                    vol: Vol::Rbd(t.dest.to_string()),
-                    id: Identity::Rbd { id: id.clone() },
-                    client: Some(cluster.client_id()),
-                });
-                renames.push((t.tmp.clone(), t.dest.clone()));
+                entries.push(maker.made(t, id));
+                renames.push(t.clone());
             }
         }
         self.keep(made);
         self.jrnl.log_all(&entries)?;
-        let done = in_parallel(&renames, &self.ctx.intr, |(tmp, dest)| {
-            cluster.rename(tmp, &dest.image)
-        });
-        for ((tmp, dest), r) in renames.into_iter().zip(done) {
-            match r {
-                Some(Ok(_)) => self.ahead.insert(tmp, Ahead::Final(dest)),
-                Some(Err(e)) => {
-                    let e = rbd::rename_error(&tmp, &dest, e);
-                    self.ahead.insert(tmp, Ahead::Failed(e))
-                }
+        let done = in_parallel(&renames, &self.ctx.intr, |t| maker.commit(t));
+        for (t, r) in renames.into_iter().zip(done) {
+            let a = match r {
+                Some(Ok(())) => Ahead::Final(t.dest()),
+                Some(Err(e)) => Ahead::Failed(e),
                 None => continue, // stays Made: a signal came first
             };
+            self.ahead.insert(t.tmp(), a);
         }
         Ok(())
     }
@@ -215,39 +181,28 @@ impl<'a> Job<'a> {
             let a = match r {
                 None => continue, // never started: nothing there
                 Some(Ok(id)) => Ahead::Made(id),
-                Some(Err(e)) => {
-                    Ahead::Failed(ceph_error(&format!("clone '{}' to '{}'", t.from, t.tmp), e))
-                }
+                Some(Err(e)) => Ahead::Failed(e),
             };
-            self.ahead.insert(t.tmp, a);
+            self.ahead.insert(t.tmp(), a);
         }
     }
 
     /// Remove the images made ahead for clones the batch did not come to (a signal, a
     /// closed stdout). One that cannot be removed keeps the journal, for the next run.
     pub(crate) fn drop_ahead(&mut self) {
-        if self.ahead.is_empty() {
-            return;
-        }
-        let cluster = self.s.ceph.cluster();
         for (tmp, a) in std::mem::take(&mut self.ahead) {
             let image = match a {
                 Ahead::Final(dest) => dest,
                 Ahead::Made(_) | Ahead::Failed(_) => tmp,
             };
-            let why = match &cluster {
-                Ok(c) => match c.remove(&image) {
-                    Ok(()) | Err(tpl_ceph::Error::NotFound { .. }) => continue,
-                    Err(e) => e.to_string(),
-                },
-                Err(e) => e.to_string(),
-            };
-            self.leftovers = true;
-            self.ctx.warn(format!(
-                "cannot remove the RBD image '{}', made ahead for a clone the run did not \
-                 come to: {why}; the next run of a tpl tool removes it",
-                shown(&image.to_string())
-            ));
+            if let Err(why) = image.remove(self.s) {
+                self.leftovers = true;
+                self.ctx.warn(format!(
+                    "cannot remove the RBD image '{}', made ahead for a clone the run did not \
+                     come to: {why}; the next run of a tpl tool removes it",
+                    image.shown()
+                ));
+            }
         }
     }
 }

@@ -3,7 +3,6 @@
 mod ahead;
 mod images;
 mod plan;
-mod rbd;
 mod remote;
 mod xml;
 
@@ -24,6 +23,7 @@ use tpl_common::journal::Journal;
 use tpl_common::meta::{Meta, Registered};
 use tpl_common::names::validate_name;
 use tpl_common::ownfiles::Role;
+use tpl_common::rbdclone::{self, NewImage};
 use tpl_common::record::{CloneMode, CloneOrigin, DomainRef};
 use tpl_common::session::Session;
 use tpl_common::state;
@@ -196,8 +196,7 @@ fn run(args: &Args, ctx: &mut Ctx) -> Result<()> {
     }
     if !Rc::ptr_eq(&s, &dest) {
         for r in &plan.rbd {
-            let cluster = s.ceph.cluster_for(&r.source)?;
-            remote::ensure_secret(&s, &dest, &r.source, cluster)?;
+            remote::ensure_secret(&s, &dest, &r.source)?;
         }
     }
     let mut job = Job {
@@ -353,7 +352,7 @@ struct Job<'a> {
     macs: Macs,
     jrnl: Journal,
     /// RBD images made ahead for the clones of the current group, by temporary name.
-    ahead: BTreeMap<tpl_ceph::ImageSpec, Ahead>,
+    ahead: BTreeMap<Vol, Ahead>,
     /// The clones whose `clone` entry the journal has already.
     logged: BTreeSet<String>,
     /// Something the run made could not be removed again: the journal stays for the next
@@ -419,8 +418,7 @@ impl<'a> Job<'a> {
                     ));
                 }
             }
-            let cluster = self.s.ceph.cluster().ok();
-            for p in made.undo(cluster) {
+            for p in made.undo(self.s) {
                 self.leftovers = true;
                 self.ctx.warn(format!(
                     "while removing the unfinished clone '{}': {p}",
@@ -437,7 +435,7 @@ impl<'a> Job<'a> {
         // Its images made ahead are its own from here: removed with it if it fails.
         let mut ahead = BTreeMap::new();
         for img in &images {
-            let tmp = rbd::tmp_spec(&img.dest);
+            let tmp = img.tmp();
             if let Some(a) = self.ahead.remove(&tmp) {
                 made.images.push(match &a {
                     Ahead::Final(dest) => dest.clone(),
@@ -531,15 +529,14 @@ impl<'a> Job<'a> {
     fn write_images(
         &mut self,
         c: &NewClone,
-        images: &[rbd::NewImage],
+        images: &[NewImage],
         made: &mut Made,
-        mut ahead: BTreeMap<tpl_ceph::ImageSpec, Ahead>,
-    ) -> Result<Vec<Option<(tpl_ceph::ImageSpec, Option<String>)>>> {
+        mut ahead: BTreeMap<Vol, Ahead>,
+    ) -> Result<Vec<Option<(Vol, Option<String>)>>> {
         let mut out = Vec::new();
         for img in images {
             self.ctx.intr.check()?;
-            let cluster = self.s.ceph.cluster_for(&img.src.source)?;
-            let tmp = rbd::tmp_spec(&img.dest);
+            let tmp = img.tmp();
             let todo = match ahead.remove(&tmp) {
                 Some(Ahead::Failed(e)) => return Err(e),
                 Some(Ahead::Made(id)) => Some((tmp, Some(id))),
@@ -548,9 +545,9 @@ impl<'a> Job<'a> {
                     // Noted before the attempt: a failure after librbd made the image
                     // still leaves it to be removed.
                     made.images.push(tmp);
-                    let tmp = rbd::make(
+                    let tmp = rbdclone::make(
                         self.ctx,
-                        cluster,
+                        self.s,
                         &mut self.jrnl,
                         &c.uuid,
                         self.plan.mode,
@@ -567,7 +564,7 @@ impl<'a> Job<'a> {
                     CloneMode::Linked => "an rbd clone of",
                     CloneMode::Full => "a copy of",
                 },
-                img.src.from
+                img.src.from()
             ));
             out.push(todo);
         }
@@ -578,18 +575,17 @@ impl<'a> Job<'a> {
     fn commit_images(
         &mut self,
         c: &NewClone,
-        images: &[rbd::NewImage],
-        tmps: &[Option<(tpl_ceph::ImageSpec, Option<String>)>],
+        images: &[NewImage],
+        tmps: &[Option<(Vol, Option<String>)>],
         made: &mut Made,
     ) -> Result<()> {
         for (img, todo) in images.iter().zip(tmps) {
             let Some((tmp, id)) = todo else {
                 continue; // renamed into place ahead
             };
-            let cluster = self.s.ceph.cluster_for(&img.src.source)?;
-            rbd::commit(cluster, &mut self.jrnl, &c.uuid, tmp, id.clone(), img)?;
+            rbdclone::commit(self.s, &mut self.jrnl, &c.uuid, tmp, id.clone(), img)?;
             made.images.retain(|i| i != tmp);
-            made.images.push(img.dest.clone());
+            made.images.push(img.vol());
         }
         Ok(())
     }
@@ -635,7 +631,7 @@ impl<'a> Job<'a> {
         &mut self,
         c: &NewClone,
         files: &[NewFile],
-        images: &[rbd::NewImage],
+        images: &[NewImage],
         made: &mut Made,
     ) -> Result<Domain> {
         let (tpl, plan) = (self.tpl, self.plan);
@@ -732,14 +728,14 @@ struct Made {
     tmps: Vec<PathBuf>,
     finals: Vec<PathBuf>,
     /// Its RBD images, under their temporary or final names.
-    images: Vec<tpl_ceph::ImageSpec>,
+    images: Vec<Vol>,
     domain: Option<Domain>,
 }
 
 impl Made {
     /// Remove it all, the domain first so it never points at a missing file. Returns
     /// what could not be removed.
-    fn undo(&mut self, cluster: Option<&tpl_ceph::Cluster>) -> Vec<String> {
+    fn undo(&mut self, s: &Session) -> Vec<String> {
         let undefined = match self.domain.take() {
             None => Ok(()),
             Some(d) => {
@@ -755,15 +751,12 @@ impl Made {
         let mut problems = Vec::new();
         if undefined.is_ok() {
             for img in self.images.drain(..) {
-                let res = match cluster {
-                    Some(c) => match c.remove(&img) {
-                        Ok(()) | Err(tpl_ceph::Error::NotFound { .. }) => Ok(()),
-                        Err(e) => Err(e.to_string()),
-                    },
-                    None => Err("no connection to Ceph".to_string()),
-                };
-                if let Err(e) = res {
-                    problems.push(format!("cannot remove the RBD image '{img}': {e}"));
+                if let Err(e) = img.remove(s) {
+                    problems.push(format!(
+                        "cannot remove the {} '{}': {e}",
+                        img.kind(),
+                        img.shown()
+                    ));
                 }
             }
         }

@@ -11,12 +11,12 @@ use tpl_common::domxml::DomainXml;
 use tpl_common::error::{Error, Result};
 use tpl_common::image::{backing_chain, is_qcow2, qcow2_backing, writable_backing};
 use tpl_common::ownfiles::{renamed_file, Naming, Role};
+use tpl_common::rbdclone::{self, NewImage, SrcRbd};
 use tpl_common::record::CloneMode;
 use tpl_common::session::Session;
 use tpl_common::text::{shown, shown_path};
 
 use crate::images;
-use crate::rbd::{self, NewImage, SrcRbd};
 use crate::Args;
 
 /// One template disk to clone.
@@ -194,7 +194,7 @@ impl Plan {
         let rbd = own
             .rbd
             .iter()
-            .map(|r| rbd::src_rbd(tpl, r, mode, args.pool.as_deref(), &refuse))
+            .map(|r| rbdclone::src_rbd(tpl, r, mode, args.pool.as_deref(), &refuse))
             .collect::<Result<Vec<_>>>()?;
         let plan = Plan {
             mode,
@@ -228,8 +228,7 @@ impl Plan {
                 )));
             }
             for img in self.images(&tpl.name, n) {
-                let cluster = tpl.session.ceph.cluster_for(&img.src.source)?;
-                if rbd::exists(cluster, &img.dest)? {
+                if img.exists(tpl.session)? {
                     return Err(refuse(format!(
                         "its disk {} image '{}' already exists; nothing is ever overwritten",
                         img.src.target,
@@ -333,7 +332,7 @@ impl Plan {
     pub fn images(&self, template: &str, name: &str) -> Vec<NewImage<'_>> {
         self.rbd
             .iter()
-            .map(|r| rbd::new_image(r, template, name, self.several()))
+            .map(|r| rbdclone::new_image(r, template, name, self.several()))
             .collect()
     }
 

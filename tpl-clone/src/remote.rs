@@ -1,6 +1,5 @@
 //! Clones defined on another hypervisor (`--to URI`): the libvirt secret their RBD disks authenticate with made there when it is missing, with the same UUID and key, and never overwritten.
 
-use tpl_ceph::Cluster;
 use tpl_common::error::{Error, Result};
 use tpl_common::record::RbdSource;
 use tpl_common::session::Session;
@@ -9,16 +8,11 @@ use tpl_common::text::shown;
 /// Make sure the target hypervisor has the secret an RBD disk names, holding the same key
 /// as here: defined from this side's definition (same UUID and usage) when it is missing;
 /// a secret there with another key is refused, never overwritten.
-pub fn ensure_secret(
-    src: &Session,
-    dst: &Session,
-    disk: &RbdSource,
-    cluster: &Cluster,
-) -> Result<()> {
+pub fn ensure_secret(src: &Session, dst: &Session, disk: &RbdSource) -> Result<()> {
     let Some(uuid) = disk.secret.as_deref() else {
         return Ok(());
     };
-    let key = key_here(src, uuid, disk, cluster)?;
+    let key = key_here(src, uuid, disk)?;
     match dst.conn.lookup_secret_by_uuid_string(uuid) {
         Ok(there) => match there.value(0) {
             Ok(v) if v == key => Ok(()),
@@ -64,7 +58,7 @@ pub fn ensure_secret(
 }
 
 /// The key the secret holds here; from Ceph (the user's key) when the secret is private.
-fn key_here(src: &Session, uuid: &str, disk: &RbdSource, cluster: &Cluster) -> Result<Vec<u8>> {
+fn key_here(src: &Session, uuid: &str, disk: &RbdSource) -> Result<Vec<u8>> {
     if let Ok(v) = src
         .conn
         .lookup_secret_by_uuid_string(uuid)
@@ -72,32 +66,5 @@ fn key_here(src: &Session, uuid: &str, disk: &RbdSource, cluster: &Cluster) -> R
     {
         return Ok(v);
     }
-    let user = disk.user.as_deref().unwrap_or("admin");
-    let out = cluster
-        .mon_command(&serde_json::json!({
-            "prefix": "auth get-key",
-            "entity": format!("client.{user}"),
-            "format": "json",
-        }))
-        .map_err(|e| {
-            Error::failed(
-                format!("cannot read client.{user}'s key from Ceph"),
-                e.to_string(),
-            )
-        })?;
-    let v: serde_json::Value = serde_json::from_slice(&out).map_err(|e| {
-        Error::failed(
-            format!("cannot read client.{user}'s key from Ceph"),
-            e.to_string(),
-        )
-    })?;
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD
-        .decode(v["key"].as_str().unwrap_or_default().trim())
-        .map_err(|e| {
-            Error::failed(
-                format!("cannot read client.{user}'s key from Ceph"),
-                e.to_string(),
-            )
-        })
+    src.ceph.user_key(disk)
 }

@@ -113,6 +113,28 @@ impl Ceph {
         Ok(out)
     }
 
+    /// The cephx key of an RBD disk's user, as Ceph holds it (for a libvirt secret made
+    /// on another hypervisor when the one here cannot be read back).
+    pub fn user_key(&self, src: &RbdSource) -> Result<Vec<u8>> {
+        use base64::Engine;
+        let user = src.user.as_deref().unwrap_or("admin");
+        let failed =
+            |why: String| Error::failed(format!("cannot read client.{user}'s key from Ceph"), why);
+        let out = self
+            .cluster_for(src)?
+            .mon_command(&serde_json::json!({
+                "prefix": "auth get-key",
+                "entity": format!("client.{user}"),
+                "format": "json",
+            }))
+            .map_err(|e| failed(e.to_string()))?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&out).map_err(|e| failed(e.to_string()))?;
+        base64::engine::general_purpose::STANDARD
+            .decode(v["key"].as_str().unwrap_or_default().trim())
+            .map_err(|e| failed(e.to_string()))
+    }
+
     /// The cluster of the configuration, without a disk to check it against (to clean up
     /// what a killed run of this host left in it).
     pub fn cluster(&self) -> Result<&Cluster> {

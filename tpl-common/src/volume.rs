@@ -147,6 +147,24 @@ impl Vol {
         }
     }
 
+    /// Remove it, if it is there: what this run made and must take back (a clone that
+    /// failed halfway). The error says why it cannot.
+    pub fn remove(&self, s: &Session) -> std::result::Result<(), String> {
+        match self {
+            Vol::File(p) => match fs::remove_file(p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+                _ => Ok(()),
+            },
+            Vol::Rbd(_) => {
+                let spec = self.spec().map_err(|e| e.to_string())?;
+                match s.ceph.cluster().map_err(|e| e.to_string())?.remove(&spec) {
+                    Ok(()) | Err(tpl_ceph::Error::NotFound { .. }) => Ok(()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        }
+    }
+
     /// Remove what a dead run left here, if it is there and is `id` (any volume here when
     /// `id` is None: a temporary name only that run used). Returns whether it removed it
     /// and what it said on the way, or why it cannot yet (the journal is then kept). The
@@ -177,7 +195,7 @@ impl Vol {
     }
 
     /// The RBD image it names.
-    fn spec(&self) -> Result<tpl_ceph::ImageSpec> {
+    pub(crate) fn spec(&self) -> Result<tpl_ceph::ImageSpec> {
         match self {
             Vol::Rbd(i) => i.parse().map_err(|e: tpl_ceph::Error| {
                 Error::failed(
@@ -190,6 +208,25 @@ impl Vol {
                 "it is a file",
             )),
         }
+    }
+}
+
+/// How much a domain's disk `d` takes on its storage: a file's allocated blocks, an
+/// RBD image's own objects (not its parent's); None when it is missing, Some(0) when
+/// it cannot be told (a cluster that cannot be reached: its space is not counted).
+pub fn allocated(s: &Session, d: &crate::record::Disk) -> Option<u64> {
+    if let Some(r) = &d.rbd {
+        let spec = crate::rbd::spec_of(r);
+        return match s.ceph.cluster_for(r).map(|c| c.allocated_bytes(&spec)) {
+            Ok(Err(tpl_ceph::Error::NotFound { .. })) => None,
+            Ok(Ok(b)) => Some(b),
+            _ => Some(0),
+        };
+    }
+    match d.path.as_deref().map(fs::symlink_metadata) {
+        Some(Ok(m)) => Some(m.blocks() * 512),
+        Some(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => None,
+        _ => Some(0),
     }
 }
 

@@ -21,6 +21,7 @@ use tpl_common::meta::{self, Meta, Registered};
 use tpl_common::record::{CloneMode, DiskKind, Record, State};
 use tpl_common::session::{state_of, Session};
 use tpl_common::text::{shown, shown_path};
+use tpl_common::volume;
 use virt::enumutil::Enum;
 use virt::error::ErrorNumber;
 use virt::sys;
@@ -175,34 +176,21 @@ fn item_of(s: &Session, dom: &Dom, x: &DomainXml, state: State, warn: &mut Vec<S
     let mut images = Vec::new();
     let mut alloc = 0;
     for d in rec.disks.iter().filter(|d| d.own) {
-        // An RBD image: what Ceph says it takes (its own objects, not its parent's).
-        if let Some(r) = &d.rbd {
-            let spec = tpl_common::rbd::spec_of(r);
-            match s.ceph.cluster_for(r).map(|c| c.allocated_bytes(&spec)) {
-                Ok(Ok(b)) => alloc += b,
-                Ok(Err(tpl_ceph::Error::NotFound { .. })) => missing.push(format!(
-                    "its disk {} image 'rbd:{spec}' is missing",
-                    d.target
-                )),
-                // A cluster that cannot be reached: its space is not counted.
-                _ => {}
-            }
+        let Some(taken) = volume::allocated(s, d) else {
+            let name = match (&d.rbd, &d.path) {
+                (Some(r), _) => format!("rbd:{}", r.name()),
+                (None, Some(p)) => shown_path(p),
+                (None, None) => continue,
+            };
+            missing.push(format!("its disk {} image '{name}' is missing", d.target));
             continue;
-        }
-        let Some(p) = &d.path else { continue };
+        };
+        alloc += taken;
+        // What stands on an RBD image is Ceph's to say, not the files'.
+        let (None, Some(p)) = (&d.rbd, &d.path) else {
+            continue;
+        };
         images.push(p.clone());
-        match fs::symlink_metadata(p) {
-            Ok(md) => alloc += md.blocks() * 512,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                missing.push(format!(
-                    "its disk {} image '{}' is missing",
-                    d.target,
-                    shown_path(p)
-                ));
-                continue;
-            }
-            Err(_) => {}
-        }
         // A chain ends at the first link that cannot be read; the record lists that link
         // last, so a missing one is the last one, if any.
         if let Some(last) = d.backing.last() {

@@ -1,22 +1,18 @@
 //! tpl-lock: make a generalized, shut-off domain a read-only, unstartable template, and `--unlock` it for maintenance when no linked clone depends on it.
 
-use std::fs::{File, OpenOptions, Permissions};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::process::ExitCode;
 
 use clap::Parser;
 use tpl_common::cli::{self, Common, Ctx};
 use tpl_common::dependents::Dependents;
 use tpl_common::dom::Dom;
-use tpl_common::error::{Error, IoContext, Result};
-use tpl_common::fsutil::{attr_unsupported, is_immutable, set_immutable};
+use tpl_common::error::{Error, Result};
+use tpl_common::freeze::Freeze;
 use tpl_common::image::writable_backing;
 use tpl_common::meta::Meta;
-use tpl_common::ownfiles::{OwnFile, OwnFiles};
-use tpl_common::rbd::TEMPLATE_SNAPSHOT;
+use tpl_common::ownfiles::OwnFiles;
 use tpl_common::record::{DomainRef, Record, TemplateState};
 use tpl_common::session::Session;
-use tpl_common::snapshot as rbd;
 use tpl_common::text::{list, shown, shown_path};
 
 const TOOL: &str = "tpl-lock";
@@ -95,159 +91,6 @@ pub fn main() -> ExitCode {
     )
 }
 
-/// The bits of a file lock and unlock change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileState {
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    /// None where the file system has no immutable attribute.
-    immutable: Option<bool>,
-}
-
-/// One own file, open (never through a symlink) and checked to be the file that was
-/// planned, with its state before and the state it is to have.
-#[derive(Debug)]
-struct Change {
-    file: File,
-    what: String,
-    before: FileState,
-    after: FileState,
-}
-
-/// Open a planned file without following a symlink put there since the check, and make
-/// sure it is still the very file checked: every later change goes through this descriptor.
-fn open_own(f: &OwnFile) -> Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(&f.path)
-        .ctx(&format!("cannot open {}", f.role), &f.path)?;
-    let m = file
-        .metadata()
-        .ctx(&format!("cannot stat {}", f.role), &f.path)?;
-    if !m.is_file() || m.dev() != f.dev || m.ino() != f.ino {
-        return Err(Error::refused(
-            format!("cannot change {f}"),
-            "it is not the file that was checked any more; something replaced it meanwhile",
-        ));
-    }
-    Ok(file)
-}
-
-fn read_state(file: &File, f: &OwnFile) -> Result<FileState> {
-    let m = file
-        .metadata()
-        .ctx(&format!("cannot stat {}", f.role), &f.path)?;
-    let immutable = match is_immutable(file) {
-        Ok(i) => Some(i),
-        Err(e) if attr_unsupported(&e) => None,
-        Err(e) => return Err(Error::io("cannot read the attributes of", &f.path, e)),
-    };
-    Ok(FileState {
-        mode: m.permissions().mode() & 0o7777,
-        uid: m.uid(),
-        gid: m.gid(),
-        immutable,
-    })
-}
-
-/// Bring a file from one state to another. An immutable file refuses every change even
-/// to root: the attribute is lifted first and set last.
-fn write_state(c: &File, path: &std::path::Path, from: &FileState, to: &FileState) -> Result<()> {
-    if from.immutable == Some(true) {
-        set_immutable(c, false).ctx("cannot clear the immutable attribute of", path)?;
-    }
-    if (from.uid, from.gid) != (to.uid, to.gid) {
-        std::os::unix::fs::fchown(c, Some(to.uid), Some(to.gid))
-            .ctx("cannot change the owner of", path)?;
-    }
-    // chown may clear set-id bits: the mode is set after it, always.
-    c.set_permissions(Permissions::from_mode(to.mode))
-        .ctx("cannot change the mode of", path)?;
-    if to.immutable == Some(true) {
-        set_immutable(c, true).ctx("cannot set the immutable attribute of", path)?;
-    }
-    Ok(())
-}
-
-/// What a change does, in words.
-fn describe(what: &str, a: &FileState, b: &FileState) -> Vec<String> {
-    let mut out = Vec::new();
-    if a.mode != b.mode {
-        out.push(format!("{what}: mode {:04o} -> {:04o}", a.mode, b.mode));
-    }
-    if a.uid != b.uid {
-        out.push(format!("{what}: owner uid {} -> {}", a.uid, b.uid));
-    }
-    if a.gid != b.gid {
-        out.push(format!("{what}: group gid {} -> {}", a.gid, b.gid));
-    }
-    match (a.immutable, b.immutable) {
-        (Some(false), Some(true)) => out.push(format!("{what}: immutable attribute set")),
-        (Some(true), Some(false)) => out.push(format!("{what}: immutable attribute cleared")),
-        _ => {}
-    }
-    out
-}
-
-/// Open every own file and work out its new state with `target`; nothing changes yet.
-fn plan(
-    own: &OwnFiles,
-    mut target: impl FnMut(&OwnFile, &FileState) -> FileState,
-) -> Result<Vec<Change>> {
-    own.files
-        .iter()
-        .map(|f| {
-            let file = open_own(f)?;
-            let before = read_state(&file, f)?;
-            let after = target(f, &before);
-            Ok(Change {
-                file,
-                what: f.to_string(),
-                before,
-                after,
-            })
-        })
-        .collect()
-}
-
-/// Apply the changes in order; on a failure put back those made, and say what could not be.
-fn apply(ctx: &Ctx, changes: &[Change], own: &OwnFiles) -> Result<()> {
-    for (i, c) in changes.iter().enumerate() {
-        let path = &own.files[i].path;
-        if let Err(e) = write_state(&c.file, path, &c.before, &c.after) {
-            undo(ctx, &changes[..=i], own);
-            return Err(e);
-        }
-        for line in describe(&c.what, &c.before, &c.after) {
-            ctx.info(line);
-        }
-    }
-    Ok(())
-}
-
-fn undo(ctx: &Ctx, changes: &[Change], own: &OwnFiles) {
-    for (i, c) in changes.iter().enumerate().rev() {
-        // The state it has now is unknown after a failure halfway: read it again.
-        let now = read_state(&c.file, &own.files[i]).unwrap_or(c.after);
-        if let Err(e) = write_state(&c.file, &own.files[i].path, &now, &c.before) {
-            ctx.warn(format!("while undoing the change of {}: {e}", c.what));
-        }
-    }
-}
-
-/// The domain type (`kvm`, `qemu`) whose qemu user libvirt uses.
-fn domain_type(dom: &Dom) -> Result<String> {
-    Ok(dom
-        .xml()?
-        .root
-        .attributes
-        .get("type")
-        .cloned()
-        .unwrap_or_else(|| "kvm".into()))
-}
-
 /// Refuse a disk whose image backs onto a writable file: locking the domain's own files
 /// would leave what every linked clone reads changeable. Such a base is not this
 /// domain's own (it may be another domain's, or shared by several), so tpl-lock does not
@@ -285,11 +128,7 @@ fn lock_one(ctx: &mut Ctx, s: &Session, r: &DomainRef, args: &Args) -> Result<Re
     let others = dom.others()?;
     own.check_not_shared(&dom.name, "lock", others.iter().map(|o| &o.files))?;
     check_chain(&dom, &own)?;
-    let changes = plan_lock_files(ctx, s, &dom, &own, args.immutable)?;
-    let rbd_changes = rbd::plan_lock(&dom, &own.rbd)?;
-    let all_immutable = own.rbd.is_empty()
-        && !changes.is_empty()
-        && changes.iter().all(|c| c.after.immutable == Some(true));
+    let freeze = Freeze::lock(ctx, s, &dom, &own, args.immutable)?;
     let autostart = dom.dom.autostart().map_err(|e| {
         Error::libvirt(
             format!("cannot read the autostart of domain '{}'", shown(&dom.name)),
@@ -305,13 +144,11 @@ fn lock_one(ctx: &mut Ctx, s: &Session, r: &DomainRef, args: &Args) -> Result<Re
             .clone()
             .filter(|_| meta.template.locked)
             .or_else(|| Some(tpl_common::now_rfc3339())),
-        immutable: all_immutable,
-        snapshot: (!own.rbd.is_empty()).then(|| TEMPLATE_SNAPSHOT.to_string()),
+        immutable: freeze.all_immutable(),
+        snapshot: freeze.snapshot(),
         ..meta.template.clone()
     };
-    let changing = changes.iter().any(|c| c.before != c.after)
-        || rbd_changes.iter().any(rbd::RbdChange::changes_anything)
-        || autostart;
+    let changing = freeze.changes_anything() || autostart;
     if !changing && new_meta.template == meta.template {
         ctx.info(format!(
             "domain '{}' is already locked; nothing to do",
@@ -321,103 +158,26 @@ fn lock_one(ctx: &mut Ctx, s: &Session, r: &DomainRef, args: &Args) -> Result<Re
     }
     if args.dry_run {
         ctx.info(format!("would lock domain '{}'", shown(&dom.name)));
-        say_would(ctx, &changes, &rbd_changes);
+        say_would(ctx, &freeze);
         if autostart {
             ctx.info("would turn autostart off");
         }
         return dom.describe();
     }
-    apply(ctx, &changes, &own)?;
-    if let Err(e) = rbd::apply_lock(ctx, &dom, &rbd_changes) {
-        undo(ctx, &changes, &own);
-        return Err(e);
-    }
-    // Files lose their write bits; RBD images get a protected snapshot that clones use.
-    let how = match (own.files.is_empty(), own.rbd.is_empty()) {
-        (false, true) => "read-only (a-w)",
-        (true, false) => "protected RBD snapshot",
-        (false, false) => "read-only (a-w) files and protected RBD snapshot",
-        (true, true) => "read-only",
-    };
-    let detail = format!(
-        "locked: {how}{}: {}",
-        if all_immutable { " and immutable" } else { "" },
-        if own.files.is_empty() && own.rbd.is_empty() {
-            "no writable files".to_string()
-        } else {
-            list(
-                own.files.iter().map(ToString::to_string).chain(
-                    own.rbd
-                        .iter()
-                        .map(|r| format!("{r} at @{TEMPLATE_SNAPSHOT}")),
-                ),
-                ", ",
-            )
-        }
-    );
+    freeze.apply(ctx, &dom)?;
+    let detail = format!("locked: {}", freeze.how());
     if let Err(e) = finish_lock(ctx, &dom, autostart, new_meta, detail) {
-        // The RBD snapshots stay: the next lock takes them as they are, an unlock removes them.
-        undo(ctx, &changes, &own);
+        freeze.undo(ctx);
         return Err(e);
     }
     ctx.info(format!("locked domain '{}'", shown(&dom.name)));
     dom.describe()
 }
 
-/// The new state of each own file: no write bits; root, not qemu's user, owns it (libvirt
-/// chowns an image to that user when a domain using it starts, and does not always give
-/// a backing file back: that user could chmod it writable again); qemu's user can still
-/// read it without libvirt relabelling it (its linked clones' backing chains say so);
-/// immutable when asked or when it was.
-fn plan_lock_files(
-    ctx: &Ctx,
-    s: &Session,
-    dom: &Dom,
-    own: &OwnFiles,
-    immutable: bool,
-) -> Result<Vec<Change>> {
-    let qemu = s.qemu_ids(&domain_type(dom)?);
-    let mut unsupported = Vec::new();
-    let changes = plan(own, |f, b| {
-        let mut a = *b;
-        a.mode &= !0o222;
-        if let Some((quid, qgid)) = qemu {
-            if a.uid == quid {
-                a.uid = 0;
-            }
-            let readable = a.mode & 0o004 != 0 || (a.gid == qgid && a.mode & 0o040 != 0);
-            if !readable {
-                a.gid = qgid;
-                a.mode |= 0o040;
-            }
-        }
-        match b.immutable {
-            None if immutable => unsupported.push(f.to_string()),
-            Some(i) => a.immutable = Some(i || immutable),
-            None => {}
-        }
-        a
-    })?;
-    for f in unsupported {
-        ctx.warn(format!(
-            "{f}: its file system does not support the immutable attribute; it is read-only \
-             by its mode only"
-        ));
-    }
-    Ok(changes)
-}
-
 /// `--dry-run`: what would change.
-fn say_would(ctx: &Ctx, changes: &[Change], rbd_changes: &[rbd::RbdChange]) {
-    for c in changes {
-        for line in describe(&c.what, &c.before, &c.after) {
-            ctx.info(format!("would change {line}"));
-        }
-    }
-    for c in rbd_changes {
-        for line in c.describe() {
-            ctx.info(format!("would change {line}"));
-        }
+fn say_would(ctx: &Ctx, freeze: &Freeze) {
+    for line in freeze.describe() {
+        ctx.info(format!("would change {line}"));
     }
 }
 
@@ -481,12 +241,7 @@ fn unlock_one(ctx: &mut Ctx, s: &Session, r: &DomainRef, args: &Args) -> Result<
     own.check_not_shared(&dom.name, "unlock", others.iter().map(|o| &o.files))?;
     let deps = dom.dependents_of(&own, &others, &meta.overlays)?;
     check_no_dependents(ctx, &dom, &deps, args.force)?;
-    let changes = plan(&own, |_, b| FileState {
-        mode: b.mode | 0o200,
-        immutable: b.immutable.map(|_| false),
-        ..*b
-    })?;
-    let rbd_changes = rbd::plan_unlock(&dom, &own.rbd)?;
+    let freeze = Freeze::unlock(&dom, &own)?;
     let mut new_meta = meta.clone();
     new_meta.template.locked = false;
     new_meta.template.locked_at = None;
@@ -494,9 +249,7 @@ fn unlock_one(ctx: &mut Ctx, s: &Session, r: &DomainRef, args: &Args) -> Result<
     new_meta.template.snapshot = None;
     // Registrations of overlays that are gone are of no use any more.
     new_meta.overlays.retain(|o| o.path.exists());
-    let changing = changes.iter().any(|c| c.before != c.after)
-        || rbd_changes.iter().any(rbd::RbdChange::changes_anything);
-    if !changing && new_meta == meta {
+    if !freeze.changes_anything() && new_meta == meta {
         ctx.info(format!(
             "domain '{}' is not locked; nothing to do",
             shown(&dom.name)
@@ -505,33 +258,24 @@ fn unlock_one(ctx: &mut Ctx, s: &Session, r: &DomainRef, args: &Args) -> Result<
     }
     if args.dry_run {
         ctx.info(format!("would unlock domain '{}'", shown(&dom.name)));
-        say_would(ctx, &changes, &rbd_changes);
+        say_would(ctx, &freeze);
         return dom.describe();
     }
-    apply(ctx, &changes, &own)?;
-    let res = rbd::apply_unlock(ctx, &dom, &rbd_changes).and_then(|()| {
-        new_meta.record_step(
-            TOOL,
-            format!(
-                "unlocked{}: owner writes {}",
-                if deps.list.is_empty() {
-                    ""
-                } else {
-                    " (forced past linked clones)"
-                },
-                list(
-                    own.files
-                        .iter()
-                        .map(ToString::to_string)
-                        .chain(own.rbd.iter().map(ToString::to_string)),
-                    ", "
-                )
-            ),
-        );
-        dom.set_meta(&new_meta)
-    });
-    if let Err(e) = res {
-        undo(ctx, &changes, &own);
+    freeze.apply(ctx, &dom)?;
+    new_meta.record_step(
+        TOOL,
+        format!(
+            "unlocked{}: owner writes {}",
+            if deps.list.is_empty() {
+                ""
+            } else {
+                " (forced past linked clones)"
+            },
+            freeze.volumes()
+        ),
+    );
+    if let Err(e) = dom.set_meta(&new_meta) {
+        freeze.undo(ctx);
         return Err(e);
     }
     ctx.info(format!(
@@ -567,66 +311,4 @@ fn check_no_dependents(ctx: &Ctx, dom: &Dom, deps: &Dependents, force: bool) -> 
         deps.depend()
     ));
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tpl_common::ownfiles::Role;
-
-    fn own(p: &std::path::Path) -> OwnFile {
-        let m = std::fs::symlink_metadata(p).unwrap();
-        OwnFile {
-            role: Role::Disk {
-                target: "vda".into(),
-            },
-            path: p.to_path_buf(),
-            format: None,
-            dev: m.dev(),
-            ino: m.ino(),
-        }
-    }
-
-    #[test]
-    fn open_own_never_follows_a_symlink_nor_takes_another_file() {
-        let d = tempfile::tempdir().unwrap();
-        let real = d.path().join("real.img");
-        let link = d.path().join("link.img");
-        std::fs::write(&real, b"x").unwrap();
-        std::os::unix::fs::symlink(&real, &link).unwrap();
-        let f = own(&real);
-        assert!(open_own(&f).is_ok());
-        let mut l = f.clone();
-        l.path = link;
-        assert!(open_own(&l).is_err());
-        // Replaced by another file since the check (the old one kept, so that its inode
-        // number cannot be reused for the new one).
-        std::fs::rename(&real, d.path().join("old.img")).unwrap();
-        std::fs::write(&real, b"y").unwrap();
-        assert_eq!(open_own(&f).unwrap_err().exit_code(), 3);
-    }
-
-    #[test]
-    fn a_state_goes_and_comes_back() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("a.img");
-        std::fs::write(&p, b"x").unwrap();
-        std::fs::set_permissions(&p, Permissions::from_mode(0o640)).unwrap();
-        let f = own(&p);
-        let file = open_own(&f).unwrap();
-        let before = read_state(&file, &f).unwrap();
-        assert_eq!(before.mode, 0o640);
-        let after = FileState {
-            mode: 0o440,
-            ..before
-        };
-        write_state(&file, &p, &before, &after).unwrap();
-        assert_eq!(read_state(&file, &f).unwrap().mode, 0o440);
-        assert_eq!(
-            describe("disk vda", &before, &after),
-            ["disk vda: mode 0640 -> 0440"]
-        );
-        write_state(&file, &p, &after, &before).unwrap();
-        assert_eq!(read_state(&file, &f).unwrap(), before);
-    }
 }

@@ -1,4 +1,4 @@
-//! A clone's RBD images: an `rbd clone` of the locked template's protected snapshot (linked) or a copy of it (full), made under a temporary name in the same cluster and renamed into place, as files are.
+//! The RBD arm of making a clone's volumes (tpl-clone): an `rbd clone` of the locked template's protected snapshot (linked) or a copy of it (full), made under a temporary name in the same cluster and renamed into place, as files are.
 //!
 //! Every image is made under this run's temporary name (`.NAME.tpl-tmp-HOST-PID`, as the
 //! clone's files are) and journaled before it is made, its id journaled before the rename
@@ -10,16 +10,18 @@ use std::ops::ControlFlow;
 use std::path::Path;
 
 use tpl_ceph::{Cluster, ImageSpec, NewImageOptions};
-use tpl_common::cli::Ctx;
-use tpl_common::dom::Dom;
-use tpl_common::error::{Error, Result};
-use tpl_common::journal::clone::{self as cj, Entry};
-use tpl_common::journal::Journal;
-use tpl_common::ownfiles::{renamed_file, Naming, OwnRbd};
-use tpl_common::rbd::{ceph_error, spec_of, TEMPLATE_SNAPSHOT};
-use tpl_common::record::{CloneMode, RbdSource};
-use tpl_common::text::shown;
-use tpl_common::volume::{Identity, Vol};
+
+use crate::cli::Ctx;
+use crate::dom::Dom;
+use crate::error::{Error, Result};
+use crate::journal::clone::{self as cj, Entry};
+use crate::journal::Journal;
+use crate::ownfiles::{renamed_file, Naming, OwnRbd};
+use crate::rbd::{ceph_error, spec_of, TEMPLATE_SNAPSHOT};
+use crate::record::{CloneMode, RbdSource};
+use crate::session::Session;
+use crate::text::shown;
+use crate::volume::{Identity, Vol};
 
 /// One RBD disk of the template to clone.
 #[derive(Debug)]
@@ -28,22 +30,47 @@ pub struct SrcRbd {
     pub source: RbdSource,
     /// What the clones are made from: the protected snapshot of a locked template, else
     /// the image itself.
-    pub from: ImageSpec,
+    from: ImageSpec,
     /// Where the clones' images go: the template's pool, or --pool.
-    pub pool: String,
+    pool: String,
 }
 
 /// One image a clone gets.
 #[derive(Debug)]
 pub struct NewImage<'p> {
     pub src: &'p SrcRbd,
-    pub dest: ImageSpec,
+    dest: ImageSpec,
+}
+
+impl SrcRbd {
+    /// What the clones are made from (`POOL[/NS]/IMAGE[@SNAP]`), in words.
+    pub fn from(&self) -> String {
+        self.from.to_string()
+    }
 }
 
 impl NewImage<'_> {
     /// `POOL[/NS]/IMAGE`, as the clone's disk names it.
     pub fn name(&self) -> String {
         self.dest.to_string()
+    }
+
+    /// The image under its final name.
+    pub fn vol(&self) -> Vol {
+        Vol::Rbd(self.dest.to_string())
+    }
+
+    /// The image under this run's temporary name.
+    pub fn tmp(&self) -> Vol {
+        Vol::Rbd(tmp_spec(&self.dest).to_string())
+    }
+
+    /// Whether an image of its final name exists already (a clone's name must be free).
+    pub fn exists(&self, s: &Session) -> Result<bool> {
+        s.ceph
+            .cluster_for(&self.src.source)?
+            .exists(&self.dest)
+            .map_err(|e| ceph_error(&format!("look up '{}'", self.dest), e))
     }
 }
 
@@ -112,28 +139,22 @@ pub fn new_image<'p>(src: &'p SrcRbd, template: &str, name: &str, several: bool)
     }
 }
 
-/// Whether the image exists already (a clone's name must be free).
-pub fn exists(cluster: &Cluster, spec: &ImageSpec) -> Result<bool> {
-    cluster
-        .exists(spec)
-        .map_err(|e| ceph_error(&format!("look up '{spec}'"), e))
-}
-
 /// This run's temporary name for an image.
-pub fn tmp_spec(dest: &ImageSpec) -> ImageSpec {
+fn tmp_spec(dest: &ImageSpec) -> ImageSpec {
     let tmp = cj::tmp_name(Path::new(&dest.image));
     dest.sibling(tmp.to_string_lossy().into_owned())
 }
 
-/// Make one image under its temporary name; returns the temporary image.
+/// Make one image under its temporary name (journaled first); returns the temporary image.
 pub fn make(
     ctx: &Ctx,
-    cluster: &Cluster,
+    s: &Session,
     jrnl: &mut Journal,
     uuid: &str,
     mode: CloneMode,
     img: &NewImage,
-) -> Result<ImageSpec> {
+) -> Result<Vol> {
+    let cluster = s.ceph.cluster_for(&img.src.source)?;
     let tmp = tmp_spec(&img.dest);
     // An image under our own temporary name can only be a dead run's (pids are reused).
     let _ = cluster.remove(&tmp);
@@ -169,19 +190,21 @@ pub fn make(
                 })?
         }
     }
-    Ok(tmp)
+    Ok(Vol::Rbd(tmp.to_string()))
 }
 
 /// Rename a finished image to its final name (never over another), its id (`id`, else
 /// read here) journaled first.
 pub fn commit(
-    cluster: &Cluster,
+    s: &Session,
     jrnl: &mut Journal,
     uuid: &str,
-    tmp: &ImageSpec,
+    tmp: &Vol,
     id: Option<String>,
     img: &NewImage,
 ) -> Result<()> {
+    let cluster = s.ceph.cluster_for(&img.src.source)?;
+    let tmp = &tmp.spec()?;
     let id = match id {
         Some(id) => id,
         None => {
@@ -204,7 +227,7 @@ pub fn commit(
 }
 
 /// What a failed rename of a finished image to its final name is in tpl's terms.
-pub fn rename_error(tmp: &ImageSpec, dest: &ImageSpec, e: tpl_ceph::Error) -> Error {
+fn rename_error(tmp: &ImageSpec, dest: &ImageSpec, e: tpl_ceph::Error) -> Error {
     match e {
         tpl_ceph::Error::AlreadyExists { .. } => Error::refused(
             format!("cannot rename '{tmp}' to '{dest}'"),
@@ -212,5 +235,91 @@ pub fn rename_error(tmp: &ImageSpec, dest: &ImageSpec, e: tpl_ceph::Error) -> Er
              overwritten",
         ),
         e => ceph_error(&format!("rename '{tmp}' to '{dest}'"), e),
+    }
+}
+
+/// One image of a linked batch to make ahead, by a thread of [`Maker`], for clone `uuid`.
+#[derive(Debug, Clone)]
+pub struct Todo {
+    pub uuid: String,
+    from: ImageSpec,
+    tmp: ImageSpec,
+    dest: ImageSpec,
+}
+
+impl Todo {
+    /// The image under this run's temporary name.
+    pub fn tmp(&self) -> Vol {
+        Vol::Rbd(self.tmp.to_string())
+    }
+
+    /// The image under its final name.
+    pub fn dest(&self) -> Vol {
+        Vol::Rbd(self.dest.to_string())
+    }
+}
+
+/// The run's one connection to the cluster a linked batch's images are made in, shared
+/// by the threads that make them ahead (an `rbd clone` and an `rbd rename` are each a
+/// dozen round trips and no data: threads overlap them). What is journaled stays the
+/// caller's, in order, on its own thread.
+#[derive(Debug, Clone, Copy)]
+pub struct Maker<'c> {
+    cluster: &'c Cluster,
+}
+
+impl<'c> Maker<'c> {
+    /// The connection for `img`'s cluster.
+    pub fn of(s: &'c Session, img: &NewImage) -> Result<Maker<'c>> {
+        Ok(Maker {
+            cluster: s.ceph.cluster_for(&img.src.source)?,
+        })
+    }
+
+    /// What to make for clone `uuid`'s `img`, and its journal entry (to log before it is made).
+    pub fn todo(&self, uuid: &str, img: &NewImage) -> (Entry, Todo) {
+        let tmp = tmp_spec(&img.dest);
+        let entry = Entry::Tmp {
+            uuid: uuid.into(),
+            vol: Vol::Rbd(tmp.to_string()),
+            client: Some(self.cluster.client_id()),
+        };
+        let todo = Todo {
+            uuid: uuid.into(),
+            from: img.src.from.clone(),
+            tmp,
+            dest: img.dest.clone(),
+        };
+        (entry, todo)
+    }
+
+    /// Make it under its temporary name: an `rbd clone` of the template's snapshot.
+    /// Returns its id.
+    pub fn make_linked(&self, t: &Todo) -> Result<String> {
+        // An image under our own temporary name can only be a dead run's (pids are reused).
+        let _ = self.cluster.remove(&t.tmp);
+        self.cluster
+            .clone_image(&t.from, &t.tmp, &NewImageOptions::default())
+            .and_then(|()| self.cluster.info(&t.tmp))
+            .map(|info| info.id)
+            .map_err(|e| ceph_error(&format!("clone '{}' to '{}'", t.from, t.tmp), e))
+    }
+
+    /// The journal entry of a made image, `id`, about to take its final name.
+    pub fn made(&self, t: &Todo, id: &str) -> Entry {
+        Entry::Made {
+            uuid: t.uuid.clone(),
+            vol: Vol::Rbd(t.dest.to_string()),
+            id: Identity::Rbd { id: id.into() },
+            client: Some(self.cluster.client_id()),
+        }
+    }
+
+    /// Rename a made image to its final name, never over another.
+    pub fn commit(&self, t: &Todo) -> Result<()> {
+        self.cluster
+            .rename(&t.tmp, &t.dest.image)
+            .map(drop)
+            .map_err(|e| rename_error(&t.tmp, &t.dest, e))
     }
 }
