@@ -102,18 +102,17 @@ fn journals_tpl_did_not_write_are_reported_and_never_obeyed() {
         uri: URI.into(),
         uuid: UNKNOWN.into(),
         name: "gone".into(),
-        files: vec![Doomed {
+        volumes: vec![Doomed {
             role: Role::Disk {
                 target: "vda".into(),
             },
-            path: v3.clone(),
-            hidden: hidden.clone(),
-            dev: d3,
-            ino: i3,
+            vol: Vol::File(v3.clone()),
+            hidden: Some(hidden.clone()),
+            id: Identity::Inode { dev: d3, ino: i3 },
             immutable: false,
+            snapshot: None,
         }],
         template_uuid: None,
-        images: Vec::new(),
     };
     let rj = plant("remove-journal", "tpl-rm", pid, &[json(&rm)]);
     let (d4, i4) = dev_ino(&v4);

@@ -1,7 +1,7 @@
 //! tpl-rm: remove domains with their own files, all or nothing and crash-safe, refusing whatever would break a linked clone.
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -15,9 +15,7 @@ use tpl_common::dom::{Dom, OtherDomain};
 use tpl_common::domxml::{disk_target, DomainXml};
 use tpl_common::error::{Error, Result};
 use tpl_common::image::{canonical, is_not_found, readable_chain, Dependent};
-use tpl_common::journal::remove::{
-    drop_registration, drop_registrations, Doomed, DoomedImage, Intent,
-};
+use tpl_common::journal::remove::{drop_registration, drop_registrations, Doomed, Intent};
 use tpl_common::journal::Journal;
 use tpl_common::lock::DomainLock;
 use tpl_common::ownfiles::OwnFiles;
@@ -381,11 +379,11 @@ impl Remover<'_> {
                 deps.looked
             )));
         }
-        let files: Vec<Doomed> = own.files.iter().map(Doomed::new).collect::<Result<_>>()?;
-        let doomed_images = own
-            .rbd
+        let volumes = own
+            .files
             .iter()
-            .map(|r| doomed_image(&dom, r))
+            .map(Doomed::file)
+            .chain(own.rbd.iter().map(|r| Doomed::image(&dom, r)))
             .collect::<Result<Vec<_>>>()?;
         let what = describe(&name, &own, &missing, reg.as_ref());
         if self.args.dry_run {
@@ -407,9 +405,8 @@ impl Remover<'_> {
             uri: self.s.uri.clone(),
             uuid: uuid.clone(),
             name: name.clone(),
-            files,
+            volumes,
             template_uuid: reg.as_ref().map(|t| t.uuid.clone()),
-            images: doomed_images,
         };
         let journal = self.commit(&dom, &intent)?;
         // Committed: what is left cannot undo the removal, only fail to tidy up; the
@@ -439,12 +436,7 @@ impl Remover<'_> {
                 }
             }
         }
-        for d in intent
-            .files
-            .iter()
-            .filter_map(|f| f.path.parent())
-            .collect::<BTreeSet<_>>()
-        {
+        for d in intent.dirs() {
             self.s.refresh_pools_for(d);
         }
         self.say(format!("removed {what}"));
@@ -813,36 +805,6 @@ impl Snapshot {
             .map(|(_, o)| o.clone())
             .collect()
     }
-}
-
-/// The removal of one of the domain's RBD images: the very image (its id), not open
-/// elsewhere, with the template snapshot to take off it when it has one.
-fn doomed_image(dom: &Dom, r: &tpl_common::ownfiles::OwnRbd) -> Result<DoomedImage> {
-    let cluster = dom.session.ceph.cluster_for(&r.source)?;
-    let spec = tpl_common::rbd::spec_of(&r.source);
-    let err = |op: &str, e| tpl_common::rbd::ceph_error(&format!("{op} '{spec}'"), e);
-    let info = cluster.info(&spec).map_err(|e| err("read", e))?;
-    let what = format!("its disk {} image '{spec}'", r.target);
-    if let Some(why) = tpl_common::rbd::open_elsewhere(cluster, &spec, &what)? {
-        return Err(Error::refused(
-            format!("cannot remove domain '{}'", shown(&dom.name)),
-            format!("{why}; try again in a moment"),
-        ));
-    }
-    let snap = tpl_common::rbd::TEMPLATE_SNAPSHOT;
-    let has_snap = cluster
-        .snapshots(&spec)
-        .map_err(|e| err("list the snapshots of", e))?
-        .iter()
-        .any(|x| x.name == snap);
-    Ok(DoomedImage {
-        target: r.target.clone(),
-        pool: spec.pool.clone(),
-        namespace: spec.namespace.clone(),
-        image: spec.image.clone(),
-        id: info.id,
-        snapshot: has_snap.then(|| snap.to_string()),
-    })
 }
 
 /// The domain's own files ([`OwnFiles::of`]), leaving out disk images that are gone

@@ -44,104 +44,112 @@ use crate::dom::Dom;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{attr_unsupported, fsync_dir, is_immutable, rename_noreplace, set_immutable};
 use crate::lock::DomainLock;
-use crate::ownfiles::{OwnFile, Role};
+use crate::ownfiles::{OwnFile, OwnRbd, Role};
 use crate::record::DomainRef;
 use crate::session::Session;
 use crate::text::{shown, shown_path};
+use crate::volume::{Identity, Vol};
 
 /// The journal kind, and the start of its file names.
 pub const KIND: &str = "tpl-rm";
 
 /// What a removal is about to do.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "IntentOnDisk")]
 pub struct Intent {
     pub uri: String,
     pub uuid: String,
     pub name: String,
-    pub files: Vec<Doomed>,
+    /// Its own volumes: files, hidden before the commit, and RBD images, removed after it.
+    pub volumes: Vec<Doomed>,
     /// The template whose metadata registers this domain's overlays (a linked clone's
     /// template), to drop the registration from once the domain is gone.
     pub template_uuid: Option<String>,
-    /// Its RBD images, removed after the commit (before it they are not touched: there
-    /// is nothing to roll back).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub images: Vec<DoomedImage>,
 }
 
-/// One RBD image to remove, the image it is (its id when the intent was made), and the
-/// template snapshot to take off it first (a locked template's).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DoomedImage {
-    pub target: String,
-    pub pool: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub namespace: String,
-    pub image: String,
-    pub id: String,
-    pub snapshot: Option<String>,
+/// An intent as any release wrote it: before 0.19, `files` and `images` apart.
+#[derive(Deserialize)]
+struct IntentOnDisk {
+    uri: String,
+    uuid: String,
+    name: String,
+    #[serde(alias = "files")]
+    volumes: Vec<Doomed>,
+    template_uuid: Option<String>,
+    #[serde(default)]
+    images: Vec<OldImage>,
 }
 
-impl DoomedImage {
-    pub fn spec(&self) -> tpl_ceph::ImageSpec {
-        tpl_ceph::ImageSpec::new(&self.pool, &self.image).in_namespace(&self.namespace)
-    }
+/// An RBD image in the intent of a release before 0.19.
+#[derive(Deserialize)]
+struct OldImage {
+    target: String,
+    pool: String,
+    #[serde(default)]
+    namespace: String,
+    image: String,
+    id: String,
+    snapshot: Option<String>,
+}
 
-    /// Remove the image if it is still the one journaled, its snapshot first. A VM that
-    /// just stopped still watches it for a few seconds (30 after a kill -9): removal is
-    /// retried while the image is busy, for a bounded time.
-    fn remove(&self, s: &Session) -> Result<()> {
-        use tpl_ceph::Error as E;
-        let spec = self.spec();
-        let cluster = s.ceph.cluster()?;
-        match cluster.info(&spec) {
-            Ok(i) if i.id == self.id => {}
-            Ok(_) | Err(E::NotFound { .. }) => return Ok(()),
-            Err(e) => return Err(crate::rbd::ceph_error(&format!("read '{spec}'"), e)),
-        }
-        let what = |op: &str, e: E| crate::rbd::ceph_error(&format!("{op} '{spec}'"), e);
-        if let Some(snap) = &self.snapshot {
-            let at = spec.at(snap);
-            let exists = cluster
-                .snapshots(&spec)
-                .map_err(|e| what("list the snapshots of", e))?
-                .into_iter()
-                .find(|x| &x.name == snap);
-            if let Some(x) = exists {
-                if x.protected {
-                    cluster
-                        .snap_unprotect(&at)
-                        .map_err(|e| what("unprotect the snapshot of", e))?;
-                }
-                cluster
-                    .snap_remove(&at)
-                    .map_err(|e| what("remove the snapshot of", e))?;
+impl From<IntentOnDisk> for Intent {
+    fn from(d: IntentOnDisk) -> Intent {
+        let mut volumes = d.volumes;
+        volumes.extend(d.images.into_iter().map(|i| {
+            Doomed {
+                role: Role::Disk { target: i.target },
+                vol: Vol::Rbd(
+                    tpl_ceph::ImageSpec::new(&i.pool, &i.image)
+                        .in_namespace(&i.namespace)
+                        .to_string(),
+                ),
+                hidden: None,
+                id: Identity::Rbd { id: i.id },
+                immutable: false,
+                snapshot: i.snapshot,
             }
-        }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
-        loop {
-            match cluster.remove(&spec) {
-                Ok(()) | Err(E::NotFound { .. }) => return Ok(()),
-                Err(E::Busy { .. }) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(500));
-                }
-                Err(e) => return Err(what("remove", e)),
-            }
+        }));
+        Intent {
+            uri: d.uri,
+            uuid: d.uuid,
+            name: d.name,
+            volumes,
+            template_uuid: d.template_uuid,
         }
     }
 }
 
-/// One own file to remove: where it is, the hidden name it takes before the commit, and
-/// the file it is (device and inode when the intent was made).
+/// One own volume to remove: where it is, which volume it is (a file's device and inode,
+/// an RBD image's id, when the intent was made), and what its kind needs: a file's hidden
+/// name and immutable attribute, an image's template snapshot.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Doomed {
     #[serde(flatten)]
     pub role: Role,
-    pub path: PathBuf,
-    pub hidden: PathBuf,
-    pub dev: u64,
-    pub ino: u64,
-    /// It had the immutable attribute (chattr +i), which a roll-back gives back.
+    #[serde(flatten)]
+    pub vol: Vol,
+    /// The hidden name a file takes next to itself before the commit; None for an RBD
+    /// image, which is not touched before the commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden: Option<PathBuf>,
+    #[serde(flatten)]
+    pub id: Identity,
+    /// A file had the immutable attribute (chattr +i), which a roll-back gives back.
+    #[serde(default)]
     pub immutable: bool,
+    /// The template snapshot to take off an RBD image first (a locked template's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+}
+
+/// A doomed file, as its steps need it.
+struct DoomedFile<'a> {
+    role: &'a Role,
+    path: &'a Path,
+    hidden: &'a Path,
+    dev: u64,
+    ino: u64,
+    immutable: bool,
 }
 
 /// What a roll-back or a finish left undone.
@@ -193,7 +201,7 @@ fn open_same(path: &Path, dev: u64, ino: u64) -> Result<File> {
 impl Doomed {
     /// The removal of one checked own file: its hidden name and whether it is immutable
     /// now (a file system without the attribute counts as not).
-    pub fn new(f: &OwnFile) -> Result<Doomed> {
+    pub fn file(f: &OwnFile) -> Result<Doomed> {
         let file = open_same(&f.path, f.dev, f.ino)?;
         let immutable = match is_immutable(&file) {
             Ok(i) => i,
@@ -202,72 +210,239 @@ impl Doomed {
         };
         Ok(Doomed {
             role: f.role.clone(),
-            path: f.path.clone(),
-            hidden: hidden_name(&f.path),
-            dev: f.dev,
-            ino: f.ino,
+            vol: Vol::File(f.path.clone()),
+            hidden: Some(hidden_name(&f.path)),
+            id: Identity::Inode {
+                dev: f.dev,
+                ino: f.ino,
+            },
             immutable,
+            snapshot: None,
         })
     }
 
+    /// The removal of one of domain `dom`'s RBD images: the very image (its id), not open
+    /// elsewhere, with the template snapshot to take off it when it has one.
+    pub fn image(dom: &Dom, r: &OwnRbd) -> Result<Doomed> {
+        let cluster = dom.session.ceph.cluster_for(&r.source)?;
+        let spec = crate::rbd::spec_of(&r.source);
+        let err = |op: &str, e| crate::rbd::ceph_error(&format!("{op} '{spec}'"), e);
+        let info = cluster.info(&spec).map_err(|e| err("read", e))?;
+        let what = format!("its disk {} image '{spec}'", r.target);
+        if let Some(why) = crate::rbd::open_elsewhere(cluster, &spec, &what)? {
+            return Err(Error::refused(
+                format!("cannot remove domain '{}'", shown(&dom.name)),
+                format!("{why}; try again in a moment"),
+            ));
+        }
+        let snap = crate::rbd::TEMPLATE_SNAPSHOT;
+        let has_snap = cluster
+            .snapshots(&spec)
+            .map_err(|e| err("list the snapshots of", e))?
+            .iter()
+            .any(|x| x.name == snap);
+        Ok(Doomed {
+            role: Role::Disk {
+                target: r.target.clone(),
+            },
+            vol: Vol::Rbd(spec.to_string()),
+            hidden: None,
+            id: Identity::Rbd { id: info.id },
+            immutable: false,
+            snapshot: has_snap.then(|| snap.to_string()),
+        })
+    }
+
+    /// A file's steps; None for another kind of volume.
+    fn as_file(&self) -> Option<DoomedFile<'_>> {
+        match (&self.vol, &self.hidden, &self.id) {
+            (Vol::File(path), Some(hidden), Identity::Inode { dev, ino }) => Some(DoomedFile {
+                role: &self.role,
+                path,
+                hidden,
+                dev: *dev,
+                ino: *ino,
+                immutable: self.immutable,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Before the commit: a file loses its immutable attribute and takes its hidden name;
+    /// an image is not touched.
+    fn hide(&self) -> Result<()> {
+        self.as_file().map_or(Ok(()), |f| f.hide())
+    }
+
+    /// The roll-back: a file back to its own name. False when it is lost.
+    fn unhide(&self) -> Result<bool> {
+        self.as_file().map_or(Ok(true), |f| f.unhide())
+    }
+
+    /// After the commit: the hidden file unlinked, the image removed, each only if it is
+    /// still the volume journaled.
+    fn remove(&self, s: &Session) -> Result<()> {
+        match (&self.vol, &self.id) {
+            (Vol::Rbd(_), Identity::Rbd { id }) => remove_image(s, &self.vol, id, &self.snapshot),
+            _ => self.as_file().map_or(Ok(()), |f| f.unlink()),
+        }
+    }
+
+    /// Whether it is of the shape tpl-rm writes, and if not why: a file an absolute path
+    /// whose hidden name is [`hidden_name`]'s, next to it, with its inode; an image a
+    /// valid image name with its id. Recovery acts on nothing else.
+    fn check_shape(&self) -> std::result::Result<(), String> {
+        match (&self.vol, &self.id) {
+            (Vol::File(path), Identity::Inode { .. }) => {
+                let Some(hidden) = &self.hidden else {
+                    return Err(format!("'{}' has no hidden name", shown_path(path)));
+                };
+                let hidden_ok = path.is_absolute()
+                    && hidden.parent() == path.parent()
+                    && path
+                        .file_name()
+                        .zip(hidden.file_name())
+                        .is_some_and(|(p, h)| {
+                            let (p, h) = (p.to_string_lossy(), h.to_string_lossy());
+                            h.strip_prefix('.')
+                                .and_then(|h| h.strip_prefix(p.as_ref()))
+                                .and_then(|h| h.strip_prefix(".tpl-rm-"))
+                                .is_some_and(|r| {
+                                    r.len() == 8 && r.bytes().all(|b| b.is_ascii_hexdigit())
+                                })
+                        });
+                if hidden_ok {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "'{}' is not the hidden name tpl-rm gives '{}' (.FILE.tpl-rm-RANDOM \
+                         next to it)",
+                        shown_path(hidden),
+                        shown_path(path)
+                    ))
+                }
+            }
+            (Vol::Rbd(i), Identity::Rbd { .. }) if self.vol.is_well_formed() => {
+                if self.hidden.is_some() {
+                    Err(format!("the RBD image '{}' has a hidden name", shown(i)))
+                } else {
+                    Ok(())
+                }
+            }
+            (Vol::Rbd(i), Identity::Rbd { .. }) => {
+                Err(format!("'{}' is not an RBD image name", shown(i)))
+            }
+            _ => Err(format!(
+                "the {} '{}' is identified as another kind of volume",
+                self.vol.kind(),
+                self.vol.shown()
+            )),
+        }
+    }
+}
+
+/// Remove an RBD image if it is still the one journaled (`id`), its template snapshot
+/// first. A VM that just stopped still watches it for a few seconds (30 after a kill -9):
+/// removal is retried while the image is busy, for a bounded time.
+fn remove_image(s: &Session, vol: &Vol, id: &str, snapshot: &Option<String>) -> Result<()> {
+    use tpl_ceph::Error as E;
+    let spec = vol.spec()?;
+    let cluster = s.ceph.cluster()?;
+    match cluster.info(&spec) {
+        Ok(i) if i.id == id => {}
+        Ok(_) | Err(E::NotFound { .. }) => return Ok(()),
+        Err(e) => return Err(crate::rbd::ceph_error(&format!("read '{spec}'"), e)),
+    }
+    let what = |op: &str, e: E| crate::rbd::ceph_error(&format!("{op} '{spec}'"), e);
+    if let Some(snap) = snapshot {
+        let at = spec.at(snap);
+        let exists = cluster
+            .snapshots(&spec)
+            .map_err(|e| what("list the snapshots of", e))?
+            .into_iter()
+            .find(|x| &x.name == snap);
+        if let Some(x) = exists {
+            if x.protected {
+                cluster
+                    .snap_unprotect(&at)
+                    .map_err(|e| what("unprotect the snapshot of", e))?;
+            }
+            cluster
+                .snap_remove(&at)
+                .map_err(|e| what("remove the snapshot of", e))?;
+        }
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    loop {
+        match cluster.remove(&spec) {
+            Ok(()) | Err(E::NotFound { .. }) => return Ok(()),
+            Err(E::Busy { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+            Err(e) => return Err(what("remove", e)),
+        }
+    }
+}
+
+impl DoomedFile<'_> {
     fn is_at(&self, p: &Path) -> bool {
         fs::symlink_metadata(p).is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino)
     }
 
     /// Clear the immutable attribute and move the file to its hidden name.
     fn hide(&self) -> Result<()> {
-        if self.is_at(&self.hidden) {
+        if self.is_at(self.hidden) {
             return Ok(());
         }
-        if !self.is_at(&self.path) {
+        if !self.is_at(self.path) {
             return Err(Error::failed(
                 format!(
                     "cannot remove the {} '{}'",
                     self.role,
-                    shown_path(&self.path)
+                    shown_path(self.path)
                 ),
                 "it is not the file that was checked any more; something replaced or moved \
                  it meanwhile",
             ));
         }
         if self.immutable {
-            let f = open_same(&self.path, self.dev, self.ino)?;
-            set_immutable(&f, false).ctx("cannot clear the immutable attribute of", &self.path)?;
+            let f = open_same(self.path, self.dev, self.ino)?;
+            set_immutable(&f, false).ctx("cannot clear the immutable attribute of", self.path)?;
         }
-        rename_noreplace(&self.path, &self.hidden)
+        rename_noreplace(self.path, self.hidden)
     }
 
     /// Move the file back to its own name and give it its immutable attribute back.
     /// False when it is at neither name any more: lost.
     fn unhide(&self) -> Result<bool> {
-        if self.is_at(&self.hidden) {
-            rename_noreplace(&self.hidden, &self.path)?;
-        } else if !self.is_at(&self.path) {
+        if self.is_at(self.hidden) {
+            rename_noreplace(self.hidden, self.path)?;
+        } else if !self.is_at(self.path) {
             return Ok(false);
         }
         if self.immutable {
-            let f = open_same(&self.path, self.dev, self.ino)?;
-            set_immutable(&f, true).ctx("cannot set the immutable attribute of", &self.path)?;
+            let f = open_same(self.path, self.dev, self.ino)?;
+            set_immutable(&f, true).ctx("cannot set the immutable attribute of", self.path)?;
         }
         Ok(true)
     }
 
     /// Unlink the hidden file, if it is still the one journaled.
     fn unlink(&self) -> Result<()> {
-        if !self.is_at(&self.hidden) {
+        if !self.is_at(self.hidden) {
             return Ok(());
         }
-        match fs::remove_file(&self.hidden) {
+        match fs::remove_file(self.hidden) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             // A roll-back that got as far as the attribute, then the domain went: clear it.
             Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-                let f = open_same(&self.hidden, self.dev, self.ino)?;
+                let f = open_same(self.hidden, self.dev, self.ino)?;
                 set_immutable(&f, false)
-                    .ctx("cannot clear the immutable attribute of", &self.hidden)?;
-                fs::remove_file(&self.hidden).ctx("cannot remove", &self.hidden)
+                    .ctx("cannot clear the immutable attribute of", self.hidden)?;
+                fs::remove_file(self.hidden).ctx("cannot remove", self.hidden)
             }
-            Err(e) => Err(e).ctx("cannot remove", &self.hidden),
+            Err(e) => Err(e).ctx("cannot remove", self.hidden),
         }
     }
 }
@@ -281,8 +456,12 @@ impl Intent {
         Ok(j)
     }
 
-    fn dirs(&self) -> BTreeSet<&Path> {
-        self.files.iter().filter_map(|f| f.path.parent()).collect()
+    /// The directories of its files.
+    pub fn dirs(&self) -> BTreeSet<&Path> {
+        self.volumes
+            .iter()
+            .filter_map(|v| v.as_file()?.path.parent())
+            .collect()
     }
 
     /// Sync the directories; what could not be synced, for the messages. A directory
@@ -299,8 +478,8 @@ impl Intent {
     /// Step 2: every file to its hidden name, durably. The first failure ends it; the
     /// caller then rolls back with [`Intent::unhide`].
     pub fn hide(&self) -> Result<()> {
-        for f in &self.files {
-            f.hide()?;
+        for v in &self.volumes {
+            v.hide()?;
         }
         for d in self.dirs() {
             fsync_dir(d)?;
@@ -312,14 +491,14 @@ impl Intent {
     /// where it was. Does all it can; reports what could not be undone.
     pub fn unhide(&self) -> Report {
         let mut r = Report::default();
-        for f in self.files.iter().rev() {
-            match f.unhide() {
+        for v in self.volumes.iter().rev() {
+            match v.unhide() {
                 Ok(true) => {}
                 Ok(false) => r.lost.push(format!(
                     "its {} '{}' is neither there nor at '{}' any more",
-                    f.role,
-                    shown_path(&f.path),
-                    shown_path(&f.hidden)
+                    v.role,
+                    v.vol.shown(),
+                    v.hidden.as_deref().map(shown_path).unwrap_or_default()
                 )),
                 Err(e) => r.problems.push(e.to_string()),
             }
@@ -332,54 +511,26 @@ impl Intent {
     /// images. Does all it can; reports what could not be removed.
     pub fn unlink(&self, s: &Session) -> Report {
         let mut r = Report::default();
-        for f in &self.files {
-            if let Err(e) = f.unlink() {
+        let (files, images): (Vec<&Doomed>, Vec<&Doomed>) =
+            self.volumes.iter().partition(|v| v.as_file().is_some());
+        for v in files {
+            if let Err(e) = v.remove(s) {
                 r.problems.push(e.to_string());
             }
         }
         r.problems.extend(self.sync_dirs());
-        for i in &self.images {
-            if let Err(e) = i.remove(s) {
+        for v in images {
+            if let Err(e) = v.remove(s) {
                 r.problems.push(e.to_string());
             }
         }
         r
     }
 
-    /// Whether this intent is of the shape tpl-rm writes, and if not why: each file an
-    /// absolute path whose hidden name is [`hidden_name`]'s, next to it; each image a
-    /// valid image name. Recovery acts on nothing else.
+    /// Whether this intent is of the shape tpl-rm writes, and if not why (see
+    /// [`Doomed`]'s). Recovery acts on nothing else.
     pub fn check_shape(&self) -> std::result::Result<(), String> {
-        for f in &self.files {
-            let hidden_ok = f.path.is_absolute()
-                && f.hidden.parent() == f.path.parent()
-                && f.path
-                    .file_name()
-                    .zip(f.hidden.file_name())
-                    .is_some_and(|(p, h)| {
-                        let (p, h) = (p.to_string_lossy(), h.to_string_lossy());
-                        h.strip_prefix('.')
-                            .and_then(|h| h.strip_prefix(p.as_ref()))
-                            .and_then(|h| h.strip_prefix(".tpl-rm-"))
-                            .is_some_and(|r| {
-                                r.len() == 8 && r.bytes().all(|b| b.is_ascii_hexdigit())
-                            })
-                    });
-            if !hidden_ok {
-                return Err(format!(
-                    "'{}' is not the hidden name tpl-rm gives '{}' (.FILE.tpl-rm-RANDOM next \
-                     to it)",
-                    shown_path(&f.hidden),
-                    shown_path(&f.path)
-                ));
-            }
-        }
-        for i in &self.images {
-            if i.spec().validate().is_err() {
-                return Err(format!("'{}' is not an RBD image name", shown(&i.image)));
-            }
-        }
-        Ok(())
+        self.volumes.iter().try_for_each(Doomed::check_shape)
     }
 
     /// Finish or roll back this removal after its run died, as the module says.
@@ -522,6 +673,10 @@ pub fn recover_dead(
 mod tests {
     use super::*;
 
+    fn file(v: &Doomed) -> DoomedFile<'_> {
+        v.as_file().expect("a file")
+    }
+
     fn doomed(d: &Path, name: &str, role: Role) -> Doomed {
         let path = d.join(name);
         fs::write(&path, name.as_bytes()).unwrap();
@@ -533,7 +688,7 @@ mod tests {
             dev: m.dev(),
             ino: m.ino(),
         };
-        Doomed::new(&own).unwrap()
+        Doomed::file(&own).unwrap()
     }
 
     fn intent(d: &Path) -> Intent {
@@ -541,7 +696,7 @@ mod tests {
             uri: "test:///default".into(),
             uuid: "6695eb01-f6a4-8304-79aa-97f2502e193f".into(),
             name: "c1".into(),
-            files: vec![
+            volumes: vec![
                 doomed(
                     d,
                     "c1.qcow2",
@@ -552,7 +707,6 @@ mod tests {
                 doomed(d, "c1_VARS.fd", Role::Nvram),
             ],
             template_uuid: None,
-            images: Vec::new(),
         }
     }
 
@@ -571,30 +725,33 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let i = intent(d.path());
         i.hide().unwrap();
-        for f in &i.files {
+        for f in i.volumes.iter().map(file) {
             assert!(!f.path.exists() && f.hidden.exists());
         }
         // Hiding again (a recovery that went forward) is a no-op.
         i.hide().unwrap();
         assert_eq!(i.unhide(), Report::default());
-        for f in &i.files {
+        for f in i.volumes.iter().map(file) {
             assert!(f.path.exists() && !f.hidden.exists());
             assert_eq!(
-                fs::read_to_string(&f.path).unwrap(),
+                fs::read_to_string(f.path).unwrap(),
                 f.path.file_name().unwrap().to_str().unwrap()
             );
         }
         // Someone else's file at a hidden name is never removed.
-        fs::write(&i.files[0].hidden, "someone else's").unwrap();
-        i.files[1].hide().unwrap();
+        fs::write(file(&i.volumes[0]).hidden, "someone else's").unwrap();
+        i.volumes[1].hide().unwrap();
         let s = Session::open("test:///default").unwrap();
         assert_eq!(i.unlink(&s), Report::default());
         assert_eq!(
-            fs::read_to_string(&i.files[0].hidden).unwrap(),
+            fs::read_to_string(file(&i.volumes[0]).hidden).unwrap(),
             "someone else's"
         );
-        assert!(i.files[0].path.exists(), "a file never hidden stays");
-        assert!(!i.files[1].hidden.exists() && !i.files[1].path.exists());
+        assert!(
+            file(&i.volumes[0]).path.exists(),
+            "a file never hidden stays"
+        );
+        assert!(!file(&i.volumes[1]).hidden.exists() && !file(&i.volumes[1]).path.exists());
         // The journal form round-trips.
         let line = serde_json::to_string(&i).unwrap();
         assert!(line.contains("\"role\":\"nvram\""), "{line}");
@@ -606,17 +763,20 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let i = intent(d.path());
         // Replaced since the check (the old one kept, so its inode is not reused).
-        fs::rename(&i.files[1].path, d.path().join("old")).unwrap();
-        fs::write(&i.files[1].path, "new").unwrap();
+        fs::rename(file(&i.volumes[1]).path, d.path().join("old")).unwrap();
+        fs::write(file(&i.volumes[1]).path, "new").unwrap();
         assert!(i.hide().is_err());
-        assert!(i.files[0].hidden.exists(), "the first one had gone");
+        assert!(
+            file(&i.volumes[0]).hidden.exists(),
+            "the first one had gone"
+        );
         let r = i.unhide();
         assert!(
             r.problems.is_empty() && r.lost.len() == 1,
             "the replaced one is reported: {r:?}"
         );
-        assert!(i.files[0].path.exists());
-        assert_eq!(fs::read_to_string(&i.files[1].path).unwrap(), "new");
+        assert!(file(&i.volumes[0]).path.exists());
+        assert_eq!(fs::read_to_string(file(&i.volumes[1]).path).unwrap(), "new");
     }
 
     #[test]
@@ -632,8 +792,9 @@ mod tests {
             (Outcome::RolledBack, Report::default())
         );
         assert!(i
-            .files
+            .volumes
             .iter()
+            .map(file)
             .all(|f| f.path.exists() && !f.hidden.exists()));
         i.uuid = "00000000-0000-0000-0000-00000000abcd".into();
         i.hide().unwrap();
@@ -642,8 +803,9 @@ mod tests {
             (Outcome::Finished, Report::default())
         );
         assert!(i
-            .files
+            .volumes
             .iter()
+            .map(file)
             .all(|f| !f.path.exists() && !f.hidden.exists()));
     }
 
@@ -688,8 +850,9 @@ mod tests {
         assert_eq!(notes.len(), 1, "{notes:?}");
         assert!(!notes[0].0 && notes[0].1.starts_with("finished the removal"));
         assert!(i
-            .files
+            .volumes
             .iter()
+            .map(file)
             .all(|f| !f.path.exists() && !f.hidden.exists()));
         assert!(!journal.exists() && foreign.exists());
         assert!(
@@ -702,27 +865,102 @@ mod tests {
     fn the_immutable_attribute_is_cleared_to_hide_and_given_back_to_unhide() {
         let d = tempfile::tempdir().unwrap();
         let i = intent(d.path());
-        let f = File::open(&i.files[0].path).unwrap();
+        let f = File::open(file(&i.volumes[0]).path).unwrap();
         // Where the file system or the user cannot set it, there is nothing to prove.
         if set_immutable(&f, true).is_err() {
             return;
         }
         let i = Intent {
-            files: vec![Doomed::new(&OwnFile {
-                role: i.files[0].role.clone(),
-                path: i.files[0].path.clone(),
+            volumes: vec![Doomed::file(&OwnFile {
+                role: i.volumes[0].role.clone(),
+                path: file(&i.volumes[0]).path.to_path_buf(),
                 format: None,
-                dev: i.files[0].dev,
-                ino: i.files[0].ino,
+                dev: file(&i.volumes[0]).dev,
+                ino: file(&i.volumes[0]).ino,
             })
             .unwrap()],
             ..i
         };
-        assert!(i.files[0].immutable);
+        assert!(i.volumes[0].immutable);
         i.hide().unwrap();
-        assert!(!is_immutable(&File::open(&i.files[0].hidden).unwrap()).unwrap());
+        assert!(!is_immutable(&File::open(file(&i.volumes[0]).hidden).unwrap()).unwrap());
         assert_eq!(i.unhide(), Report::default());
-        assert!(is_immutable(&File::open(&i.files[0].path).unwrap()).unwrap());
-        set_immutable(&File::open(&i.files[0].path).unwrap(), false).unwrap();
+        assert!(is_immutable(&File::open(file(&i.volumes[0]).path).unwrap()).unwrap());
+        set_immutable(&File::open(file(&i.volumes[0]).path).unwrap(), false).unwrap();
+    }
+
+    /// Issue 19: the intent of a release before the one-volume shape (`files` and
+    /// `images` apart, as tpl-rm 0.18 wrote it) reads as the same volumes, and is
+    /// written back in the new shape, which reads again the same.
+    #[test]
+    fn an_intent_of_the_last_release_reads_as_volumes() {
+        let old = r#"{"uri":"qemu:///system","uuid":"6695eb01-f6a4-8304-79aa-97f2502e193f","name":"c1","files":[{"role":"disk","target":"vda","path":"/var/lib/libvirt/images/c1.qcow2","hidden":"/var/lib/libvirt/images/.c1.qcow2.tpl-rm-0123abcd","dev":2049,"ino":131,"immutable":true},{"role":"nvram","path":"/var/lib/libvirt/qemu/nvram/c1_VARS.fd","hidden":"/var/lib/libvirt/qemu/nvram/.c1_VARS.fd.tpl-rm-89abcdef","dev":2049,"ino":132,"immutable":false}],"template_uuid":"00000000-0000-0000-0000-0000000000aa","images":[{"target":"vdb","pool":"tpl","namespace":"ns1","image":"c1-vdb","id":"1f2e3d4c5b6a","snapshot":"tpl"}]}"#;
+        let i: Intent = serde_json::from_str(old).unwrap();
+        assert_eq!(i.volumes.len(), 3);
+        assert_eq!(
+            i.volumes[0],
+            Doomed {
+                role: Role::Disk {
+                    target: "vda".into()
+                },
+                vol: Vol::File("/var/lib/libvirt/images/c1.qcow2".into()),
+                hidden: Some("/var/lib/libvirt/images/.c1.qcow2.tpl-rm-0123abcd".into()),
+                id: Identity::Inode {
+                    dev: 2049,
+                    ino: 131
+                },
+                immutable: true,
+                snapshot: None,
+            }
+        );
+        assert_eq!(i.volumes[1].role, Role::Nvram);
+        assert_eq!(
+            i.volumes[2],
+            Doomed {
+                role: Role::Disk {
+                    target: "vdb".into()
+                },
+                vol: Vol::Rbd("tpl/ns1/c1-vdb".into()),
+                hidden: None,
+                id: Identity::Rbd {
+                    id: "1f2e3d4c5b6a".into()
+                },
+                immutable: false,
+                snapshot: Some("tpl".into()),
+            }
+        );
+        assert_eq!(i.check_shape(), Ok(()));
+        assert_eq!(
+            i.dirs().into_iter().collect::<Vec<_>>(),
+            [
+                Path::new("/var/lib/libvirt/images"),
+                Path::new("/var/lib/libvirt/qemu/nvram")
+            ]
+        );
+        let line = serde_json::to_string(&i).unwrap();
+        assert!(
+            line.contains(r#""volumes":["#) && !line.contains(r#""images""#),
+            "{line}"
+        );
+        assert_eq!(serde_json::from_str::<Intent>(&line).unwrap(), i);
+    }
+
+    #[test]
+    fn a_volume_of_the_wrong_shape_is_not_acted_on() {
+        let d = tempfile::tempdir().unwrap();
+        let mut i = intent(d.path());
+        i.volumes[0].hidden = None;
+        assert!(i.check_shape().unwrap_err().contains("no hidden name"));
+        let mut i = intent(d.path());
+        i.volumes[0].id = Identity::Rbd { id: "x".into() };
+        assert!(i.check_shape().unwrap_err().contains("another kind"));
+        let mut i = intent(d.path());
+        i.volumes[0].vol = Vol::Rbd("no pool".into());
+        i.volumes[0].id = Identity::Rbd { id: "x".into() };
+        i.volumes[0].hidden = None;
+        assert!(i
+            .check_shape()
+            .unwrap_err()
+            .contains("not an RBD image name"));
     }
 }
