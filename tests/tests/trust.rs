@@ -120,12 +120,10 @@ fn journals_tpl_did_not_write_are_reported_and_never_obeyed() {
         role: Role::Disk {
             target: "vda".into(),
         },
-        from: from.to_path_buf(),
-        to: to.to_path_buf(),
-        dev,
-        ino,
+        from: Vol::File(from.to_path_buf()),
+        to: Vol::File(to.to_path_buf()),
+        id: Identity::Inode { dev, ino },
         absent: false,
-        rbd: None,
     };
     let unknown = RenameIntent {
         uri: URI.into(),

@@ -6,14 +6,14 @@ use clap::Parser;
 use tpl_common::cli::{self, Common, Ctx};
 use tpl_common::dom::Dom;
 use tpl_common::error::{Error, Result};
-use tpl_common::journal::rename::{Intent, Move, RbdMove};
+use tpl_common::journal::rename::{Intent, Move};
 use tpl_common::names::validate_name;
 use tpl_common::ownfiles::{renamed_file, Naming, Role};
-use tpl_common::rbd::{ceph_error, spec_of};
 use tpl_common::record::{DomainRef, Record};
 use tpl_common::session::Session;
 use tpl_common::state;
 use tpl_common::text::{list, shown, shown_path};
+use tpl_common::volume::Vol;
 
 const TOOL: &str = "tpl-rename";
 
@@ -123,8 +123,8 @@ fn rename_one(
             ctx.info(format!(
                 "would rename {} '{}' to '{}'",
                 m.role,
-                shown_path(&m.from),
-                shown_path(&m.to)
+                m.from.shown(),
+                m.to.shown()
             ));
         }
         return dom.describe();
@@ -145,9 +145,9 @@ fn rename_one(
         ctx.info(format!(
             "{done} {} '{}' {} '{}'",
             m.role,
-            shown_path(&m.from),
+            m.from.shown(),
             if m.absent { "as" } else { "to" },
-            shown_path(&m.to)
+            m.to.shown()
         ));
     }
     let mut meta = dom.meta()?;
@@ -169,12 +169,10 @@ fn rename_one(
         ));
     }
     if let Some(i) = &intent {
-        for dir in i
-            .moves
-            .iter()
-            .filter(|m| m.rbd.is_none())
-            .filter_map(|m| m.to.parent())
-        {
+        for dir in i.moves.iter().filter_map(|m| match &m.to {
+            Vol::File(p) => p.parent(),
+            Vol::Rbd(_) => None,
+        }) {
             s.refresh_pools_for(dir);
         }
     }
@@ -228,24 +226,21 @@ fn plan(ctx: &Ctx, dom: &Dom, new: &str) -> Result<Intent> {
             Role::Nvram => Naming::Nvram,
         };
         let to = renamed_file(&f.path, &dom.name, new, naming);
-        if to.symlink_metadata().is_ok() || moves.iter().any(|m| m.to == to) {
+        if to.symlink_metadata().is_ok() || moves.iter().any(|m| m.to == Vol::File(to.clone())) {
             return Err(refuse(format!(
                 "'{}' already exists; nothing is ever overwritten",
                 shown_path(&to)
             )));
         }
-        moves.push(Move {
-            role: f.role.clone(),
-            from: f.path.clone(),
-            to,
-            dev: f.dev,
-            ino: f.ino,
-            absent: false,
-            rbd: None,
-        });
+        moves.push(Move::file(f, to));
     }
     for r in &own.rbd {
-        moves.push(plan_rbd(dom, r, new, several, &refuse)?);
+        let naming = Naming::Disk {
+            target: &r.target,
+            several,
+            ext: None,
+        };
+        moves.push(Move::image(dom, r, new, naming, &refuse)?);
     }
     // An NVRAM not made yet: the definition names it under the new name, or libvirt
     // would make it under the old one at the first start (and a later domain of that name
@@ -266,15 +261,7 @@ fn plan(ctx: &Ctx, dom: &Dom, new: &str) -> Result<Intent> {
             shown_path(nv),
             shown_path(&to)
         ));
-        moves.push(Move {
-            role: Role::Nvram,
-            from: nv.clone(),
-            to,
-            dev: 0,
-            ino: 0,
-            absent: true,
-            rbd: None,
-        });
+        moves.push(Move::absent_nvram(nv.clone(), to));
     }
     Ok(Intent {
         uri: dom.session.uri.clone(),
@@ -282,54 +269,6 @@ fn plan(ctx: &Ctx, dom: &Dom, new: &str) -> Result<Intent> {
         old: dom.name.clone(),
         new: new.to_string(),
         moves,
-    })
-}
-
-/// Where an RBD image goes (`rbd rename` in its pool): free, and not open elsewhere.
-fn plan_rbd(
-    dom: &Dom,
-    r: &tpl_common::ownfiles::OwnRbd,
-    new: &str,
-    several: bool,
-    refuse: &dyn Fn(String) -> Error,
-) -> Result<Move> {
-    let cluster = dom.session.ceph.cluster_for(&r.source)?;
-    let spec = spec_of(&r.source);
-    let naming = Naming::Disk {
-        target: &r.target,
-        several,
-        ext: None,
-    };
-    let to = renamed_file(std::path::Path::new(&spec.image), &dom.name, new, naming);
-    let to_spec = spec.sibling(to.to_string_lossy().into_owned());
-    let info = cluster
-        .info(&spec)
-        .map_err(|e| ceph_error(&format!("read the RBD image '{spec}'"), e))?;
-    if let Some(why) = tpl_common::rbd::open_elsewhere(cluster, &spec, &format!("its {r}"))? {
-        return Err(refuse(why));
-    }
-    if cluster
-        .exists(&to_spec)
-        .map_err(|e| ceph_error(&format!("look up '{to_spec}'"), e))?
-    {
-        return Err(refuse(format!(
-            "the RBD image '{to_spec}' already exists; nothing is ever overwritten"
-        )));
-    }
-    Ok(Move {
-        role: Role::Disk {
-            target: r.target.clone(),
-        },
-        from: spec.image.clone().into(),
-        to,
-        dev: 0,
-        ino: 0,
-        absent: false,
-        rbd: Some(RbdMove {
-            pool: spec.pool.clone(),
-            namespace: spec.namespace.clone(),
-            id: info.id,
-        }),
     })
 }
 

@@ -18,9 +18,10 @@ use super::{Journal, Verdict};
 use crate::dom::Dom;
 use crate::error::{Error, Result};
 use crate::fsutil::fsync_dir;
-use crate::ownfiles::Role;
+use crate::ownfiles::{renamed_file, Naming, OwnFile, OwnRbd, Role};
+use crate::rbd::ceph_error;
 use crate::session::Session;
-use crate::text::{shown, shown_path};
+use crate::text::shown;
 use crate::volume::{Identity, Vol};
 
 /// The journal kind, and the start of its file names.
@@ -36,32 +37,79 @@ pub struct Intent {
     pub moves: Vec<Move>,
 }
 
-/// One file to move, and the file it is (device and inode when the intent was made).
+/// One volume to move, and the volume it is (a file's device and inode, an RBD image's
+/// id, when the intent was made).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "MoveOnDisk")]
 pub struct Move {
     #[serde(flatten)]
     pub role: Role,
-    pub from: PathBuf,
-    pub to: PathBuf,
-    pub dev: u64,
-    pub ino: u64,
+    /// Where it is (`{"file": PATH}`, `{"rbd": "POOL[/NS]/IMAGE"}`)...
+    pub from: Vol,
+    /// ...and where it goes: next to it, of the same kind.
+    pub to: Vol,
+    #[serde(flatten)]
+    pub id: Identity,
     /// The file does not exist yet (an NVRAM libvirt makes at the first start): only the
     /// definition's path changes, so that it is made under the new name.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub absent: bool,
-    /// An RBD image rather than a file: `from` and `to` are image names in this pool (and
-    /// namespace), and the image's id says it is the very image (dev and ino are 0).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rbd: Option<RbdMove>,
 }
 
-/// Where an RBD image being renamed is.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RbdMove {
-    pub pool: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub namespace: String,
-    pub id: String,
+/// A move as any release wrote it: before 0.19, `from` and `to` were paths, or names of
+/// images in the pool (and namespace) of an `rbd` object holding the image's id.
+#[derive(Deserialize)]
+struct MoveOnDisk {
+    #[serde(flatten)]
+    role: Role,
+    from: Place,
+    to: Place,
+    #[serde(flatten)]
+    id: Identity,
+    #[serde(default)]
+    absent: bool,
+    #[serde(default)]
+    rbd: Option<OldRbd>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Place {
+    Vol(Vol),
+    Old(PathBuf),
+}
+
+#[derive(Deserialize)]
+struct OldRbd {
+    pool: String,
+    #[serde(default)]
+    namespace: String,
+    id: String,
+}
+
+impl From<MoveOnDisk> for Move {
+    fn from(d: MoveOnDisk) -> Move {
+        let vol = |p: Place| match (p, &d.rbd) {
+            (Place::Vol(v), _) => v,
+            (Place::Old(p), None) => Vol::File(p),
+            (Place::Old(p), Some(r)) => Vol::Rbd(
+                tpl_ceph::ImageSpec::new(&r.pool, p.to_string_lossy())
+                    .in_namespace(&r.namespace)
+                    .to_string(),
+            ),
+        };
+        let (from, to) = (vol(d.from), vol(d.to));
+        Move {
+            role: d.role,
+            from,
+            to,
+            id: match d.rbd {
+                Some(r) => Identity::Rbd { id: r.id },
+                None => d.id,
+            },
+            absent: d.absent,
+        }
+    }
 }
 
 /// How a recovered rename ended.
@@ -72,56 +120,91 @@ pub enum Outcome {
 }
 
 impl Move {
-    /// What the definition `x` names in this move's place now (a file's path, an RBD
-    /// image's name), and the disk.
-    fn named_by(
-        &self,
-        x: &crate::domxml::DomainXml,
-    ) -> (Option<PathBuf>, Option<crate::record::Disk>) {
+    /// The move of one checked own file to `to`, next to it.
+    pub fn file(f: &OwnFile, to: PathBuf) -> Move {
+        Move {
+            role: f.role.clone(),
+            from: Vol::File(f.path.clone()),
+            to: Vol::File(to),
+            id: Identity::Inode {
+                dev: f.dev,
+                ino: f.ino,
+            },
+            absent: false,
+        }
+    }
+
+    /// The move of an NVRAM file libvirt has not made yet: only the definition changes.
+    pub fn absent_nvram(from: PathBuf, to: PathBuf) -> Move {
+        Move {
+            role: Role::Nvram,
+            from: Vol::File(from),
+            to: Vol::File(to),
+            id: Identity::Inode { dev: 0, ino: 0 },
+            absent: true,
+        }
+    }
+
+    /// The move of domain `dom`'s RBD image to the name `naming` gives it for the domain's
+    /// new name (`rbd rename` in its pool): the very image (its id), its new name free,
+    /// and not open elsewhere (`refuse` says why not).
+    pub fn image(
+        dom: &Dom,
+        r: &OwnRbd,
+        new: &str,
+        naming: Naming,
+        refuse: &dyn Fn(String) -> Error,
+    ) -> Result<Move> {
+        let cluster = dom.session.ceph.cluster_for(&r.source)?;
+        let spec = crate::rbd::spec_of(&r.source);
+        let to = renamed_file(Path::new(&spec.image), &dom.name, new, naming);
+        let to_spec = spec.sibling(to.to_string_lossy().into_owned());
+        let info = cluster
+            .info(&spec)
+            .map_err(|e| ceph_error(&format!("read the RBD image '{spec}'"), e))?;
+        if let Some(why) = crate::rbd::open_elsewhere(cluster, &spec, &format!("its {r}"))? {
+            return Err(refuse(why));
+        }
+        if cluster
+            .exists(&to_spec)
+            .map_err(|e| ceph_error(&format!("look up '{to_spec}'"), e))?
+        {
+            return Err(refuse(format!(
+                "the RBD image '{to_spec}' already exists; nothing is ever overwritten"
+            )));
+        }
+        Ok(Move {
+            role: Role::Disk {
+                target: r.target.clone(),
+            },
+            from: Vol::Rbd(spec.to_string()),
+            to: Vol::Rbd(to_spec.to_string()),
+            id: Identity::Rbd { id: info.id },
+            absent: false,
+        })
+    }
+
+    /// What the definition `x` names in this move's place now (a file, an RBD image),
+    /// and the disk.
+    fn named_by(&self, x: &crate::domxml::DomainXml) -> (Option<Vol>, Option<crate::record::Disk>) {
         let disk = match &self.role {
             Role::Disk { target } => x.disks().into_iter().find(|d| &d.target == target),
             Role::Nvram => None,
         };
         let now = match (&self.role, &disk) {
-            (Role::Nvram, _) => x.nvram(),
-            (_, Some(d)) if self.rbd.is_some() => d.rbd.as_ref().map(|r| PathBuf::from(&r.image)),
-            (_, d) => d.as_ref().and_then(|d| d.path.clone()),
+            (Role::Nvram, _) => x.nvram().map(Vol::File),
+            (_, Some(d)) => match (&d.rbd, &d.path) {
+                (Some(r), _) => Some(Vol::Rbd(r.name())),
+                (None, Some(p)) => Some(Vol::File(p.clone())),
+                (None, None) => None,
+            },
+            (_, None) => None,
         };
         (now, disk)
     }
-    /// The volume this move names at `p` (one of its two names).
-    fn vol(&self, p: &Path) -> Vol {
-        match &self.rbd {
-            None => Vol::File(p.to_path_buf()),
-            Some(r) => Vol::Rbd(r.spec(p).to_string()),
-        }
-    }
 
-    /// Which volume is moved.
-    fn identity(&self) -> Identity {
-        match &self.rbd {
-            None => Identity::Inode {
-                dev: self.dev,
-                ino: self.ino,
-            },
-            Some(r) => Identity::Rbd { id: r.id.clone() },
-        }
-    }
-
-    fn is_at(&self, s: &Session, p: &Path) -> bool {
-        self.vol(p).is(s, &self.identity())
-    }
-
-    /// Move it from `src` to `dst`, never over another file or image.
-    fn rename(&self, s: &Session, src: &Path, dst: &Path) -> Result<()> {
-        self.vol(src).rename_noreplace(s, &self.vol(dst))
-    }
-}
-
-impl RbdMove {
-    /// The image `name` of this pool and namespace.
-    pub fn spec(&self, name: &Path) -> tpl_ceph::ImageSpec {
-        tpl_ceph::ImageSpec::new(&self.pool, name.to_string_lossy()).in_namespace(&self.namespace)
+    fn is_at(&self, s: &Session, v: &Vol) -> bool {
+        v.is(s, &self.id)
     }
 }
 
@@ -154,7 +237,7 @@ impl Intent {
                 continue;
             }
             let res = if m.is_at(s, src) {
-                m.rename(s, src, dst)
+                src.rename_noreplace(s, dst)
             } else {
                 Err(Error::failed(
                     format!(
@@ -164,8 +247,8 @@ impl Intent {
                     ),
                     format!(
                         "it is neither at '{}' nor at '{}' any more",
-                        shown_path(src),
-                        shown_path(dst)
+                        src.shown(),
+                        dst.shown()
                     ),
                 ))
             };
@@ -178,9 +261,11 @@ impl Intent {
         let dirs: BTreeSet<&Path> = self
             .moves
             .iter()
-            .filter(|m| m.rbd.is_none())
-            .flat_map(|m| [m.from.parent(), m.to.parent()])
-            .flatten()
+            .flat_map(|m| [&m.from, &m.to])
+            .filter_map(|v| match v {
+                Vol::File(p) => p.parent(),
+                Vol::Rbd(_) => None,
+            })
             .collect();
         for d in dirs {
             match fsync_dir(d) {
@@ -203,13 +288,20 @@ impl Intent {
             if now.as_ref() == Some(want) {
                 continue;
             }
-            match (&m.role, &m.rbd) {
-                (Role::Disk { target }, Some(_)) => {
+            match (&m.role, want) {
+                (Role::Disk { target }, Vol::Rbd(_)) => {
                     let snap = disk.and_then(|d| d.rbd).and_then(|r| r.snapshot);
-                    x.set_rbd_image(target, &want.to_string_lossy(), snap.as_deref())?
+                    let image = want.leaf().unwrap_or_default();
+                    x.set_rbd_image(target, image, snap.as_deref())?
                 }
-                (Role::Disk { target }, None) => x.set_disk_path(target, want)?,
-                (Role::Nvram, _) => x.set_nvram(want)?,
+                (Role::Disk { target }, Vol::File(p)) => x.set_disk_path(target, p)?,
+                (Role::Nvram, Vol::File(p)) => x.set_nvram(p)?,
+                (Role::Nvram, Vol::Rbd(_)) => {
+                    return Err(Error::failed(
+                        format!("cannot point the NVRAM at '{}'", want.shown()),
+                        "an NVRAM is a file",
+                    ))
+                }
             }
             changed = true;
         }
@@ -287,13 +379,23 @@ impl Intent {
     /// else (a journal could otherwise move any file, or point a disk anywhere).
     pub fn check_shape(&self, x: &crate::domxml::DomainXml) -> std::result::Result<(), String> {
         for m in &self.moves {
-            if m.rbd.is_none()
-                && !(m.from.is_absolute() && m.to.is_absolute() && m.from.parent() == m.to.parent())
-            {
+            let next_to = match (&m.from, &m.to, &m.id) {
+                (Vol::File(a), Vol::File(b), Identity::Inode { .. }) => {
+                    a.is_absolute() && b.is_absolute() && a.parent() == b.parent()
+                }
+                (Vol::Rbd(_), Vol::Rbd(_), Identity::Rbd { .. }) => {
+                    m.from.is_well_formed()
+                        && m.to.is_well_formed()
+                        && m.to.leaf().is_some_and(|l| m.from.sibling(l) == m.to)
+                }
+                _ => false,
+            };
+            if !next_to {
                 return Err(format!(
-                    "its move of '{}' to '{}' leaves the directory, which tpl-rename never does",
-                    shown_path(&m.from),
-                    shown_path(&m.to)
+                    "its move of '{}' to '{}' leaves the directory or pool, or changes the \
+                     kind of volume, which tpl-rename never does",
+                    m.from.shown(),
+                    m.to.shown()
                 ));
             }
             let (now, _) = m.named_by(x);
@@ -301,8 +403,8 @@ impl Intent {
                 return Err(format!(
                     "the domain's {} is neither '{}' nor '{}'",
                     m.role,
-                    shown_path(&m.from),
-                    shown_path(&m.to)
+                    m.from.shown(),
+                    m.to.shown()
                 ));
             }
         }
@@ -369,12 +471,13 @@ mod tests {
         let m = fs::metadata(&from).unwrap();
         Move {
             role,
-            from,
-            to: d.join(to),
-            dev: m.dev(),
-            ino: m.ino(),
+            from: Vol::File(from),
+            to: Vol::File(d.join(to)),
+            id: Identity::Inode {
+                dev: m.dev(),
+                ino: m.ino(),
+            },
             absent: false,
-            rbd: None,
         }
     }
 
@@ -423,5 +526,46 @@ mod tests {
             "{line}"
         );
         assert_eq!(serde_json::from_str::<Intent>(&line).unwrap(), intent);
+    }
+
+    /// Issue 19: the moves of a release before the one-volume shape (paths, and image
+    /// names with an `rbd` object) read as volumes, and the new shape reads again the same.
+    #[test]
+    fn an_intent_of_the_last_release_reads_as_volumes() {
+        let old = r#"{"uri":"qemu:///system","uuid":"6695eb01-f6a4-8304-79aa-97f2502e193f","old":"A","new":"B","moves":[{"role":"disk","target":"vda","from":"/i/A.qcow2","to":"/i/B.qcow2","dev":2049,"ino":131},{"role":"nvram","from":"/n/A_VARS.fd","to":"/n/B_VARS.fd","dev":0,"ino":0,"absent":true},{"role":"disk","target":"vdb","from":"A-vdb","to":"B-vdb","dev":0,"ino":0,"rbd":{"pool":"tpl","namespace":"ns1","id":"1f2e3d4c5b6a"}}]}"#;
+        let i: Intent = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            i.moves[0],
+            Move {
+                role: Role::Disk {
+                    target: "vda".into()
+                },
+                from: Vol::File("/i/A.qcow2".into()),
+                to: Vol::File("/i/B.qcow2".into()),
+                id: Identity::Inode {
+                    dev: 2049,
+                    ino: 131
+                },
+                absent: false,
+            }
+        );
+        assert!(i.moves[1].absent && i.moves[1].role == Role::Nvram);
+        assert_eq!(
+            i.moves[2],
+            Move {
+                role: Role::Disk {
+                    target: "vdb".into()
+                },
+                from: Vol::Rbd("tpl/ns1/A-vdb".into()),
+                to: Vol::Rbd("tpl/ns1/B-vdb".into()),
+                id: Identity::Rbd {
+                    id: "1f2e3d4c5b6a".into()
+                },
+                absent: false,
+            }
+        );
+        let line = serde_json::to_string(&i).unwrap();
+        assert!(!line.contains(r#""rbd":{"#), "{line}");
+        assert_eq!(serde_json::from_str::<Intent>(&line).unwrap(), i);
     }
 }
