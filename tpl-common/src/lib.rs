@@ -19,6 +19,7 @@ pub mod overlays;
 pub mod ownfiles;
 pub mod rbd;
 pub mod record;
+pub mod seed;
 pub mod session;
 pub mod signals;
 pub mod snapshot;
