@@ -21,6 +21,7 @@ pub mod ownfiles;
 pub mod rbd;
 pub mod rbdclone;
 pub mod record;
+pub mod seed;
 pub mod session;
 pub mod signals;
 pub mod snapshot;
