@@ -26,6 +26,19 @@ PKGS  += librbd-dev librados-dev strace time
 CHECK += /usr/lib/x86_64-linux-gnu/librbd.so /usr/lib/x86_64-linux-gnu/librados.so \
          /usr/bin/strace /usr/bin/time
 
+# The cloud-init seed (issue 20): its tests read the built vfat image back with mtools and
+# fsck.fat, fingerprint keys with ssh-keygen, and run cloud-init's own NoCloud code on it
+# (its Python package unpacked, never installed: no services on the test host).
+PKGS  += dosfstools mtools openssh-client python3-yaml python3-configobj python3-jinja2 \
+         python3-jsonschema python3-jsonpatch python3-requests python3-netifaces \
+         python3-oauthlib python3-serial
+CHECK += /sbin/fsck.fat /usr/bin/mcopy /usr/bin/ssh-keygen /usr/lib/python3/dist-packages/yaml \
+         /usr/lib/python3/dist-packages/configobj /usr/lib/python3/dist-packages/jinja2 \
+         /usr/lib/python3/dist-packages/jsonschema /usr/lib/python3/dist-packages/jsonpatch.py \
+         /usr/lib/python3/dist-packages/requests /usr/lib/python3/dist-packages/oauthlib \
+         /usr/lib/python3/dist-packages/serial
+CLOUD_INIT_DIR = /var/tmp/tpl-cloud-init
+
 # The test cluster of scripts/ceph-up.sh (one mon, mgr and OSD on 127.0.0.1, no systemd):
 # its state directory, shared with the scripts and the tests, and its configuration.
 export TPL_CEPH_DIR ?= /var/lib/tpl-ceph
@@ -46,6 +59,11 @@ deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	    --no-install-recommends --allow-downgrades $(PKGS) >/dev/null; \
 	else echo "make deps: all packages present"; fi
+	@[ -d $(CLOUD_INIT_DIR)/root/usr/lib/python3/dist-packages/cloudinit ] || { \
+	  mkdir -p $(CLOUD_INIT_DIR) && cd $(CLOUD_INIT_DIR) && \
+	  { ls cloud-init_*.deb >/dev/null 2>&1 || apt-get download cloud-init >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get download cloud-init; }; } && \
+	  dpkg-deb -x cloud-init_*.deb root && echo "make deps: cloud-init unpacked in $(CLOUD_INIT_DIR)"; }
 
 libvirtd: deps
 	@mkdir -p /var/log/libvirt /var/run/libvirt /var/lib/libvirt/images
