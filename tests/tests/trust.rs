@@ -113,6 +113,7 @@ fn journals_tpl_did_not_write_are_reported_and_never_obeyed() {
             snapshot: None,
         }],
         template_uuid: None,
+        reserved: None,
     };
     let rj = plant("remove-journal", "tpl-rm", pid, &[json(&rm)]);
     let (d4, i4) = dev_ino(&v4);

@@ -62,8 +62,8 @@ impl Method {
 #[derive(Debug, Default)]
 pub struct Overlays(RefCell<HashMap<OverlayKey, Option<Rc<Overlay>>>>);
 
-/// The backing file and its format.
-type OverlayKey = (PathBuf, String);
+/// The backing file, its format, and the overlay's size when it is not the backing file's.
+type OverlayKey = (PathBuf, String, Option<u64>);
 
 /// A new overlay as its non-zero blocks (three of them: header, refcounts, L1 table).
 #[derive(Debug)]
@@ -118,10 +118,11 @@ pub fn create_overlay(
     backing: &Path,
     backing_fmt: &str,
     tmp: &Path,
+    size: Option<u64>,
     made: &Overlays,
     intr: &Interrupt,
 ) -> Result<()> {
-    let key = (backing.to_path_buf(), backing_fmt.to_string());
+    let key = (backing.to_path_buf(), backing_fmt.to_string(), size);
     let known = made.0.borrow().get(&key).cloned().flatten();
     if let Some(o) = known {
         return o.write(tmp);
@@ -131,6 +132,7 @@ pub fn create_overlay(
         .arg(backing)
         .args(["-F", backing_fmt, "-o", OVERLAY_OPTIONS])
         .arg(tmp)
+        .args(size.map(|s| s.to_string()))
         .stdout(Stdio::null());
     child::run_quiet(
         &mut cmd,
@@ -146,6 +148,23 @@ pub fn create_overlay(
     let o = Overlay::read(tmp)?;
     made.0.borrow_mut().insert(key, o.map(Rc::new));
     Ok(())
+}
+
+/// Grow the image at `tmp` (format `fmt`) to `size` bytes; the guest's file system grows
+/// into it at its first boot.
+pub fn grow(tmp: &Path, fmt: &str, size: u64, intr: &Interrupt) -> Result<()> {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["resize", "-q", "-f", fmt])
+        .arg(tmp)
+        .arg(size.to_string())
+        .stdout(Stdio::null());
+    child::run_quiet(
+        &mut cmd,
+        &format!("grow '{}' to {}", shown_path(tmp), human(size)),
+        QEMU_IMG_HINT,
+        intr,
+    )?;
+    sync_file(tmp)
 }
 
 /// Write the image behind `src` (a chain) into one standalone image of format `fmt` at `tmp`.
@@ -403,11 +422,11 @@ mod tests {
         let intr = Interrupt::default();
         let made = Overlays::default();
         let (a, b) = (d.path().join("a.qcow2"), d.path().join("b.qcow2"));
-        create_overlay(&base, "raw", &a, &made, &intr).unwrap();
-        create_overlay(&base, "raw", &b, &made, &intr).unwrap();
+        create_overlay(&base, "raw", &a, None, &made, &intr).unwrap();
+        create_overlay(&base, "raw", &b, None, &made, &intr).unwrap();
         // What qemu-img itself makes for the second one.
         let c = d.path().join("c.qcow2");
-        create_overlay(&base, "raw", &c, &Overlays::default(), &intr).unwrap();
+        create_overlay(&base, "raw", &c, None, &Overlays::default(), &intr).unwrap();
         let bytes = std::fs::read(&c).unwrap();
         assert_eq!(std::fs::read(&a).unwrap(), bytes);
         assert_eq!(std::fs::read(&b).unwrap(), bytes);
@@ -418,7 +437,7 @@ mod tests {
             .unwrap();
         assert!(out.success());
         // Never over an existing file.
-        assert!(create_overlay(&base, "raw", &b, &made, &intr).is_err());
+        assert!(create_overlay(&base, "raw", &b, None, &made, &intr).is_err());
     }
 
     #[test]

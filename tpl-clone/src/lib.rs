@@ -1,9 +1,11 @@
 //! tpl-clone: make linked or full clones of a shut-off template, each with its own name, UUID, MACs, disks, NVRAM and first-boot identity, all or nothing.
 
+mod access;
 mod ahead;
 mod images;
 mod plan;
 mod remote;
+mod wait;
 mod xml;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -14,6 +16,7 @@ use std::rc::Rc;
 
 use clap::Parser;
 use tpl_common::cli::{self, Common, Ctx};
+use tpl_common::dhcp;
 use tpl_common::dom::Dom;
 use tpl_common::error::{Error, Result};
 use tpl_common::fsutil::{fsync_dir, rename_noreplace};
@@ -24,16 +27,18 @@ use tpl_common::meta::{Meta, Registered};
 use tpl_common::names::validate_name;
 use tpl_common::ownfiles::Role;
 use tpl_common::rbdclone::{self, NewImage};
-use tpl_common::record::{CloneMode, CloneOrigin, DomainRef};
+use tpl_common::record::{CloneMode, CloneOrigin, DomainRef, Reserved};
 use tpl_common::session::Session;
 use tpl_common::state;
 use tpl_common::text::{shown, shown_path};
 use tpl_common::volume::Vol;
 use virt::domain::Domain;
 
+use crate::access::Access;
 use crate::ahead::Ahead;
 use crate::images::Method;
 use crate::plan::{Make, NewFile, Plan};
+use crate::wait::Waited;
 use crate::xml::{CloneSpec, Macs, NewDisk};
 
 const TOOL: &str = "tpl-clone";
@@ -119,6 +124,95 @@ pub struct Args {
     #[arg(long, conflicts_with = "hostname")]
     no_identity: bool,
 
+    /// Create this log-in user in each clone at its first boot (sudo without a password,
+    /// password locked), who logs in with the --ssh-key keys [default: the keys go to the
+    /// image's default user]
+    #[arg(long, value_name = "NAME", help_heading = "Ready to work")]
+    user: Option<String>,
+
+    /// An OpenSSH public key file whose keys may log in to each clone, as `ssh-copy-id -i`
+    /// takes (repeatable). A private key is refused: it is never copied into a seed
+    #[arg(long = "ssh-key", value_name = "FILE", help_heading = "Ready to work")]
+    ssh_keys: Vec<PathBuf>,
+
+    /// Your own cloud-config (a `#cloud-config` YAML document) for each clone's first
+    /// boot; tpl adds the user, the keys and the host name to it, and keeps all of yours
+    #[arg(long, value_name = "FILE", help_heading = "Ready to work")]
+    user_data: Option<PathBuf>,
+
+    /// A fixed IPv4 address: ADDR for the first clone, counting up over the batch, or
+    /// NAME=ADDR for one clone (repeatable). On a libvirt network with DHCP it is reserved
+    /// for the clone's MAC there (any guest OS gets it), and must be free; on a bridge it
+    /// is written into the clone's seed as ADDR/PREFIX, with --gateway and --dns
+    /// [default: DHCP]
+    #[arg(long, value_name = "ADDR|NAME=ADDR", help_heading = "Ready to work")]
+    ip: Vec<String>,
+
+    /// The gateway of --ip on a bridge
+    #[arg(
+        long,
+        value_name = "ADDR",
+        requires = "ip",
+        help_heading = "Ready to work"
+    )]
+    gateway: Option<std::net::Ipv4Addr>,
+
+    /// A name server of --ip on a bridge (repeatable)
+    #[arg(
+        long,
+        value_name = "ADDR",
+        requires = "ip",
+        help_heading = "Ready to work"
+    )]
+    dns: Vec<std::net::Ipv4Addr>,
+
+    /// Connect each clone's first interface to the libvirt network NAME
+    #[arg(
+        long,
+        value_name = "NAME",
+        conflicts_with = "bridge",
+        help_heading = "Ready to work"
+    )]
+    network: Option<String>,
+
+    /// Connect each clone's first interface to the host bridge NAME
+    #[arg(long, value_name = "NAME", help_heading = "Ready to work")]
+    bridge: Option<String>,
+
+    /// vCPUs of each clone [default: the template's]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096),
+          help_heading = "Ready to work")]
+    vcpus: Option<u32>,
+
+    /// Memory of each clone: MiB, or a size with K, M, G (2G) [default: the template's]
+    #[arg(long, value_name = "SIZE", help_heading = "Ready to work")]
+    memory: Option<String>,
+
+    /// The virtual size of each clone's first disk: GiB, or a size with M, G, T (20G);
+    /// never smaller than the template's. The guest grows its root file system into it at
+    /// the first boot (cloud-init's growpart, or tpl's first-boot action)
+    #[arg(long, value_name = "SIZE", help_heading = "Ready to work")]
+    disk_size: Option<String>,
+
+    /// Start the clones, then wait for all of them at once until each is ready:
+    /// `address` (it has an IPv4 address: libvirt's DHCP lease, the guest agent, or ARP)
+    /// or `ssh` (its SSH server answers with the clone's own host key). Each clone's
+    /// record then carries its addresses and, for `ssh`, its host key fingerprints, for
+    /// known_hosts. Progress on stderr when it is a terminal
+    #[arg(long, value_name = "WHAT", num_args = 0..=1, default_missing_value = "ssh",
+          help_heading = "Ready to work")]
+    ready: Option<wait::Ready>,
+
+    /// How long --ready waits for all the clones, in seconds
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 600,
+        requires = "ready",
+        help_heading = "Ready to work"
+    )]
+    ready_timeout: u64,
+
     /// Clone a domain that is not a generalized template (never lifts the lock
     /// requirement of linked clones)
     #[arg(long)]
@@ -173,7 +267,34 @@ fn run(args: &Args, ctx: &mut Ctx) -> Result<()> {
             }
         }
     }
-    let plan = plan?;
+    let mut plan = plan?;
+    let seed_dir = args
+        .dir
+        .clone()
+        .or_else(|| plan.disks.first().map(|d| d.dir.clone()))
+        .or_else(|| {
+            plan.nvram
+                .as_ref()
+                .and_then(|n| n.parent())
+                .map(PathBuf::from)
+        });
+    let access = Access::new(args, &names, &plan.xml, &dest, seed_dir.as_deref())?;
+    if let Some(size) = access.disk_size {
+        plan.set_disk_size(size)?;
+    }
+    for n in &names {
+        if let Some((p, _)) = access.seed_path(n) {
+            if p.symlink_metadata().is_ok() {
+                return Err(Error::refused(
+                    format!("cannot create clone '{}'", shown(n)),
+                    format!(
+                        "its seed file '{}' already exists; nothing is ever overwritten",
+                        shown_path(&p)
+                    ),
+                ));
+            }
+        }
+    }
     let clones: Vec<NewClone> = names
         .into_iter()
         .zip(hostnames)
@@ -189,6 +310,19 @@ fn run(args: &Args, ctx: &mut Ctx) -> Result<()> {
             &tpl,
             &clones.iter().map(|c| c.name.clone()).collect::<Vec<_>>(),
         );
+        for c in &clones {
+            if let Some(seed) = access.describe_seed(&c.name) {
+                ctx.info(format!("would give clone '{}' its {seed}", shown(&c.name)));
+            }
+            if let Some(r) = access.reservation(&c.name, "its MAC") {
+                ctx.info(format!(
+                    "would reserve {} for clone '{}' in the network '{}'",
+                    r.ip,
+                    shown(&c.name),
+                    shown(&r.network)
+                ));
+            }
+        }
         return Ok(());
     }
     if plan.mode == CloneMode::Linked {
@@ -199,11 +333,24 @@ fn run(args: &Args, ctx: &mut Ctx) -> Result<()> {
             remote::ensure_secret(&s, &dest, &r.source)?;
         }
     }
+    let seed_gid = dest
+        .qemu_ids(
+            plan.xml
+                .root
+                .attributes
+                .get("type")
+                .map_or("kvm", String::as_str),
+        )
+        .map(|(_, gid)| gid);
     let mut job = Job {
         ctx,
         s: &dest,
         tpl: &tpl,
         plan: &plan,
+        access: &access,
+        seed_gid,
+        ready: args.ready.is_some(),
+        up: Vec::new(),
         macs: Macs::default(),
         jrnl: Journal::create(&state::clone_journal_dir(), cj::KIND)?,
         ahead: BTreeMap::new(),
@@ -215,7 +362,12 @@ fn run(args: &Args, ctx: &mut Ctx) -> Result<()> {
             job.macs.add_from(&x);
         }
     }
-    let res = job.make_all(&clones);
+    let mut res = job.make_all(&clones);
+    if res.is_ok() {
+        if let Some(what) = args.ready {
+            res = job.wait_ready(what, std::time::Duration::from_secs(args.ready_timeout));
+        }
+    }
     let Job {
         ctx,
         jrnl,
@@ -349,6 +501,13 @@ struct Job<'a> {
     s: &'a Session,
     tpl: &'a Dom<'a>,
     plan: &'a Plan,
+    access: &'a Access,
+    /// The group of libvirt's qemu user, who reads the seeds.
+    seed_gid: Option<u32>,
+    /// --ready: the clones' records wait until they are up.
+    ready: bool,
+    /// With --ready: the clones made, whose records wait for them to be up.
+    up: Vec<Waited>,
     macs: Macs,
     jrnl: Journal,
     /// RBD images made ahead for the clones of the current group, by temporary name.
@@ -375,14 +534,53 @@ impl<'a> Job<'a> {
         res
     }
 
+    /// `--ready`: wait for the clones made (started with them), then emit each one's
+    /// record with what was seen; a clone that is not ready is reported (exit 1), and its
+    /// record still emitted, without what it did not show.
+    fn wait_ready(&mut self, what: wait::Ready, timeout: std::time::Duration) -> Result<()> {
+        let mut up = std::mem::take(&mut self.up);
+        if up.is_empty() {
+            return Ok(());
+        }
+        self.ctx.info(format!(
+            "waiting for {} clone{} to be ready ({}, up to {} s)",
+            up.len(),
+            if up.len() == 1 { "" } else { "s" },
+            match what {
+                wait::Ready::Address => "an address",
+                wait::Ready::Ssh => "an SSH server",
+            },
+            timeout.as_secs()
+        ));
+        wait::wait_all(self.ctx, &mut up, what, timeout)?;
+        for c in up {
+            if let Some(e) = &c.error {
+                self.ctx.fail(e);
+            }
+            let mut rec = Dom::new(self.s, c.dom)?.describe()?;
+            rec.ready = c.seen;
+            self.ctx.emit(&rec)?;
+        }
+        Ok(())
+    }
+
     /// Make one clone and emit its record. Only a stopping signal or a closed stdout is
     /// an error here: a failing clone is reported, and the batch goes on.
     fn make_one(&mut self, c: &NewClone) -> Result<()> {
         self.ctx.intr.check()?;
-        let res = self
-            .make(c)
-            .and_then(|dom| Dom::new(self.s, dom)?.describe())
-            .and_then(|rec| self.ctx.emit(&rec));
+        let res = self.make(c).and_then(|dom| {
+            if self.plan.start && self.ready {
+                self.up.push(Waited {
+                    name: c.name.clone(),
+                    dom,
+                    seen: None,
+                    error: None,
+                });
+                return Ok(());
+            }
+            let rec = Dom::new(self.s, dom)?.describe()?;
+            self.ctx.emit(&rec)
+        });
         match res {
             Ok(()) => Ok(()),
             // Reported once, by cli::run, which then ends the tool as it must.
@@ -430,7 +628,21 @@ impl<'a> Job<'a> {
     }
 
     fn build(&mut self, c: &NewClone, made: &mut Made) -> Result<Domain> {
-        let files = self.plan.files(&self.tpl.name, &c.name);
+        let mut files = self.plan.files(&self.tpl.name, &c.name);
+        // The first interface's MAC, chosen now: the seed and the reservation name it.
+        let mac = self.access.needs_mac().then(|| self.macs.fresh());
+        if let (Some((dest, target)), Some(mac)) = (self.access.seed_path(&c.name), &mac) {
+            let host = c.hostname.clone().unwrap_or_else(|| hostname_for(&c.name));
+            if let Some(bytes) = self.access.seed(&c.name, &host, &c.uuid, mac)? {
+                files.push(NewFile {
+                    role: Role::Seed {
+                        target: target.to_string(),
+                    },
+                    dest,
+                    make: Make::Seed(bytes),
+                });
+            }
+        }
         let images = self.plan.images(&self.tpl.name, &c.name);
         // Its images made ahead are its own from here: removed with it if it fails.
         let mut ahead = BTreeMap::new();
@@ -449,7 +661,34 @@ impl<'a> Job<'a> {
         self.commit_files(c, &ready, made)?;
         self.commit_images(c, &images, &tmp_images, made)?;
         self.ctx.intr.check()?;
-        let dom = self.define(c, &files, &images, made)?;
+        let reserved = match &mac {
+            Some(mac) => self.access.reservation(&c.name, mac),
+            None => None,
+        };
+        if let Some(r) = &reserved {
+            self.jrnl.log(&Entry::Reserved {
+                uuid: c.uuid.clone(),
+                network: r.network.clone(),
+                mac: r.mac.clone(),
+                ip: r.ip,
+            })?;
+            made.reserved = Some(r.clone());
+            dhcp::reserve(
+                &self.s.conn,
+                &self.s.uri,
+                &r.network,
+                &r.mac,
+                c.hostname.as_deref(),
+                r.ip,
+            )?;
+            self.ctx.info(format!(
+                "{}: {} reserved in the network '{}'",
+                shown(&c.name),
+                r.ip,
+                shown(&r.network)
+            ));
+        }
+        let dom = self.define(c, &files, &images, mac.as_deref(), reserved, made)?;
         if self.plan.start {
             self.ctx.intr.check()?;
             dom.create().map_err(|e| {
@@ -488,6 +727,7 @@ impl<'a> Job<'a> {
                         &disk.path,
                         &disk.format,
                         &tmp,
+                        self.plan.size_of(&f.role),
                         &self.plan.overlays,
                         intr,
                     )?;
@@ -502,7 +742,14 @@ impl<'a> Job<'a> {
                 }
                 Make::Copy { src } => {
                     let m = images::copy_file(src, &tmp, progress, intr)?;
+                    if let Some(size) = self.plan.size_of(&f.role) {
+                        images::grow(&tmp, &self.plan.format_of(src), size, intr)?;
+                    }
                     format!("{} from '{}'", m.describe(), shown_path(src))
+                }
+                Make::Seed(bytes) => {
+                    write_seed(&tmp, bytes, self.seed_gid)?;
+                    format!("is its NoCloud seed ({} bytes, vfat 'cidata')", bytes.len())
                 }
                 Make::Flatten { src, format } => {
                     let m: Method = images::flatten(
@@ -512,6 +759,9 @@ impl<'a> Job<'a> {
                         progress.is_some() && self.ctx.show_progress(),
                         intr,
                     )?;
+                    if let Some(size) = self.plan.size_of(&f.role) {
+                        images::grow(&tmp, format, size, intr)?;
+                    }
                     format!("{} from '{}'", m.describe(), shown_path(src))
                 }
             };
@@ -632,6 +882,8 @@ impl<'a> Job<'a> {
         c: &NewClone,
         files: &[NewFile],
         images: &[NewImage],
+        mac: Option<&str>,
+        reserved: Option<Reserved>,
         made: &mut Made,
     ) -> Result<Domain> {
         let (tpl, plan) = (self.tpl, self.plan);
@@ -645,6 +897,7 @@ impl<'a> Job<'a> {
                     Make::Overlay { disk } => ("qcow2".to_string(), disk.chain.clone()),
                     Make::Copy { src } => (plan.format_of(src), Vec::new()),
                     Make::Flatten { format, .. } => (format.clone(), Vec::new()),
+                    Make::Seed(_) => return None,
                 };
                 Some(NewDisk {
                     target: target.clone(),
@@ -663,12 +916,18 @@ impl<'a> Job<'a> {
             rbd: Some(img.name()),
         }));
         let nvram = plan.clone_nvram(files, &tpl.name, &c.name);
+        let seed = files.iter().find_map(|f| match &f.role {
+            Role::Seed { target } => Some((target.as_str(), f.dest.as_path())),
+            _ => None,
+        });
         let mut meta = Meta {
             clone: Some(CloneOrigin {
                 template_uuid: tpl.uuid.clone(),
                 template_name: tpl.name.clone(),
                 mode: plan.mode,
                 at: tpl_common::now_rfc3339(),
+                seed: seed.map(|(_, p)| p.to_path_buf()),
+                reserved,
             }),
             ..Default::default()
         };
@@ -692,6 +951,12 @@ impl<'a> Job<'a> {
                 .as_deref()
                 .map(|h| xml::nocloud_serial(h, &c.uuid)),
             meta: &meta,
+            first_mac: mac,
+            link: self.access.link.as_ref(),
+            vcpus: self.access.vcpus,
+            memory_kib: self.access.memory_kib,
+            seed,
+            drop_targets: &plan.drop_targets,
         };
         let x = xml::clone_xml(&plan.xml, &spec, &mut self.macs)?;
         let s = self.s;
@@ -722,6 +987,30 @@ impl<'a> Job<'a> {
     }
 }
 
+/// Write a seed image at `tmp`, readable by root and libvirt's qemu user (group `gid`)
+/// only: it may hold the user's cloud-config.
+fn write_seed(tmp: &std::path::Path, bytes: &[u8], gid: Option<u32>) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(tmp)
+        .map_err(|e| Error::io("cannot create", tmp, e))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| Error::io("cannot write", tmp, e))?;
+    if let Some(g) = gid {
+        std::os::unix::fs::fchown(&f, Some(0), Some(g))
+            .map_err(|e| Error::io("cannot change the owner of", tmp, e))?;
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(fs::Permissions::from_mode(0o640))
+            .map_err(|e| Error::io("cannot change the mode of", tmp, e))?;
+    }
+    Ok(())
+}
+
 /// What a clone in the making has created so far.
 #[derive(Debug, Default)]
 struct Made {
@@ -729,6 +1018,8 @@ struct Made {
     finals: Vec<PathBuf>,
     /// Its RBD images, under their temporary or final names.
     images: Vec<Vol>,
+    /// Its fixed address, reserved in a libvirt network's DHCP.
+    reserved: Option<Reserved>,
     domain: Option<Domain>,
 }
 
@@ -757,6 +1048,11 @@ impl Made {
                         img.kind(),
                         img.shown()
                     ));
+                }
+            }
+            if let Some(r) = self.reserved.take() {
+                if let Err(e) = dhcp::release(&s.conn, &s.uri, &r.network, &r.mac, r.ip) {
+                    problems.push(e.to_string());
                 }
             }
         }
@@ -881,6 +1177,7 @@ mod tests {
                 tmps: vec![tmp.clone()],
                 finals: vec![fin.clone()],
                 images: Vec::new(),
+                reserved: None,
                 domain: None,
             }
         };

@@ -101,6 +101,10 @@ pub struct Plan {
     pub missing_nvram: Option<PathBuf>,
     pub start: bool,
     pub progress: bool,
+    /// The template's own seed disks (a template made from a clone): no clone gets them.
+    pub drop_targets: Vec<String>,
+    /// The first disk's virtual size, when the clones' is to be bigger (--disk-size).
+    pub disk_size: Option<u64>,
     /// The overlays made so far, which the next linked clones copy.
     pub overlays: images::Overlays,
 }
@@ -115,9 +119,18 @@ pub struct NewFile<'p> {
 
 #[derive(Debug)]
 pub enum Make<'p> {
-    Overlay { disk: &'p SrcDisk },
-    Copy { src: PathBuf },
-    Flatten { src: PathBuf, format: String },
+    Overlay {
+        disk: &'p SrcDisk,
+    },
+    Copy {
+        src: PathBuf,
+    },
+    Flatten {
+        src: PathBuf,
+        format: String,
+    },
+    /// The clone's NoCloud seed image, these bytes.
+    Seed(Vec<u8>),
 }
 
 impl Plan {
@@ -207,8 +220,17 @@ impl Plan {
             xml,
             disks,
             rbd,
-            start: args.start,
+            start: args.start || args.ready.is_some(),
             progress: !args.common.quiet,
+            drop_targets: own
+                .files
+                .iter()
+                .filter_map(|f| match &f.role {
+                    Role::Seed { target } => Some(target.clone()),
+                    _ => None,
+                })
+                .collect(),
+            disk_size: None,
             overlays: Default::default(),
         };
         plan.check_names_free(tpl, names, dest)?;
@@ -351,6 +373,39 @@ impl Plan {
     }
 
     /// The format of a template disk's image.
+    /// The new size of the file with role `role`, when it is the first disk and grows.
+    pub fn size_of(&self, role: &Role) -> Option<u64> {
+        match (role, self.disks.first()) {
+            (Role::Disk { target }, Some(first)) if *target == first.target => self.disk_size,
+            _ => None,
+        }
+    }
+
+    /// The clones' first disk to be `size` bytes: never smaller than the template's.
+    pub fn set_disk_size(&mut self, size: u64) -> Result<()> {
+        let Some(first) = self.disks.first() else {
+            return Err(Error::usage(
+                "--disk-size is for a template whose first disk is a file",
+                "growing an RBD clone's image is not done yet: resize it with 'rbd resize' \
+                 after the clone is made",
+            ));
+        };
+        let now = tpl_common::image::virtual_size(&first.path)?;
+        if size < now {
+            return Err(Error::usage(
+                format!(
+                    "--disk-size {} is smaller than the template's disk {} ({})",
+                    images::human(size),
+                    first.target,
+                    images::human(now)
+                ),
+                "a clone's disk can only grow: give at least the template's size",
+            ));
+        }
+        self.disk_size = (size > now).then_some(size);
+        Ok(())
+    }
+
     pub fn format_of(&self, src: &Path) -> String {
         self.disks
             .iter()
@@ -379,6 +434,7 @@ impl Plan {
                     Make::Flatten { src, .. } => {
                         format!("a flattened copy of '{}'", shown_path(src))
                     }
+                    Make::Seed(_) => "its NoCloud seed".into(),
                 };
                 ctx.info(format!("  {} '{}': {how}", f.role, shown_path(&f.dest)));
             }

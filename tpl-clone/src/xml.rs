@@ -21,6 +21,15 @@ pub struct NewDisk {
     pub rbd: Option<String>,
 }
 
+/// Where a clone's first interface is connected instead of the template's network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Link {
+    /// A libvirt network.
+    Network(String),
+    /// A host bridge.
+    Bridge(String),
+}
+
 /// What differs between the template and one clone.
 #[derive(Debug)]
 pub struct CloneSpec<'a> {
@@ -32,6 +41,18 @@ pub struct CloneSpec<'a> {
     /// The SMBIOS system serial, or None to leave `<sysinfo>` as it is (but for the UUID).
     pub serial: Option<String>,
     pub meta: &'a Meta,
+    /// The first interface's MAC address, chosen before the definition (its seed and its
+    /// DHCP reservation name it); the others get fresh ones.
+    pub first_mac: Option<&'a str>,
+    /// Where the first interface is connected, when not where the template's is.
+    pub link: Option<&'a Link>,
+    pub vcpus: Option<u32>,
+    pub memory_kib: Option<u64>,
+    /// The clone's seed: a read-only raw disk with this target and file.
+    pub seed: Option<(&'a str, &'a Path)>,
+    /// Disks of the template the clone does not get (the template's own seed, when it
+    /// was itself a clone).
+    pub drop_targets: &'a [String],
 }
 
 /// MAC addresses in use on the connection, and the new ones handed out.
@@ -129,9 +150,18 @@ pub fn clone_xml(tpl: &DomainXml, spec: &CloneSpec, macs: &mut Macs) -> Result<D
         c.as_element()
             .is_none_or(|e| e.name != "title" && e.name != "description")
     });
+    set_size(root, spec.vcpus, spec.memory_kib);
     let devices = child_mut(root, "devices");
+    devices.children.retain(|c| {
+        c.as_element().is_none_or(|e| {
+            e.name != "disk" || disk_target(e).is_none_or(|t| !spec.drop_targets.contains(&t))
+        })
+    });
     set_disks(devices, spec.disks);
-    set_interfaces(devices, macs);
+    if let Some((target, path)) = spec.seed {
+        add_seed(devices, target, path);
+    }
+    set_interfaces(devices, macs, spec.first_mac, spec.link);
     set_graphics(devices);
     set_chardevs(devices, spec.template_name, spec.name);
     if let Some(nv) = spec.nvram {
@@ -177,18 +207,86 @@ fn set_disks(devices: &mut Element, disks: &[NewDisk]) {
     }
 }
 
-/// New MAC addresses, and no host-side device name (vnet3, tap-tpl): two domains cannot
-/// have the template's, and libvirt picks a free one when none is given.
-fn set_interfaces(devices: &mut Element, macs: &mut Macs) {
-    for iface in children_named_mut(devices, "interface") {
-        let mac = macs.fresh();
+/// New MAC addresses (the first one `first` when given), and no host-side device name
+/// (vnet3, tap-tpl): two domains cannot have the template's, and libvirt picks a free one
+/// when none is given. The first interface goes to `link` when given.
+fn set_interfaces(
+    devices: &mut Element,
+    macs: &mut Macs,
+    first: Option<&str>,
+    link: Option<&Link>,
+) {
+    for (i, iface) in children_named_mut(devices, "interface").enumerate() {
+        let mac = match first {
+            Some(m) if i == 0 => m.to_string(),
+            _ => macs.fresh(),
+        };
         child_mut(iface, "mac")
             .attributes
             .insert("address".into(), mac);
         iface
             .children
             .retain(|c| c.as_element().is_none_or(|e| e.name != "target"));
+        if let (0, Some(link)) = (i, link) {
+            let (kind, key, name) = match link {
+                Link::Network(n) => ("network", "network", n),
+                Link::Bridge(b) => ("bridge", "bridge", b),
+            };
+            iface.attributes.insert("type".into(), kind.into());
+            let src = child_mut(iface, "source");
+            src.attributes.clear();
+            src.attributes.insert(key.into(), name.clone());
+        }
     }
+}
+
+/// vCPUs and memory, when given. A CPU topology the template fixed would no longer add
+/// up to the vCPUs: it goes, and libvirt gives the vCPUs as sockets.
+fn set_size(root: &mut Element, vcpus: Option<u32>, memory_kib: Option<u64>) {
+    if let Some(n) = vcpus {
+        let v = child_mut(root, "vcpu");
+        v.attributes.shift_remove("current");
+        set_text(v, &n.to_string());
+        if let Some(cpu) = root.get_mut_child("cpu") {
+            cpu.children
+                .retain(|c| c.as_element().is_none_or(|e| e.name != "topology"));
+        }
+    }
+    if let Some(kib) = memory_kib {
+        for name in ["memory", "currentMemory"] {
+            if name == "memory" || root.get_child(name).is_some() {
+                let m = child_mut(root, name);
+                m.attributes.insert("unit".into(), "KiB".into());
+                set_text(m, &kib.to_string());
+            }
+        }
+    }
+}
+
+/// The clone's seed: a read-only raw virtio disk.
+fn add_seed(devices: &mut Element, target: &str, path: &Path) {
+    let mut disk = Element::new("disk");
+    disk.attributes.insert("type".into(), "file".into());
+    disk.attributes.insert("device".into(), "disk".into());
+    let mut drv = Element::new("driver");
+    drv.attributes.insert("name".into(), "qemu".into());
+    drv.attributes.insert("type".into(), "raw".into());
+    let mut src = Element::new("source");
+    src.attributes
+        .insert("file".into(), path.display().to_string());
+    let mut tgt = Element::new("target");
+    tgt.attributes.insert("dev".into(), target.into());
+    tgt.attributes.insert("bus".into(), "virtio".into());
+    for e in [drv, src, tgt, Element::new("readonly")] {
+        disk.children.push(XMLNode::Element(e));
+    }
+    // After the last disk, where libvirt keeps disks.
+    let at = devices
+        .children
+        .iter()
+        .rposition(|c| c.as_element().is_some_and(|e| e.name == "disk"))
+        .map_or(devices.children.len(), |i| i + 1);
+    devices.children.insert(at, XMLNode::Element(disk));
 }
 
 /// Fixed ports and sockets would clash with the template's; libvirt picks new ones.
@@ -356,6 +454,8 @@ mod tests {
                 template_name: "Tpl".into(),
                 mode: tpl_common::record::CloneMode::Full,
                 at: "now".into(),
+                seed: None,
+                reserved: None,
             }),
             ..Default::default()
         };
@@ -374,6 +474,12 @@ mod tests {
             nvram: Some(Path::new("/nv/c1_VARS.fd")),
             serial: Some(nocloud_serial("c1", "iid")),
             meta: &meta,
+            first_mac: None,
+            link: None,
+            vcpus: None,
+            memory_kib: None,
+            seed: None,
+            drop_targets: &[],
         };
         let out = clone_xml(&tpl, &spec, &mut macs).unwrap().to_xml();
         let x = DomainXml::parse(&out).unwrap();
@@ -435,6 +541,12 @@ mod tests {
             nvram: None,
             serial: None,
             meta: &meta,
+            first_mac: None,
+            link: None,
+            vcpus: None,
+            memory_kib: None,
+            seed: None,
+            drop_targets: &[],
         };
         let tpl = DomainXml::parse(tpl).unwrap();
         clone_xml(&tpl, &spec, &mut Macs::default())
@@ -543,6 +655,12 @@ mod tests {
             nvram: None,
             serial: None,
             meta: &meta,
+            first_mac: None,
+            link: None,
+            vcpus: None,
+            memory_kib: None,
+            seed: None,
+            drop_targets: &[],
         };
         let out = clone_xml(&tpl, &spec, &mut Macs::default())
             .unwrap()

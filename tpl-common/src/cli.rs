@@ -170,13 +170,16 @@ impl Ctx {
     /// files, their half-done renames and removals (of domain `held` only, whose lock the
     /// caller holds, or of any domain whose lock is free).
     pub fn recover(&self, s: &Session, held: Option<&str>) {
-        let cleaned = journal::clone::clean_dead(
+        let cleaned = journal::clone::clean_dead_releasing(
             &state::clone_journal_dir(),
             &s.uri,
             |uuid| s.domain_exists(uuid),
             &mut |image, id, client| {
                 let cluster = s.ceph.cluster().map_err(|e| e.to_string())?;
                 crate::rbd::remove_leftover(cluster, image, id, client)
+            },
+            &mut |network, mac, ip| {
+                crate::dhcp::release(&s.conn, &s.uri, network, mac, ip).map_err(|e| e.to_string())
             },
         );
         for what in cleaned.removed {

@@ -228,6 +228,11 @@ impl<'a> Dom<'a> {
             if let Some(src) = &d.rbd {
                 d.backing = self.session.ceph.parent_chain(src).unwrap_or_default();
             }
+            // A clone's seed is read-only to the guest but the clone's own file.
+            let seed = m.clone.as_ref().and_then(|c| c.seed.as_deref());
+            if d.path.is_some() && d.path.as_deref() == seed {
+                d.own = true;
+            }
         }
         Record {
             schema: SCHEMA,
@@ -240,6 +245,7 @@ impl<'a> Dom<'a> {
             template: m.template.clone(),
             clone: m.clone.clone(),
             history: m.history.clone(),
+            ready: None,
         }
     }
 

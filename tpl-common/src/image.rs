@@ -52,6 +52,17 @@ pub fn is_qcow2(path: &Path) -> Result<bool> {
     }
 }
 
+/// The size the guest sees: a qcow2's from its header, any other file's length (raw).
+pub fn virtual_size(path: &Path) -> Result<u64> {
+    let f = File::open(path).ctx("cannot open image", path)?;
+    let mut hdr = [0u8; 32];
+    let n = read_up_to(&f, &mut hdr, 0).ctx("cannot read image", path)?;
+    if n == 32 && be32(&hdr, 0) == QCOW2_MAGIC {
+        return Ok(be64(&hdr, 24));
+    }
+    Ok(f.metadata().ctx("cannot stat", path)?.len())
+}
+
 /// Read the backing file of a qcow2 image from its header; `Ok(None)` for a qcow2 without
 /// one and for any file that is not qcow2.
 pub fn qcow2_backing(path: &Path) -> Result<Option<Qcow2Backing>> {

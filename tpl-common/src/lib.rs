@@ -3,6 +3,7 @@
 pub mod child;
 pub mod cli;
 pub mod dependents;
+pub mod dhcp;
 pub mod dom;
 pub mod domxml;
 pub mod error;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use crate::domxml::children_named;
 use crate::error::{Error, Result};
-use crate::record::{CloneMode, CloneOrigin, Generalized, Method, Step, TemplateState};
+use crate::record::{CloneMode, CloneOrigin, Generalized, Method, Reserved, Step, TemplateState};
 
 /// Our XML namespace inside `<metadata>`; libvirt keys the element by it.
 pub const NS: &str = "urn:x-tpl:template:1";
@@ -85,15 +85,29 @@ impl Meta {
         }
         if let Some(c) = &self.clone {
             let mode = c.mode.as_str().to_string();
-            root.children.push(XMLNode::Element(elem(
+            let seed = c.seed.as_ref().map(|p| p.to_string_lossy().into_owned());
+            let mut e = elem(
                 "clone",
                 &[
                     ("template-uuid", Some(&c.template_uuid)),
                     ("template-name", Some(&c.template_name)),
                     ("mode", Some(&mode)),
                     ("at", Some(&c.at)),
+                    ("seed", seed.as_ref()),
                 ],
-            )));
+            );
+            if let Some(r) = &c.reserved {
+                let ip = r.ip.to_string();
+                e.children.push(XMLNode::Element(elem(
+                    "reserved",
+                    &[
+                        ("network", Some(&r.network)),
+                        ("mac", Some(&r.mac)),
+                        ("ip", Some(&ip)),
+                    ],
+                )));
+            }
+            root.children.push(XMLNode::Element(e));
         }
         if !self.overlays.is_empty() {
             let mut o = Element::new("overlays");
@@ -125,6 +139,24 @@ impl Meta {
         root.write_with_config(&mut out, cfg)
             .expect("writing XML to memory cannot fail");
         String::from_utf8(out).expect("xmltree writes UTF-8")
+    }
+
+    /// Our metadata, from the `<metadata>` of a definition (the element libvirt keys by
+    /// our namespace): the same [`Meta`] that `Dom::meta` reads, without asking libvirt.
+    pub fn of_definition(x: &crate::domxml::DomainXml) -> Result<Meta> {
+        let Some(md) = x.root.get_child("metadata") else {
+            return Ok(Meta::default());
+        };
+        for e in md.children.iter().filter_map(|c| c.as_element()) {
+            if e.namespace.as_deref() == Some(NS) {
+                let mut out = Vec::new();
+                let cfg = xmltree::EmitterConfig::new().write_document_declaration(false);
+                e.write_with_config(&mut out, cfg)
+                    .expect("writing XML to memory cannot fail");
+                return Meta::from_xml(&String::from_utf8_lossy(&out));
+            }
+        }
+        Ok(Meta::default())
     }
 
     pub fn from_xml(xml: &str) -> Result<Meta> {
@@ -168,6 +200,14 @@ impl Meta {
                 mode: CloneMode::parse(&mode)
                     .ok_or_else(|| bad(format!("unknown clone mode {mode:?}")))?,
                 at: get(c, "at").unwrap_or_default(),
+                seed: get(c, "seed").map(PathBuf::from),
+                reserved: c.get_child("reserved").and_then(|r| {
+                    Some(Reserved {
+                        network: get(r, "network")?,
+                        mac: get(r, "mac")?,
+                        ip: get(r, "ip")?.parse().ok()?,
+                    })
+                }),
             });
         }
         if let Some(o) = root.get_child("overlays") {
@@ -232,6 +272,12 @@ mod tests {
             template_name: "T & <x>".into(),
             mode: CloneMode::Linked,
             at: "t".into(),
+            seed: Some("/i/c1 & <x>-cidata.img".into()),
+            reserved: Some(Reserved {
+                network: "tplnet".into(),
+                mac: "52:54:00:01:02:03".into(),
+                ip: "192.168.123.10".parse().unwrap(),
+            }),
         });
         m.overlays.push(Registered {
             path: "/other/c1.qcow2".into(),

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domxml::DomainXml;
 use crate::error::{Error, Result};
+use crate::meta::Meta;
 use crate::record::RbdSource;
 use crate::text::{shown, shown_path};
 
@@ -28,6 +29,9 @@ pub enum Role {
     Disk { target: String },
     /// The UEFI variables file.
     Nvram,
+    /// A clone's NoCloud seed, the read-only disk with this target: tpl-clone made it,
+    /// so it is the clone's own although the guest does not write it.
+    Seed { target: String },
 }
 
 impl fmt::Display for Role {
@@ -35,6 +39,7 @@ impl fmt::Display for Role {
         match self {
             Role::Disk { target } => write!(f, "disk {target}"),
             Role::Nvram => f.write_str("NVRAM"),
+            Role::Seed { target } => write!(f, "seed disk {target}"),
         }
     }
 }
@@ -135,6 +140,27 @@ impl OwnFiles {
                 dev,
                 ino,
             });
+        }
+        // A clone's seed: a read-only file disk, named by the clone's metadata. One that
+        // is gone has nothing left to act on.
+        let seed = Meta::of_definition(x).ok().and_then(|m| m.clone?.seed);
+        if let Some(seed) = seed {
+            if let Some(d) = x
+                .disks()
+                .into_iter()
+                .find(|d| !d.is_writable() && d.path.as_deref() == Some(seed.as_path()))
+            {
+                let role = Role::Seed { target: d.target };
+                if let Some((dev, ino)) = check_file(&refuse, name, action, &role, &seed)? {
+                    out.files.push(OwnFile {
+                        role,
+                        path: seed,
+                        format: Some("raw".into()),
+                        dev,
+                        ino,
+                    });
+                }
+            }
         }
         if let Some(why) = x.nvram_not_a_file() {
             return Err(refuse(format!(
@@ -290,7 +316,12 @@ fn check_file(
 ) -> Result<Option<(u64, u64)>> {
     let m = match fs::symlink_metadata(path) {
         Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound && *role == Role::Nvram => return Ok(None),
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound
+                && matches!(role, Role::Nvram | Role::Seed { .. }) =>
+        {
+            return Ok(None)
+        }
         Err(e) => {
             return Err(Error::failed(
                 format!("cannot {action} domain '{}'", shown(name)),

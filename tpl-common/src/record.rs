@@ -60,6 +60,30 @@ pub struct Record {
     pub clone: Option<CloneOrigin>,
     /// The steps tpl tools applied, oldest first; the last [`crate::meta::MAX_HISTORY`].
     pub history: Vec<Step>,
+    /// What `tpl-clone --ready` saw of a started clone: its addresses and the host keys
+    /// its SSH server presented.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<Ready>,
+}
+
+/// A started clone as `tpl-clone --ready` found it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Ready {
+    /// Its IPv4 addresses, the first interface's first.
+    pub addresses: Vec<std::net::Ipv4Addr>,
+    /// Where they were read: `lease` (libvirt's DHCP), `agent` (the guest agent), `arp`.
+    pub source: String,
+    /// Its SSH host keys, as `ssh-keyscan` printed them (`TYPE BASE64`), with their
+    /// SHA-256 fingerprints: a `known_hosts` line is an address and the key.
+    pub host_keys: Vec<HostKey>,
+}
+
+/// One SSH host key a clone presented.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct HostKey {
+    pub key: String,
+    /// `SHA256:…`, as `ssh-keygen -l` prints it.
+    pub fingerprint: String,
 }
 
 /// libvirt's run state of a domain, in virsh's words.
@@ -117,7 +141,8 @@ pub struct Disk {
     pub readonly: bool,
     pub shareable: bool,
     /// The domain's own file: a writable file disk (not a CD-ROM, not read-only, not
-    /// shareable). What tpl-lock locks, tpl-clone copies and `tpl-rename --disks` renames.
+    /// shareable), or a clone's seed. What tpl-lock locks, tpl-clone copies (not a seed:
+    /// each clone gets its own), `tpl-rename --disks` renames and tpl-rm removes.
     #[serde(default)]
     pub own: bool,
     /// The images under `path`, nearest first, read from the qcow2 headers; for an RBD
@@ -311,6 +336,22 @@ pub struct CloneOrigin {
     pub template_name: String,
     pub mode: CloneMode,
     pub at: String,
+    /// The clone's NoCloud seed (a small read-only vfat disk labelled `cidata`): its own
+    /// file, removed and renamed with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<PathBuf>,
+    /// Its fixed address, reserved for its MAC in a libvirt network's DHCP: its own,
+    /// released when it is removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved: Option<Reserved>,
+}
+
+/// A host entry tpl-clone made in a libvirt network's DHCP for a clone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Reserved {
+    pub network: String,
+    pub mac: String,
+    pub ip: std::net::Ipv4Addr,
 }
 
 /// A linked clone (overlays on the template's images) or a full one (its own copies).

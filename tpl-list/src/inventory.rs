@@ -17,7 +17,7 @@ use tpl_common::dom::Dom;
 use tpl_common::domxml::DomainXml;
 use tpl_common::error::{Error, Result};
 use tpl_common::image::{self, overlays_in, readable_chain, Dependent};
-use tpl_common::meta::{self, Meta, Registered};
+use tpl_common::meta::{Meta, Registered};
 use tpl_common::record::{CloneMode, DiskKind, Record, State};
 use tpl_common::session::{state_of, Session};
 use tpl_common::text::{shown, shown_path};
@@ -143,22 +143,9 @@ fn bulk_states(s: &Session) -> HashMap<String, State> {
     out
 }
 
-/// Our metadata, from the `<metadata>` of a definition (the element libvirt keys by our
-/// namespace): the same [`Meta`] that [`Dom::meta`] reads, without asking libvirt again.
+/// Our metadata, from a definition read in bulk.
 pub fn meta_of(x: &DomainXml) -> Result<Meta> {
-    let Some(md) = x.root.get_child("metadata") else {
-        return Ok(Meta::default());
-    };
-    for e in md.children.iter().filter_map(|c| c.as_element()) {
-        if e.namespace.as_deref() == Some(meta::NS) {
-            let mut out = Vec::new();
-            let cfg = xmltree::EmitterConfig::new().write_document_declaration(false);
-            e.write_with_config(&mut out, cfg)
-                .expect("writing XML to memory cannot fail");
-            return Meta::from_xml(&String::from_utf8_lossy(&out));
-        }
-    }
-    Ok(Meta::default())
+    Meta::of_definition(x)
 }
 
 /// One domain as an item, with what its disks say about missing files.

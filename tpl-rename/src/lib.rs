@@ -224,6 +224,8 @@ fn plan(ctx: &Ctx, dom: &Dom, new: &str) -> Result<Intent> {
                 ext: None,
             },
             Role::Nvram => Naming::Nvram,
+            // NAME-cidata.img, as tpl-clone names it.
+            Role::Seed { .. } => Naming::Host,
         };
         let to = renamed_file(&f.path, &dom.name, new, naming);
         if to.symlink_metadata().is_ok() || moves.iter().any(|m| m.to == Vol::File(to.clone())) {

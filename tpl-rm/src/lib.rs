@@ -407,6 +407,7 @@ impl Remover<'_> {
             name: name.clone(),
             volumes,
             template_uuid: reg.as_ref().map(|t| t.uuid.clone()),
+            reserved: dom.meta()?.clone.and_then(|c| c.reserved),
         };
         let journal = self.commit(&dom, &intent)?;
         // Committed: what is left cannot undo the removal, only fail to tidy up; the

@@ -9,6 +9,8 @@
 //! - `made`: a finished temporary volume is about to be renamed to its final name, with
 //!   its identity (device and inode, image id), so the final volume is removed only if it
 //!   is still that volume (a run that lost a race for a name never removes the winner's);
+//! - `reserved`: a fixed address is about to be reserved for the clone's MAC in a libvirt
+//!   network's DHCP (released again when the clone is not finished);
 //! - `done`: the clone's domain is defined: its volumes are the domain's from now on;
 //! - `undone`: a defined clone is being removed again (its start failed, say), so its
 //!   volumes are the run's to remove once more.
@@ -75,6 +77,13 @@ pub enum Entry {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         client: Option<u64>,
     },
+    /// A fixed address is about to be reserved for the clone's MAC in a libvirt network.
+    Reserved {
+        uuid: String,
+        network: String,
+        mac: String,
+        ip: std::net::Ipv4Addr,
+    },
     Done {
         uuid: String,
     },
@@ -105,15 +114,33 @@ pub fn log_file(j: &mut Journal, uuid: &str, tmp: &Path, final_path: &Path) -> R
     })
 }
 
+/// Releasing a reservation a dead run made: `release(network, mac, ip)` releases it if
+/// it is still there, and says whether it did; an error keeps the journal.
+pub type Release<'a> =
+    &'a mut dyn FnMut(&str, &str, std::net::Ipv4Addr) -> std::result::Result<bool, String>;
+
+/// [`clean_dead_releasing`] of journals that hold no reservation (one that does is kept).
+pub fn clean_dead(
+    dir: &Path,
+    uri: &str,
+    domain_exists: impl FnMut(&str) -> Option<bool>,
+    remove_image: RemoveImage,
+) -> Cleaned {
+    clean_dead_releasing(dir, uri, domain_exists, remove_image, &mut |_, _, _| {
+        Err("no libvirt connection to release it with".into())
+    })
+}
+
 /// Clean every journal in `dir` whose run is dead and whose clones are all on `uri`.
 /// `domain_exists(uuid)` says whether a clone was finished (`None`: cannot tell, keep the
 /// journal for a later run). Returns what was removed and why a journal was kept, for the
 /// messages.
-pub fn clean_dead(
+pub fn clean_dead_releasing(
     dir: &Path,
     uri: &str,
     mut domain_exists: impl FnMut(&str) -> Option<bool>,
     remove_image: RemoveImage,
+    release: Release,
 ) -> Cleaned {
     let mut done = Cleaned::default();
     let notes = super::recover_each::<Entry>(dir, KIND, |entries, pid, path| {
@@ -130,7 +157,13 @@ pub fn clean_dead(
             )]);
         }
         let mut removed = Vec::new();
-        let r = clean_one(entries, &mut domain_exists, remove_image, &mut removed);
+        let r = clean_one(
+            entries,
+            &mut domain_exists,
+            remove_image,
+            release,
+            &mut removed,
+        );
         done.removed.extend(removed);
         match r {
             Ok(()) => Verdict::Done(vec![]),
@@ -150,6 +183,7 @@ fn clean_one(
     entries: &[Entry],
     domain_exists: &mut impl FnMut(&str) -> Option<bool>,
     remove_image: RemoveImage,
+    release: Release,
     removed: &mut Vec<String>,
 ) -> Result<(), String> {
     // In journal order: a clone undone after it was done is unfinished again.
@@ -183,6 +217,33 @@ fn clean_one(
             }
         }
         for f in entries {
+            if let Entry::Reserved {
+                uuid: u,
+                network,
+                mac,
+                ip,
+            } = f
+            {
+                if u == uuid {
+                    let released = release(network, mac, *ip).map_err(|e| {
+                        format!(
+                            "cannot release {ip} of unfinished clone '{}' in the network '{}' \
+                             yet: {e}",
+                            crate::text::shown(name),
+                            crate::text::shown(network)
+                        )
+                    })?;
+                    if released {
+                        removed.push(format!(
+                            "the reservation of {ip} for {mac} in the network '{}' of \
+                             unfinished clone '{}'",
+                            crate::text::shown(network),
+                            crate::text::shown(name)
+                        ));
+                    }
+                }
+                continue;
+            }
             let (vol, id, client, what) = match f {
                 Entry::Tmp {
                     uuid: u,
@@ -269,6 +330,7 @@ fn check_shape(entries: &[Entry], pid: u32) -> Result<(), String> {
                 );
                 kind_ok && vol.is_well_formed() && tmp_of(uuid, vol)
             }
+            Entry::Reserved { mac, .. } => is_mac(mac),
             Entry::Clone { .. } | Entry::Done { .. } | Entry::Undone { .. } => true,
         };
         if !ok {
@@ -280,6 +342,15 @@ fn check_shape(entries: &[Entry], pid: u32) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A MAC address as libvirt writes one: six pairs of hex digits, `:`-separated.
+fn is_mac(m: &str) -> bool {
+    let parts: Vec<&str> = m.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// The pid of the run whose temporary file `name` is, if that run is on `host`. None for

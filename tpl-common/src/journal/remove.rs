@@ -45,7 +45,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{attr_unsupported, fsync_dir, is_immutable, rename_noreplace, set_immutable};
 use crate::lock::DomainLock;
 use crate::ownfiles::{OwnFile, OwnRbd, Role};
-use crate::record::DomainRef;
+use crate::record::{DomainRef, Reserved};
 use crate::session::Session;
 use crate::text::{shown, shown_path};
 use crate::volume::{Identity, Vol};
@@ -65,6 +65,10 @@ pub struct Intent {
     /// The template whose metadata registers this domain's overlays (a linked clone's
     /// template), to drop the registration from once the domain is gone.
     pub template_uuid: Option<String>,
+    /// A clone's fixed address, reserved in a libvirt network's DHCP: released after the
+    /// commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved: Option<Reserved>,
 }
 
 /// An intent as any release wrote it: before 0.19, `files` and `images` apart.
@@ -76,6 +80,8 @@ struct IntentOnDisk {
     #[serde(alias = "files")]
     volumes: Vec<Doomed>,
     template_uuid: Option<String>,
+    #[serde(default)]
+    reserved: Option<Reserved>,
     #[serde(default)]
     images: Vec<OldImage>,
 }
@@ -115,6 +121,7 @@ impl From<IntentOnDisk> for Intent {
             name: d.name,
             volumes,
             template_uuid: d.template_uuid,
+            reserved: d.reserved,
         }
     }
 }
@@ -524,6 +531,11 @@ impl Intent {
                 r.problems.push(e.to_string());
             }
         }
+        if let Some(res) = &self.reserved {
+            if let Err(e) = crate::dhcp::release(&s.conn, &s.uri, &res.network, &res.mac, res.ip) {
+                r.problems.push(e.to_string());
+            }
+        }
         r
     }
 
@@ -707,6 +719,7 @@ mod tests {
                 doomed(d, "c1_VARS.fd", Role::Nvram),
             ],
             template_uuid: None,
+            reserved: None,
         }
     }
 

@@ -188,7 +188,9 @@ impl Move {
     /// and the disk.
     fn named_by(&self, x: &crate::domxml::DomainXml) -> (Option<Vol>, Option<crate::record::Disk>) {
         let disk = match &self.role {
-            Role::Disk { target } => x.disks().into_iter().find(|d| &d.target == target),
+            Role::Disk { target } | Role::Seed { target } => {
+                x.disks().into_iter().find(|d| &d.target == target)
+            }
             Role::Nvram => None,
         };
         let now = match (&self.role, &disk) {
@@ -294,12 +296,14 @@ impl Intent {
                     let image = want.leaf().unwrap_or_default();
                     x.set_rbd_image(target, image, snap.as_deref())?
                 }
-                (Role::Disk { target }, Vol::File(p)) => x.set_disk_path(target, p)?,
+                (Role::Disk { target } | Role::Seed { target }, Vol::File(p)) => {
+                    x.set_disk_path(target, p)?
+                }
                 (Role::Nvram, Vol::File(p)) => x.set_nvram(p)?,
-                (Role::Nvram, Vol::Rbd(_)) => {
+                (Role::Nvram | Role::Seed { .. }, Vol::Rbd(_)) => {
                     return Err(Error::failed(
-                        format!("cannot point the NVRAM at '{}'", want.shown()),
-                        "an NVRAM is a file",
+                        format!("cannot point the {} at '{}'", m.role, want.shown()),
+                        "it is a file",
                     ))
                 }
             }
@@ -307,6 +311,26 @@ impl Intent {
         }
         if changed {
             dom.redefine(&x)?;
+        }
+        // The clone's metadata names its seed: it follows the file (a step of its own,
+        // done again by a recovery that finds it undone).
+        for m in self
+            .moves
+            .iter()
+            .filter(|m| matches!(m.role, Role::Seed { .. }))
+        {
+            let Vol::File(want) = (if forward { &m.to } else { &m.from }) else {
+                continue;
+            };
+            let mut meta = dom.meta()?;
+            if let Some(c) = meta
+                .clone
+                .as_mut()
+                .filter(|c| c.seed.as_ref() != Some(want))
+            {
+                c.seed = Some(want.clone());
+                dom.set_meta(&meta)?;
+            }
         }
         Ok(())
     }

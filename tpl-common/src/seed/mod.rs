@@ -193,3 +193,40 @@ pub fn build(spec: &SeedSpec) -> Result<Vec<u8>, SeedError> {
     let files = seed_files(spec)?;
     vfat::image(&files, vfat::volume_id(&spec.instance_id)).map_err(SeedError::Image)
 }
+
+impl From<SeedError> for crate::error::Error {
+    /// Bad input is a usage error (exit 2), with the file and what to do; an image that
+    /// cannot be written in memory is a failure (exit 1).
+    fn from(e: SeedError) -> Self {
+        use crate::error::Error;
+        match e {
+            SeedError::Unreadable { what, path, source } => Error::usage(
+                format!("cannot read the {what} '{}'", shown_path(&path)),
+                source.to_string(),
+            ),
+            SeedError::PrivateKey { path } => Error::usage(
+                format!("'{}' is a private key", shown_path(&path)),
+                "a private key is never copied into a seed: pass the public key, the .pub \
+                 file ssh-keygen wrote beside it",
+            ),
+            SeedError::NotPublicKey { path, line, why } => Error::usage(
+                format!(
+                    "'{}'{} is not an OpenSSH public key",
+                    shown_path(&path),
+                    line.map(|l| format!(" line {l}")).unwrap_or_default()
+                ),
+                why,
+            ),
+            SeedError::UserData { path, line, why } => Error::usage(
+                format!(
+                    "'{}'{} is not cloud-config user-data",
+                    shown_path(&path),
+                    line.map(|l| format!(" line {l}")).unwrap_or_default()
+                ),
+                why,
+            ),
+            SeedError::Invalid { what, why } => Error::usage(what, why),
+            SeedError::Image(e) => Error::failed("cannot make the seed image", e.to_string()),
+        }
+    }
+}
