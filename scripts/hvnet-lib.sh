@@ -116,6 +116,14 @@ self_and_ancestors() {
   done
 }
 
+# Is pid $1 alive? A zombie is not: the daemons' children are reparented to pid 1,
+# which on these machines reaps them only seconds later.
+alive() {
+  local st
+  st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null) || return 1
+  [ -n "$st" ] && [ "${st%% *}" != Z ]
+}
+
 # Signal the given pids and wait until they are gone (SIGKILL after $2 s).
 stop_pids() {  # "PIDS" seconds
   local pids=$1 t=$2 p left
@@ -124,7 +132,7 @@ stop_pids() {  # "PIDS" seconds
   kill -TERM $pids 2>/dev/null || true
   for _ in $(seq $((t * 10))); do
     left=""
-    for p in $pids; do [ -d "/proc/$p" ] && left="$left $p"; done
+    for p in $pids; do alive "$p" && left="$left $p"; done
     [ -z "$left" ] && return 0
     sleep 0.1
   done
@@ -133,7 +141,7 @@ stop_pids() {  # "PIDS" seconds
   kill -KILL $left 2>/dev/null || true
   for _ in $(seq 50); do
     left=""
-    for p in $pids; do [ -d "/proc/$p" ] && left="$left $p"; done
+    for p in $pids; do alive "$p" && left="$left $p"; done
     [ -z "$left" ] && return 0
     sleep 0.1
   done
