@@ -219,6 +219,10 @@ EOF
   printf '[Journal]\nStorage=volatile\n' > "$r/etc/systemd/journald.conf.d/tpl.conf"
   # an installed VM's identity, for virt-sysprep to remove
   [ -s "$r/etc/machine-id" ] || { head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n'; echo; } > "$r/etc/machine-id"
+  # systemd saves one at every boot and shutdown (virt-sysprep replaces it)
+  mkdir -p "$r/var/lib/systemd"
+  head -c 512 /dev/urandom > "$r/var/lib/systemd/random-seed"
+  chmod 600 "$r/var/lib/systemd/random-seed"
   ls "$r"/etc/ssh/ssh_host_*_key >/dev/null 2>&1 || die "openssh-server made no host keys in the image"
   # smaller: no .debs, no package lists, no documentation or translations (dpkg keeps
   # them out of later installs too), no kernel modules for hardware a VM never has
