@@ -12,7 +12,9 @@
 # Environment: TPL_HVNET_DIR (hvnet-lib.sh), TPL_DEBIAN_CACHE (build-debian.sh),
 # SMOKE_DISK_SIZE (overlay's virtual size, default 3G), SMOKE_TIMEOUT (seconds to
 # wait for the lease and for ssh, default 300), KEEP_HVNET, KEEP_WORK=1 (keep the
-# work directory with the console log).
+# work directory with the console log), SMOKE_IMAGE=DISK.qcow2 (boot an overlay of this
+# image instead, e.g. a template tpl-generalize made from the Debian guest; its kernel
+# and initrd are DISK-without-.qcow2.vmlinuz and .initrd, as build-debian.sh writes them).
 # Must run as root.
 set -euo pipefail
 PROG=hvnet-smoke
@@ -60,12 +62,21 @@ t_up=$(secs "$t" "$(now)")
 log "hvnet is up (${t_up}s)"
 
 t=$(now)
-"$ROOT/tests/guest/build-debian.sh" "$W/debian.qcow2" 2>"$W/build.log" || { cat "$W/build.log" >&2; die "build-debian.sh failed"; }
+if [ -n "${SMOKE_IMAGE:-}" ]; then
+  IMG=$(readlink -f "$SMOKE_IMAGE")
+  [ -f "$IMG" ] || die "SMOKE_IMAGE $SMOKE_IMAGE is not a file"
+  KERNEL=${IMG%.qcow2}.vmlinuz INITRD=${IMG%.qcow2}.initrd
+  [ -f "$KERNEL" ] && [ -f "$INITRD" ] || die "no $KERNEL and $INITRD beside SMOKE_IMAGE"
+  cached=given
+else
+  "$ROOT/tests/guest/build-debian.sh" "$W/debian.qcow2" 2>"$W/build.log" || { cat "$W/build.log" >&2; die "build-debian.sh failed"; }
+  IMG=$W/debian.qcow2 KERNEL=$W/debian.vmlinuz INITRD=$W/debian.initrd
+  cached=built; grep -q '] cached: ' "$W/build.log" && cached=cached
+fi
 t_build=$(secs "$t" "$(now)")
-cached=built; grep -q '] cached: ' "$W/build.log" && cached=cached
-log "Debian image ready (${t_build}s, $cached): $(qemu-img info --output=json "$W/debian.qcow2" | python3 -c 'import json,sys; i=json.load(sys.stdin); print("virtual %.1f GiB, file %.0f MiB" % (i["virtual-size"]/2**30, i["actual-size"]/2**20))')"
+log "Debian image ready (${t_build}s, $cached): $IMG, $(qemu-img info --output=json "$IMG" | python3 -c 'import json,sys; i=json.load(sys.stdin); print("virtual %.1f GiB, file %.0f MiB" % (i["virtual-size"]/2**30, i["actual-size"]/2**20))')"
 
-qemu-img create -q -f qcow2 -F qcow2 -b "$W/debian.qcow2" "$W/overlay.qcow2" "$DISK_SIZE"
+qemu-img create -q -f qcow2 -F qcow2 -b "$IMG" "$W/overlay.qcow2" "$DISK_SIZE"
 ssh-keygen -q -t ed25519 -N '' -C "tpl-smoke" -f "$W/id"
 mkdir "$W/seed"
 cat > "$W/seed/user-data" <<EOF
@@ -82,7 +93,7 @@ xorriso -as mkisofs -quiet -V cidata -J -R -o "$W/seed.iso" "$W/seed/user-data" 
   die "xorriso could not make the seed ISO"
 
 seed="<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='$W/seed.iso'/><target dev='vdb' bus='virtio'/><readonly/></disk>"
-sed -e "s|@NAME@|$NAME|" -e "s|@KERNEL@|$W/debian.vmlinuz|" -e "s|@INITRD@|$W/debian.initrd|" \
+sed -e "s|@NAME@|$NAME|" -e "s|@KERNEL@|$KERNEL|" -e "s|@INITRD@|$INITRD|" \
     -e "s|@DISK@|$W/overlay.qcow2|" -e "s|@CONSOLE@|$W/console.log|" -e "s|@EXTRA@|$seed|" \
     "$ROOT/tests/guest/debian-domain.xml" > "$W/domain.xml"
 virsh -q -c "$URI" define "$W/domain.xml" >/dev/null
@@ -119,6 +130,15 @@ log "ssh login as tplsmoke@$ip after ${t_ssh}s ($n failed tries before)"
 got=$("$HERE/hvnet-exec.sh" ssh "${sshopts[@]}" "tplsmoke@$ip" hostname)
 [ "$got" = "$NAME" ] || die "the guest says its hostname is '$got', not $NAME"
 ssh-keygen -l -f "$W/known_hosts" | sed "s/^/$PROG: host key /"
+# the guest agent answers (tpl may read addresses through it)
+agent=""
+for _ in $(seq 60); do
+  agent=$(virsh -q -c "$URI" domifaddr "$NAME" --source agent 2>/dev/null | awk '$1 != "lo" && $3 == "ipv4" { print $1 " " $4 }') || true
+  [ -n "$agent" ] && break
+  sleep 0.5
+done
+[ -n "$agent" ] || die "the guest agent does not answer (virsh domifaddr $NAME --source agent)"
+log "guest agent: $agent"
 cat <<EOF
 $PROG: TIMES hvnet-up ${t_up}s, image ${t_build}s ($cached), start-to-lease ${t_lease}s, start-to-ssh ${t_ssh}s
 EOF
