@@ -12,6 +12,7 @@
 # this way reaches hvnet's libvirtd at its usual URI, and the guests by address).
 # CMD's exit status is this command's. Must run as root.
 set -euo pipefail
+# shellcheck disable=SC2034  # used by die in hvnet-lib.sh
 PROG=hvnet-exec
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=hvnet-lib.sh

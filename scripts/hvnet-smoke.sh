@@ -66,7 +66,7 @@ if [ -n "${SMOKE_IMAGE:-}" ]; then
   IMG=$(readlink -f "$SMOKE_IMAGE")
   [ -f "$IMG" ] || die "SMOKE_IMAGE $SMOKE_IMAGE is not a file"
   KERNEL=${IMG%.qcow2}.vmlinuz INITRD=${IMG%.qcow2}.initrd
-  [ -f "$KERNEL" ] && [ -f "$INITRD" ] || die "no $KERNEL and $INITRD beside SMOKE_IMAGE"
+  if [ ! -f "$KERNEL" ] || [ ! -f "$INITRD" ]; then die "no $KERNEL and $INITRD beside SMOKE_IMAGE"; fi
   cached=given
 else
   "$ROOT/tests/guest/build-debian.sh" "$W/debian.qcow2" 2>"$W/build.log" || { cat "$W/build.log" >&2; die "build-debian.sh failed"; }
@@ -125,6 +125,7 @@ until "$HERE/hvnet-exec.sh" ssh "${sshopts[@]}" "tplsmoke@$ip" true 2>"$W/ssh.er
 done
 t_ssh=$(secs "$t0" "$(now)")
 log "ssh login as tplsmoke@$ip after ${t_ssh}s ($n failed tries before)"
+# shellcheck disable=SC2016  # expanded by the guest's shell
 "$HERE/hvnet-exec.sh" ssh "${sshopts[@]}" "tplsmoke@$ip" 'echo "hostname: $(hostname)"; df -h /; echo "cloud-init: $(cloud-init status 2>/dev/null)"' |
   sed "s/^/$PROG:   | /"
 got=$("$HERE/hvnet-exec.sh" ssh "${sshopts[@]}" "tplsmoke@$ip" hostname)

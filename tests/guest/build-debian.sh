@@ -48,7 +48,7 @@ log() { printf '%s: [%6s] %s\n' "$PROG" "$(elapsed)" "$*" >&2; }
 die() { printf '%s: ERROR: %s (after %s)\n' "$PROG" "$*" "$(elapsed)" >&2; exit 1; }
 usage() { echo "usage: $0 OUT.qcow2 [SIZE] | $0 --cached [SIZE]" >&2; exit 2; }
 
-[ $# -ge 1 ] && [ $# -le 2 ] || usage
+if [ $# -lt 1 ] || [ $# -gt 2 ]; then usage; fi
 OUT=$1
 SIZE=${2:-2G}
 [ -n "$OUT" ] || usage
@@ -101,9 +101,9 @@ build() {
 
   # Everything that mounts (debootstrap's /proc, our /dev, the .deb cache) runs in a
   # private mount namespace: whatever happens, no mount is left on the host.
-  local pkgs="systemd-sysv udev kmod linux-image-amd64 initramfs-tools zstd openssh-server
+  local pkgs=(systemd-sysv udev kmod linux-image-amd64 initramfs-tools zstd openssh-server
     cloud-init qemu-guest-agent cloud-guest-utils fdisk e2fsprogs sudo iproute2 netbase
-    ca-certificates less"
+    ca-certificates less)
   # shellcheck disable=SC2016  # the inner script's variables are its own
   unshare --mount --propagation private -- /bin/bash -euo pipefail -c '
     r=$1 mirror=$2 debs=$3 pkgs=$4
@@ -126,18 +126,18 @@ build() {
       -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold $pkgs >"$r.apt.log" 2>&1 ||
       { tail -30 "$r.apt.log" >&2; echo "apt-get install in the chroot failed (log above)" >&2; exit 1; }
     rm -f "$r/usr/sbin/policy-rc.d"
-  ' debian "$r" "$mirror" "$CACHE/debs" "$(echo $pkgs)" || die "installing Debian into $r failed"
+  ' debian "$r" "$mirror" "$CACHE/debs" "${pkgs[*]}" || die "installing Debian into $r failed"
   log "debootstrap + packages done"
 
   configure "$r"
 
   # kernel and initrd, copied out for direct kernel boot (and left in /boot)
   local k i
-  k=$(ls "$r"/boot/vmlinuz-* 2>/dev/null | tail -n1)
-  i=$(ls "$r"/boot/initrd.img-* 2>/dev/null | tail -n1)
-  [ -n "$k" ] && [ -n "$i" ] || die "no kernel or initrd in the image's /boot"
-  cp "$k" "$tmp/vmlinuz"
-  cp "$i" "$tmp/initrd.img"
+  k=("$r"/boot/vmlinuz-*) i=("$r"/boot/initrd.img-*)
+  [ ${#k[@]} = 1 ] && [ -f "${k[0]}" ] && [ ${#i[@]} = 1 ] && [ -f "${i[0]}" ] ||
+    die "not one kernel and one initrd in the image's /boot: ${k[*]} ${i[*]}"
+  cp "${k[0]}" "$tmp/vmlinuz"
+  cp "${i[0]}" "$tmp/initrd.img"
 
   # the disk: one partition from 1 MiB to the end holding an ext4 made from the tree
   local bytes fsbytes
@@ -159,6 +159,20 @@ start=2048, type=83, bootable' | sfdisk -q "$tmp/disk.raw" >/dev/null
   mv "$tmp" "$C"
   trap - EXIT
   log "built $DISK ($(du -h "$DISK" | cut -f1) allocated, virtual $SIZE), kernel and initrd beside it"
+  prune
+}
+
+# Images of other versions of this script (other keys) unused for a day are deleted
+# (about 500 MB each), unless a build-debian holds their lock.
+prune() {
+  local d k
+  for d in "$CACHE"/????????????????; do
+    k=${d##*/}
+    [ "$k" != "$KEY" ] && [ -d "$d" ] || continue
+    [ -z "$(find "$d" -maxdepth 0 -mmin -1440)" ] || continue
+    ( flock -n 7 || exit 0; rm -rf "$d"; rm -f "$CACHE/$k.lock" ) 7>"$CACHE/$k.lock"
+    [ -d "$d" ] || log "deleted the unused image of another version: $d"
+  done
 }
 
 # The guest's configuration, written into the tree before the file system is made.
@@ -251,6 +265,7 @@ mkdir -p "$CACHE"
 exec 8>"$CACHE/$KEY.lock"
 flock -w 1800 8 || die "another build-debian holds $CACHE/$KEY.lock"
 if [ -s "$DISK" ] && [ -s "$KERNEL" ] && [ -s "$INITRD" ]; then
+  touch "$C"   # its last use, for prune
   log "cached: $C"
 else
   build
