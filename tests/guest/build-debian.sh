@@ -35,11 +35,13 @@
 # networkd (10-cloud-init-*.network, which comes first and so wins).
 #
 # The result is cached in $TPL_DEBIAN_CACHE (default /var/tmp/tpl-debian), keyed by
-# a hash of this script and SIZE, so a second call only copies; it is built in a
-# temporary directory and renamed into place: complete or absent. Downloaded .debs
-# are kept in $TPL_DEBIAN_CACHE/debs for the next build. Mirror: the one of apt's
+# a hash of this script (its comment lines left out) and SIZE, so a second call only
+# copies; it is built in a temporary directory and renamed into place: complete or
+# absent. Downloaded .debs
+# are kept in $TPL_DEBIAN_CACHE/debs for the next build; the image of another version
+# of this script, unused for a day, is deleted after a build. Mirror: the one of apt's
 # bookworm sources on this machine, or $TPL_DEBIAN_MIRROR. Must run as root (about
-# 4-8 minutes the first time; see docs/ENVIRONMENT.md).
+# 1-1.5 minutes the first time here; see docs/ENVIRONMENT.md).
 set -euo pipefail
 PROG=build-debian
 T0=${EPOCHREALTIME/./}
@@ -59,7 +61,8 @@ CACHE=${TPL_DEBIAN_CACHE:-/var/tmp/tpl-debian}
 case "$CACHE" in /*) ;; *) die "TPL_DEBIAN_CACHE must be an absolute path: $CACHE" ;; esac
 
 SELF=$(readlink -f "${BASH_SOURCE[0]}")
-KEY=$( { cat "$SELF"; echo "size=$SIZE"; } | sha256sum | cut -c1-16)
+# the key: the script without its comment lines (a comment edit rebuilds nothing), and SIZE
+KEY=$( { grep -v "^[[:space:]]*#" "$SELF"; echo "size=$SIZE"; } | sha256sum | cut -c1-16)
 C=$CACHE/$KEY
 DISK=$C/debian.qcow2 KERNEL=$C/vmlinuz INITRD=$C/initrd.img
 
