@@ -25,6 +25,12 @@ CHECK = /usr/bin/qemu-system-x86_64 /usr/sbin/libvirtd /usr/bin/virsh /usr/bin/v
 PKGS  += librbd-dev librados-dev strace time
 CHECK += /usr/lib/x86_64-linux-gnu/librbd.so /usr/lib/x86_64-linux-gnu/librados.so \
          /usr/bin/strace /usr/bin/time
+# The network rig of issue 20 (scripts/hvnet-up.sh, tests/guest/build-debian.sh): iptables for
+# tplnet's NAT (inside hvnet's namespace), iproute2 and util-linux for the namespace,
+# debootstrap and fdisk to build the Debian guest, xorriso for NoCloud seeds, ssh to log in.
+PKGS  += debootstrap fdisk xorriso openssh-client iptables iproute2 util-linux
+CHECK += /usr/sbin/debootstrap /sbin/sfdisk /usr/bin/xorriso /usr/bin/ssh /usr/sbin/iptables \
+         /usr/bin/ip /usr/bin/nsenter
 
 # The cloud-init seed (issue 20): its tests read the built vfat image back with mtools and
 # fsck.fat, fingerprint keys with ssh-keygen, and run cloud-init's own NoCloud code on it
@@ -47,7 +53,7 @@ CEPH_TEST_CONF = $(TPL_CEPH_DIR)/ceph.conf
 BINS = tpl-generalize tpl-lock tpl-rename tpl-clone tpl-list tpl-rm
 
 .PHONY: all deps libvirtd build test demo install refresh bench clean
-.PHONY: ceph hv2
+.PHONY: ceph hv2 hvnet hvnet-smoke debian-guest
 
 all: build
 
@@ -88,6 +94,24 @@ ceph: libvirtd
 # only: no authentication). Stop it with scripts/hv2-down.sh.
 hv2: libvirtd
 	scripts/hv2-up.sh
+
+# The hypervisor of the network tests (issue 20, scripts/hvnet-up.sh): a libvirtd in its own
+# network + mount namespace with a NAT network tplnet (192.168.123.0/24, DHCP) that exists
+# only in that namespace; reached through its unix socket only,
+# qemu+unix:///system?socket=/var/lib/tpl-hvnet/run/libvirt/libvirt-sock, and its guests only
+# from inside the namespace (scripts/hvnet-exec.sh CMD). Stop it with scripts/hvnet-down.sh.
+hvnet: deps
+	scripts/hvnet-up.sh
+
+# The Debian 12 test guest (tests/guest/build-debian.sh): built once with debootstrap (about
+# 1-2 minutes), then cached under /var/tmp/tpl-debian; prints the disk, kernel and initrd.
+debian-guest: deps
+	tests/guest/build-debian.sh --cached
+
+# Check the rig by hand: the Debian guest booted on hvnet with a NoCloud seed, ssh from inside
+# the namespace (scripts/hvnet-smoke.sh; about 1-2 minutes with the image cached).
+hvnet-smoke: deps
+	scripts/hvnet-smoke.sh
 
 # Every test: unit tests and the workspace tests against the real libvirtd and Ceph.
 # Prerequisites run in this order: packages, libvirtd, the build that needs them, then the
