@@ -124,15 +124,16 @@ hvnet-smoke: deps
 # Ceph cluster. The cluster is stopped at the end, the tests passing or not (an interrupt
 # too), unless KEEP_CEPH=1; the exit status is the tests'. The output is kept in
 # target/test.log, and why each failed test failed is printed again at the end.
-test: deps libvirtd build ceph hv2
+test: deps libvirtd build ceph hv2 hvnet debian-guest
 	@status=0; \
-	trap 'echo "make test: interrupted; stopping the Ceph cluster and hv2" >&2; scripts/hv2-down.sh >&2; scripts/ceph-down.sh >&2; exit 130' INT TERM HUP; \
+	trap 'echo "make test: interrupted; stopping the Ceph cluster, hv2 and hvnet" >&2; scripts/hv2-down.sh >&2; scripts/hvnet-down.sh >&2; scripts/ceph-down.sh >&2; exit 130' INT TERM HUP; \
 	rm -f target/test.status; \
 	{ CEPH_CONF=$(CEPH_TEST_CONF) $(CARGO) test --workspace --no-fail-fast 2>&1 || echo $$? > target/test.status; } | tee target/test.log; \
 	if [ -s target/test.status ]; then status=$$(cat target/test.status); scripts/test-failures.sh target/test.log; fi; \
 	rm -f target/test.status; \
 	trap - INT TERM HUP; \
 	scripts/hv2-down.sh >/dev/null || { echo "make test: hv2 did not stop" >&2; [ $$status != 0 ] || status=1; }; \
+	scripts/hvnet-down.sh >/dev/null || { echo "make test: hvnet did not stop" >&2; [ $$status != 0 ] || status=1; }; \
 	if [ "$(KEEP_CEPH)" = 1 ]; then \
 	  echo "make test: the Ceph cluster keeps running (KEEP_CEPH=1): export CEPH_CONF=$(CEPH_TEST_CONF); stop it with scripts/ceph-down.sh"; \
 	else \

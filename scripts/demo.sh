@@ -50,6 +50,8 @@ fi
 vm=demo-vm
 tpl=TplDemo
 clones=(demo-web1 demo-web2 demo-full1)
+# A clone ready to work: a user of the demo's, with a key the demo makes.
+ready=demo-ready1
 
 say() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
 v() { virsh -q -c "$uri" "$@"; }
@@ -94,7 +96,7 @@ while IFS= read -r d; do
   c=$(classify "$d") || c="other its definition cannot be read"
   [ "$c" != gone ] || continue
   named=no
-  for n in "$vm" "$tpl" "${clones[@]}"; do [ "$d" = "$n" ] && named=yes; done
+  for n in "$vm" "$tpl" "${clones[@]}" "$ready"; do [ "$d" = "$n" ] && named=yes; done
   if [ $named = yes ]; then
     if [ "${c%% *}" = demo ]; then ours+=("$d"); continue; fi
     echo "demo: error: a domain named '$d' exists and is not the demo's (${c#* }); the demo needs that name. Nothing was changed: remove or rename '$d' yourself, then run the demo again." >&2
@@ -208,6 +210,20 @@ if [ "$storage" = rbd ]; then
     [ "$parent" = "$want" ] || { echo "demo: $pool/$c stands on '$parent', not '$want'" >&2; exit 1; }
   done
 fi
+
+say "tpl-clone $tpl $ready --user demo --ssh-key $dir/demo_key.pub: a clone its user logs in to with their own key"
+ssh-keygen -q -t ed25519 -N '' -C 'tpl demo' -f "$dir/demo_key"
+tpl-clone "$tpl" "$ready" --user demo --ssh-key "$dir/demo_key.pub" --dir "$dir" | tee "$dir/ready.json"
+seed=$(python3 -c 'import json, sys; print(json.load(sys.stdin)["clone"]["seed"])' < "$dir/ready.json")
+# What the clone's first boot reads (cloud-init, or tpl's first-boot action without it):
+# read back from the seed by mtools, and checked against the key the demo made.
+echo "  its seed $seed: label '$(blkid -o value -s LABEL "$seed")', $(stat -c '%a %U:%G' "$seed")" >&2
+echo "  user: $(mtype -i "$seed" ::tpl-user)" >&2
+echo "  key:  $(mtype -i "$seed" ::tpl-authorized_keys)" >&2
+mtype -i "$seed" ::tpl-authorized_keys | grep -qF "$(cut -d' ' -f2 "$dir/demo_key.pub")" || {
+  echo "demo: the seed of $ready does not hold the demo's key" >&2; exit 1; }
+echo "  (the demo's busybox guest runs no SSH server: the network tests boot a Debian clone on" >&2
+echo "   hvnet with --ready=ssh and log in with the key: make test, tests/tests/network.rs)" >&2
 
 say "booting each clone once"
 boot "${clones[@]}"

@@ -1636,3 +1636,63 @@ pub fn ghost_watch_kept(stderr: &str) -> bool {
                 )
         })
 }
+
+// ------------------------------------------------------------ the network rig (issue 20)
+
+/// hvnet's state directory (scripts/hvnet-up.sh).
+pub fn hvnet_dir() -> PathBuf {
+    std::env::var_os("TPL_HVNET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/tpl-hvnet"))
+}
+
+/// The URI of hvnet, the hypervisor in its own network namespace whose NAT network
+/// `tplnet` the network tests use. Its guests are reached only inside that namespace.
+pub fn hvnet_uri() -> String {
+    let sock = hvnet_dir().join("run/libvirt/libvirt-sock");
+    assert!(
+        sock.exists(),
+        "hvnet is not running ({} is missing): make hvnet, or make test",
+        sock.display()
+    );
+    format!("qemu+unix:///system?socket={}", sock.display())
+}
+
+/// `CMD ARGS` inside hvnet's network namespace (scripts/hvnet-exec.sh): the only way a
+/// test talks to a guest's address.
+pub fn in_hvnet(prog: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(workspace().join("scripts/hvnet-exec.sh"));
+    test_env(&mut c).arg(prog).args(args);
+    c
+}
+
+/// Run a tpl tool inside hvnet's network namespace (it then reaches the guests, as
+/// `--ready=ssh` must), stdin /dev/null.
+pub fn run_in_hvnet(name: &str, args: &[&str]) -> Run {
+    let out = in_hvnet(&bin(name), args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {name} in hvnet: {e}"));
+    Run::from_output(name, out)
+}
+
+/// `virsh -c hvnet ARGS`, which must succeed.
+pub fn virsh_hvnet(args: &[&str]) -> String {
+    let uri = hvnet_uri();
+    let mut a = vec!["-c", uri.as_str()];
+    a.extend_from_slice(args);
+    sh("virsh", &a)
+}
+
+/// The cached Debian 12 test guest (tests/guest/build-debian.sh): disk, kernel, initrd.
+pub fn debian_image() -> &'static (PathBuf, PathBuf, PathBuf) {
+    static IMAGE: std::sync::OnceLock<(PathBuf, PathBuf, PathBuf)> = std::sync::OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let out =
+            succeed(Command::new(workspace().join("tests/guest/build-debian.sh")).arg("--cached"));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let paths: Vec<PathBuf> = text.split_whitespace().map(PathBuf::from).collect();
+        assert_eq!(paths.len(), 3, "build-debian.sh --cached printed {text:?}");
+        (paths[0].clone(), paths[1].clone(), paths[2].clone())
+    })
+}
