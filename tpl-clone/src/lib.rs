@@ -49,6 +49,8 @@ const TOOL: &str = "tpl-clone";
 ///     tpl-clone TplUbuntu web1 web2 web3
 ///     tpl-clone TplUbuntu --count 20 --prefix ci- --start     # ci-01 … ci-20
 ///     tpl-lock TplUbuntu | tpl-clone web1                     # template from stdin
+///     tpl-clone TplUbuntu web1 web2 --user me --ssh-key ~/.ssh/id_ed25519.pub \
+///         --ip 192.168.122.50 --disk-size 20G --ready           # ready to log in to
 ///
 /// With a single NAME (or with --count and no name at all) the template comes as a record
 /// on stdin; TEMPLATE `-` also reads it from stdin.
@@ -188,9 +190,10 @@ pub struct Args {
     #[arg(long, value_name = "SIZE", help_heading = "Ready to work")]
     memory: Option<String>,
 
-    /// The virtual size of each clone's first disk: GiB, or a size with M, G, T (20G);
-    /// never smaller than the template's. The guest grows its root file system into it at
-    /// the first boot (cloud-init's growpart, or tpl's first-boot action)
+    /// The virtual size of each clone's first file disk: GiB, or a size with M, G, T
+    /// (20G); never smaller than the template's (an RBD disk is not grown yet: refused).
+    /// The guest grows its root file system into it at the first boot (cloud-init's
+    /// growpart, or tpl's first-boot action)
     #[arg(long, value_name = "SIZE", help_heading = "Ready to work")]
     disk_size: Option<String>,
 

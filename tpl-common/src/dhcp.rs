@@ -210,6 +210,27 @@ fn flags(net: &Network) -> sys::virNetworkUpdateFlags {
     f
 }
 
+/// One change of a network's DHCP host entries (`cmd`: add or delete `host`), live and
+/// in its configuration; `what` names it for the error.
+fn update_hosts(
+    conn: &Connect,
+    uri: &str,
+    network: &str,
+    cmd: sys::virNetworkUpdateCommand,
+    host: &str,
+    what: String,
+) -> Result<()> {
+    let net = self::network(conn, uri, network)?;
+    net.update(
+        cmd,
+        sys::VIR_NETWORK_SECTION_IP_DHCP_HOST,
+        -1,
+        host,
+        flags(&net),
+    )
+    .map_err(|e| Error::libvirt(format!("{what} in the network '{}'", shown(network)), e))
+}
+
 /// Reserve `ip` for `mac` (host name `name`) in network `network`.
 pub fn reserve(
     conn: &Connect,
@@ -219,23 +240,14 @@ pub fn reserve(
     name: Option<&str>,
     ip: Ipv4Addr,
 ) -> Result<()> {
-    let net = self::network(conn, uri, network)?;
-    net.update(
+    update_hosts(
+        conn,
+        uri,
+        network,
         sys::VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
-        sys::VIR_NETWORK_SECTION_IP_DHCP_HOST,
-        -1,
         &host_xml(mac, name, ip),
-        flags(&net),
+        format!("cannot reserve {ip} for {mac}"),
     )
-    .map_err(|e| {
-        Error::libvirt(
-            format!(
-                "cannot reserve {ip} for {mac} in the network '{}'",
-                shown(network)
-            ),
-            e,
-        )
-    })
 }
 
 /// Release the reservation of `ip` for `mac` in network `network`; false when there is
@@ -251,23 +263,14 @@ pub fn release(conn: &Connect, uri: &str, network: &str, mac: &str, ip: Ipv4Addr
     {
         return Ok(false);
     }
-    let net = self::network(conn, uri, network)?;
-    net.update(
+    update_hosts(
+        conn,
+        uri,
+        network,
         sys::VIR_NETWORK_UPDATE_COMMAND_DELETE,
-        sys::VIR_NETWORK_SECTION_IP_DHCP_HOST,
-        -1,
         &host_xml(mac, None, ip),
-        flags(&net),
-    )
-    .map_err(|e| {
-        Error::libvirt(
-            format!(
-                "cannot release {ip} of {mac} in the network '{}'",
-                shown(network)
-            ),
-            e,
-        )
-    })?;
+        format!("cannot release {ip} of {mac}"),
+    )?;
     Ok(true)
 }
 
