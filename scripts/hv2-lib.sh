@@ -80,26 +80,6 @@ hv2_daemon() {
   hv2_procs | awk -v p="$pid" -v n="$1" '$1 == p && $2 == n { print p }'
 }
 
-# Signal the given pids and wait until they are gone (SIGKILL after $2 s).
-stop_pids() {  # "PIDS" seconds
-  local pids=$1 t=$2 p left
-  [ -n "$pids" ] || return 0
-  # shellcheck disable=SC2086
-  kill -TERM $pids 2>/dev/null || true
-  for _ in $(seq $((t * 10))); do
-    left=""
-    for p in $pids; do [ -d "/proc/$p" ] && left="$left $p"; done
-    [ -z "$left" ] && return 0
-    sleep 0.1
-  done
-  log "still alive after ${t}s, SIGKILL:$left"
-  # shellcheck disable=SC2086
-  kill -KILL $left 2>/dev/null || true
-  for _ in $(seq 50); do
-    left=""
-    for p in $pids; do [ -d "/proc/$p" ] && left="$left $p"; done
-    [ -z "$left" ] && return 0
-    sleep 0.1
-  done
-  die "cannot kill:$left"
-}
+# alive, stop_pids
+# shellcheck source=daemons-lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/daemons-lib.sh"
