@@ -366,10 +366,15 @@ fn run(args: &Args, ctx: &mut Ctx) -> Result<()> {
         }
     }
     let mut res = job.make_all(&clones);
-    if res.is_ok() {
-        if let Some(what) = args.ready {
-            res = job.wait_ready(what, std::time::Duration::from_secs(args.ready_timeout));
-        }
+    if let Some(what) = args.ready {
+        res = match res {
+            Ok(()) => job.wait_ready(what, std::time::Duration::from_secs(args.ready_timeout)),
+            // Stopped: the clones made stay, and their records say so, unwaited for.
+            Err(e) => {
+                job.emit_unwaited();
+                Err(e)
+            }
+        };
     }
     let Job {
         ctx,
@@ -565,6 +570,18 @@ impl<'a> Job<'a> {
             self.ctx.emit(&rec)?;
         }
         Ok(())
+    }
+
+    /// The records of the clones made for `--ready`, when the batch stopped before the wait.
+    fn emit_unwaited(&mut self) {
+        for c in std::mem::take(&mut self.up) {
+            let rec = Dom::new(self.s, c.dom).and_then(|d| d.describe());
+            if let Ok(rec) = rec {
+                if self.ctx.emit(&rec).is_err() {
+                    return;
+                }
+            }
+        }
     }
 
     /// Make one clone and emit its record. Only a stopping signal or a closed stdout is

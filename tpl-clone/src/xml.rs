@@ -677,4 +677,65 @@ mod tests {
             "{out}"
         );
     }
+
+    #[test]
+    fn sizes_link_seed_and_dropped_disks_are_the_clones() {
+        let tpl = DomainXml::parse(&TPL.replacen(
+            "<devices>",
+            "<vcpu>1</vcpu><cpu><topology sockets='1' cores='1' threads='1'/></cpu><devices>",
+            1,
+        ))
+        .unwrap();
+        let meta = Meta::default();
+        let link = Link::Bridge("br0".into());
+        let spec = CloneSpec {
+            name: "c1",
+            uuid: "99999999-2222-3333-4444-555555555555",
+            template_name: "Tpl",
+            disks: &[],
+            nvram: None,
+            serial: None,
+            meta: &meta,
+            first_mac: Some("52:54:00:aa:bb:cc"),
+            link: Some(&link),
+            vcpus: Some(4),
+            memory_kib: Some(2 << 20),
+            seed: Some(("vdb", Path::new("/img/c1-cidata.img"))),
+            drop_targets: &["sda".to_string()],
+        };
+        let out = clone_xml(&tpl, &spec, &mut Macs::default())
+            .unwrap()
+            .to_xml();
+        let x = DomainXml::parse(&out).unwrap();
+        let flat: String = out.split_whitespace().collect();
+        assert!(
+            tpl.to_xml().contains("<topology"),
+            "the template has a topology"
+        );
+        assert!(
+            flat.contains(">4</vcpu>") && !flat.contains("<topology"),
+            "{out}"
+        );
+        assert!(
+            flat.contains("<memoryunit=\"KiB\">2097152</memory>"),
+            "{out}"
+        );
+        // The first interface: its MAC chosen before, on the bridge; the second a fresh MAC.
+        assert!(
+            flat.contains("<interfacetype=\"bridge\"><macaddress=\"52:54:00:aa:bb:cc\"/><sourcebridge=\"br0\"/>"),
+            "{out}"
+        );
+        let disks = x.disks();
+        assert!(
+            disks.iter().all(|d| d.target != "sda"),
+            "the dropped disk goes"
+        );
+        let seed = disks
+            .iter()
+            .find(|d| d.target == "vdb")
+            .expect("the seed disk");
+        assert!(seed.readonly);
+        assert_eq!(seed.path.as_deref(), Some(Path::new("/img/c1-cidata.img")));
+        assert_eq!(seed.format.as_deref(), Some("raw"));
+    }
 }
