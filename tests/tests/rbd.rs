@@ -12,7 +12,7 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::process::Child;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -986,4 +986,92 @@ fn a_kept_journal_is_the_osds_only_when_every_warning_names_a_watch_it_kept() {
     assert!(!ghost_watch_kept(
         "tpl-lock: domain 'x' is already locked; nothing to do"
     ));
+}
+
+/// Issue 20 on RBD: a linked clone (one alone, and a batch made ahead) with --disk-size
+/// is an rbd clone of the snapshot grown to the size, and its seed, which has no file disk
+/// to go beside, goes to --dir.
+#[test]
+fn rbd_clones_grow_to_the_disk_size_and_keep_their_seed_in_dir() {
+    let mut s = RbdScratch::new();
+    let t = locked_rbd_template(&mut s, "tpl");
+    let size = |image: &str| {
+        with_ceph(|c| c.info(&rbd_spec(&s.pool, image)))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .size
+    };
+    let before = size(&t.image);
+    let key = s.s.dir.join("id.pub");
+    succeed(Command::new("ssh-keygen").args([
+        "-q",
+        "-t",
+        "ed25519",
+        "-N",
+        "",
+        "-f",
+        p(&s.s.dir.join("id")),
+    ]));
+    // Without --dir the seed has nowhere to go.
+    let one = s.s.name("big1");
+    run("tpl-clone", &[&t.name, &one, "--ssh-key", p(&key)], None)
+        .fails(2)
+        .says(&["--dir"]);
+    let grown = before + (64 << 20);
+    let g = format!("{}M", grown >> 20);
+    let r = run(
+        "tpl-clone",
+        &[
+            &t.name,
+            &one,
+            "--disk-size",
+            &g,
+            "--ssh-key",
+            p(&key),
+            "--dir",
+            p(&s.s.dir),
+        ],
+        None,
+    )
+    .ok(1);
+    let img = rbd_source_of(&one, "vda").image;
+    assert_eq!(size(&img), grown, "the clone's image grew");
+    assert_eq!(size(&t.image), before, "the template's did not");
+    assert_eq!(rbd_parent(&s.pool, &img), Some(at_snap(&s.pool, &t.image)));
+    let seed = s.s.dir.join(format!("{one}-cidata.img"));
+    assert_eq!(
+        only(&r)
+            .clone
+            .as_ref()
+            .and_then(|c| c.seed.clone())
+            .as_deref(),
+        Some(seed.as_path())
+    );
+    // A batch, whose images are made ahead by threads, grows each.
+    let prefix = s.s.name("bb");
+    run(
+        "tpl-clone",
+        &[
+            &t.name,
+            "--count",
+            "10",
+            "--prefix",
+            &prefix,
+            "--disk-size",
+            &g,
+        ],
+        None,
+    )
+    .ok(10);
+    for i in 1..=10 {
+        let img = rbd_source_of(&format!("{prefix}{i:02}"), "vda").image;
+        assert_eq!(size(&img), grown, "{img}");
+    }
+    // Smaller than the template's: refused before anything is made.
+    run(
+        "tpl-clone",
+        &[&t.name, &s.s.name("small"), "--disk-size", "1M"],
+        None,
+    )
+    .fails(2)
+    .says(&["smaller than the template's"]);
 }

@@ -770,6 +770,14 @@ impl Cluster {
         })
     }
 
+    /// Grows (or shrinks) an image to `size` bytes (`rbd resize`).
+    pub fn resize(&self, spec: &ImageSpec, size: u64) -> Result<()> {
+        let op = format!("resize {spec} to {size} bytes");
+        no_snap(spec, &op)?;
+        let img = self.open_as(spec, false, &op)?;
+        img.inner.resize(size).map_err(|e| err(e, &op, None))
+    }
+
     /// Flattens a clone: copies what it still reads from its parent so it
     /// no longer depends on it (it leaves the parent snapshot's children).
     pub fn flatten(&self, spec: &ImageSpec) -> Result<()> {

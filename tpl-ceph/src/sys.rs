@@ -297,6 +297,7 @@ ceph_api! {
         is_protected: *mut c_int,
     ) -> c_int;
     fn rbd_snap_create(image: rbd_image_t, snapname: *const c_char) -> c_int;
+    fn rbd_resize(image: rbd_image_t, size: u64) -> c_int;
     fn rbd_snap_remove(image: rbd_image_t, snapname: *const c_char) -> c_int;
     fn rbd_snap_protect(image: rbd_image_t, snap_name: *const c_char) -> c_int;
     fn rbd_snap_unprotect(image: rbd_image_t, snap_name: *const c_char) -> c_int;
@@ -1017,6 +1018,11 @@ impl<'r> Image<'r> {
         // SAFETY: open image; valid C string and out-pointer.
         check(unsafe { rbd_snap_is_protected(self.ptr, snap.as_ptr(), &mut p) })?;
         Ok(p != 0)
+    }
+
+    pub(crate) fn resize(&self, size: u64) -> Result<(), Errno> {
+        // SAFETY: open image.
+        check(unsafe { rbd_resize(self.ptr, size) }).map(drop)
     }
 
     pub(crate) fn snap_create(&self, snap: &CStr) -> Result<(), Errno> {

@@ -776,3 +776,21 @@ fn allocated_bytes_without_fast_diff_counts_every_written_object() {
         objects.len() as u64 * 4 * MIB
     );
 }
+
+#[test]
+fn a_clone_grows_and_its_parent_does_not() {
+    let c = connect();
+    let pool = TestPool::new(&c);
+    let base = pool.image("base", 8 * MIB);
+    let snap = base.at("tpl");
+    c.snap_create(&snap).unwrap();
+    c.snap_protect(&snap).unwrap();
+    let kid = pool.spec("kid");
+    c.clone_image(&snap, &kid, &defaults()).unwrap();
+    c.resize(&kid, 24 * MIB).unwrap();
+    assert_eq!(c.info(&kid).unwrap().size, 24 * MIB);
+    assert_eq!(c.info(&base).unwrap().size, 8 * MIB);
+    // A snapshot is never resized.
+    assert!(c.resize(&snap, 32 * MIB).is_err());
+    assert!(c.resize(&pool.spec("nobody"), MIB).is_err());
+}

@@ -190,10 +190,10 @@ pub struct Args {
     #[arg(long, value_name = "SIZE", help_heading = "Ready to work")]
     memory: Option<String>,
 
-    /// The virtual size of each clone's first file disk: GiB, or a size with M, G, T
-    /// (20G); never smaller than the template's (an RBD disk is not grown yet: refused).
-    /// The guest grows its root file system into it at the first boot (cloud-init's
-    /// growpart, or tpl's first-boot action)
+    /// The virtual size of each clone's first disk (its first file disk, or on an RBD
+    /// template its first image): GiB, or a size with M, G, T (20G); never smaller than
+    /// the template's. The guest grows its root file system into it at the first boot
+    /// (cloud-init's growpart, or tpl's first-boot action)
     #[arg(long, value_name = "SIZE", help_heading = "Ready to work")]
     disk_size: Option<String>,
 

@@ -354,7 +354,14 @@ impl Plan {
     pub fn images(&self, template: &str, name: &str) -> Vec<NewImage<'_>> {
         self.rbd
             .iter()
-            .map(|r| rbdclone::new_image(r, template, name, self.several()))
+            .enumerate()
+            .map(|(i, r)| {
+                let mut img = rbdclone::new_image(r, template, name, self.several());
+                if i == 0 && self.disks.is_empty() {
+                    img.grow = self.disk_size;
+                }
+                img
+            })
             .collect()
     }
 
@@ -375,28 +382,31 @@ impl Plan {
     /// The format of a template disk's image.
     /// The new size of the file with role `role`, when it is the first disk and grows.
     pub fn size_of(&self, role: &Role) -> Option<u64> {
+        // On a template without file disks the first RBD disk grows (see images()).
         match (role, self.disks.first()) {
             (Role::Disk { target }, Some(first)) if *target == first.target => self.disk_size,
             _ => None,
         }
     }
 
-    /// The clones' first disk to be `size` bytes: never smaller than the template's.
+    /// The clones' first disk to be `size` bytes: never smaller than the template's. The
+    /// first disk is the first file disk, or on a template without one its first RBD disk.
     pub fn set_disk_size(&mut self, size: u64) -> Result<()> {
-        let Some(first) = self.disks.first() else {
-            return Err(Error::usage(
-                "--disk-size is for a template whose first disk is a file",
-                "growing an RBD clone's image is not done yet: resize it with 'rbd resize' \
-                 after the clone is made",
-            ));
+        let (target, now) = match (self.disks.first(), self.rbd.first()) {
+            (Some(d), _) => (d.target.clone(), tpl_common::image::virtual_size(&d.path)?),
+            (None, Some(r)) => (r.target.clone(), r.size),
+            (None, None) => {
+                return Err(Error::usage(
+                    "--disk-size needs a template with a disk",
+                    "the template has no disk of its own to grow",
+                ))
+            }
         };
-        let now = tpl_common::image::virtual_size(&first.path)?;
         if size < now {
             return Err(Error::usage(
                 format!(
-                    "--disk-size {} is smaller than the template's disk {} ({})",
+                    "--disk-size {} is smaller than the template's disk {target} ({})",
                     images::human(size),
-                    first.target,
                     images::human(now)
                 ),
                 "a clone's disk can only grow: give at least the template's size",

@@ -33,6 +33,8 @@ pub struct SrcRbd {
     from: ImageSpec,
     /// Where the clones' images go: the template's pool, or --pool.
     pool: String,
+    /// The template image's virtual size.
+    pub size: u64,
 }
 
 /// One image a clone gets.
@@ -40,6 +42,8 @@ pub struct SrcRbd {
 pub struct NewImage<'p> {
     pub src: &'p SrcRbd,
     dest: ImageSpec,
+    /// Its new virtual size, when it is to be bigger than the template's (--disk-size).
+    pub grow: Option<u64>,
 }
 
 impl SrcRbd {
@@ -109,7 +113,12 @@ pub fn src_rbd(
             ));
         }
     }
+    let size = cluster
+        .info(&head)
+        .map_err(|e| ceph_error(&format!("read '{head}'"), e))?
+        .size;
     Ok(SrcRbd {
+        size,
         target: r.target.clone(),
         from: if locked {
             head.at(TEMPLATE_SNAPSHOT)
@@ -136,6 +145,7 @@ pub fn new_image<'p>(src: &'p SrcRbd, template: &str, name: &str, several: bool)
     NewImage {
         src,
         dest: ImageSpec::new(&src.pool, image).in_namespace(&src.source.namespace),
+        grow: None,
     }
 }
 
@@ -189,6 +199,11 @@ pub fn make(
                     }
                 })?
         }
+    }
+    if let Some(size) = img.grow {
+        cluster
+            .resize(&tmp, size)
+            .map_err(|e| ceph_error(&format!("grow '{tmp}'"), e))?;
     }
     Ok(Vol::Rbd(tmp.to_string()))
 }
@@ -245,6 +260,7 @@ pub struct Todo {
     from: ImageSpec,
     tmp: ImageSpec,
     dest: ImageSpec,
+    grow: Option<u64>,
 }
 
 impl Todo {
@@ -289,6 +305,7 @@ impl<'c> Maker<'c> {
             from: img.src.from.clone(),
             tmp,
             dest: img.dest.clone(),
+            grow: img.grow,
         };
         (entry, todo)
     }
@@ -300,6 +317,10 @@ impl<'c> Maker<'c> {
         let _ = self.cluster.remove(&t.tmp);
         self.cluster
             .clone_image(&t.from, &t.tmp, &NewImageOptions::default())
+            .and_then(|()| match t.grow {
+                Some(size) => self.cluster.resize(&t.tmp, size),
+                None => Ok(()),
+            })
             .and_then(|()| self.cluster.info(&t.tmp))
             .map(|info| info.id)
             .map_err(|e| ceph_error(&format!("clone '{}' to '{}'", t.from, t.tmp), e))
