@@ -188,12 +188,18 @@ def peer_b(names, key, disk, kernel, initrd):
     for n in names:
         d = os.path.join(DIR, n + ".qcow2")
         run(["cp", "--sparse=always", disk, d])
-        run(["virt-install", "--connect", URI, "--name", n, "--import",
+        os.chmod(d, 0o644)  # the template's image is read-only (locked); its copy is not
+        # virt-install writes its cloud-init ISO under /var/lib/libvirt/boot, a path
+        # that is hvnet's own inside the daemon's mount namespace: run it there.
+        with open(os.path.join(HVNET_DIR, "run/libvirtd.pid")) as f:
+            mnt = f"/proc/{f.read().strip()}/ns/mnt"
+        run(["nsenter", f"--mount={mnt}", "--",
+             "virt-install", "--connect", URI, "--name", n, "--import",
              "--disk", f"path={d},bus=virtio", "--memory", "1024", "--vcpus", "1",
              "--virt-type", "qemu", "--network", "network=tplnet",
              "--boot", f"kernel={kernel},initrd={initrd},"
                        "kernel_args=root=/dev/vda1 ro console=ttyS0 net.ifnames=0",
-             "--osinfo", "debian12", "--cloud-init", f"user-data={userdata}",
+             "--osinfo", "debian11", "--cloud-init", f"user-data={userdata}",
              "--graphics", "none", "--noautoconsole", "--noreboot"])
         if not virsh("domstate", n).startswith("running"):
             virsh("start", n)
@@ -219,12 +225,14 @@ def main():
         names = [f"tplbench-ready-t{n}-{i}" for i in range(n)]
         say(f"tpl: {n} clone(s) ready and logged in to")
         res[("tpl", n)] = tpl_way(names, key)
+        say(f"tpl: {n} clone(s): {res[('tpl', n)]:.1f} s")
         for c in names:
             virsh("destroy", c, check=False)
     names = [f"tplbench-ready-a{i}" for i in range(4)]
     say("peer A: virt-clone + virt-customize --ssh-inject + start + lease + ssh, x4")
     a = peer_a(names, key)
     res[("peer A", 1)], res[("peer A", 4)] = a[0], a[-1]
+    say(f"peer A: {' '.join(f'{t:.1f}' for t in a)} s (cumulated)")
     for c in names:
         virsh("destroy", c, check=False)
     names = [f"tplbench-ready-b{i}" for i in range(4)]
