@@ -207,6 +207,7 @@ touch "$NETNS"
 # /dev/kvm is an empty file only root may open, so probe and check agree (no KVM)
 # and the cache holds.
 install -m 600 /dev/null "$S/nokvm"
+mkdir -p "$S/sys"
 # A new network namespace bound at $S/netns (unshare does the bind from the host's
 # mount namespace), a private mount namespace for the bind mounts below. The daemons
 # keep both alive; the shell exits once they forked.
@@ -221,6 +222,12 @@ unshare --mount --propagation private --net="$NETNS" -- /bin/sh -ec '
   mount -t tmpfs -o mode=1777,nosuid,nodev,size=256m hvnet-shm /dev/shm
   # no KVM for hvnet (its domains are TCG): see the note on /dev/kvm below
   [ ! -e /dev/kvm ] || mount --bind "$s/nokvm" /dev/kvm
+  # the host interfaces libvirt lists (virsh iface-list; tpl-clone --bridge checks its
+  # bridge there) are read by udev from /sys/class/net, which shows the network
+  # namespace of whoever mounted sysfs: the host. A sysfs mounted in here shows ours.
+  mount -t sysfs hvnet-sys "$s/sys"
+  mount --bind "$s/sys/class/net" /sys/class/net
+  mount --bind "$s/sys/devices/virtual/net" /sys/devices/virtual/net
   ip link set lo up
   virtlogd -d
   libvirtd -d

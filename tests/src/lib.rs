@@ -371,6 +371,31 @@ pub fn force_remove_dir(dir: &Path) {
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
+/// A Linux bridge of the test's own on this host, for clones defined on it (`--bridge`):
+/// tpl-clone refuses a bridge the hypervisor does not have. It has no address and no
+/// port, is never brought up and carries no traffic; dropping it deletes it.
+#[derive(Debug)]
+pub struct HostBridge(pub String);
+
+impl HostBridge {
+    pub fn create() -> HostBridge {
+        // A kernel interface name is at most 15 bytes.
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!(
+            "tplbr{}",
+            (std::process::id() as usize * 64 + n) % 10_000_000_000
+        );
+        sh("ip", &["link", "add", &name, "type", "bridge"]);
+        HostBridge(name)
+    }
+}
+
+impl Drop for HostBridge {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).status();
+    }
+}
+
 /// One test's own corner of the host: a directory under the libvirt images directory
 /// and a name prefix. Dropping it (even while a test panics) removes every domain whose
 /// name carries the prefix or whose UUID it tracked, and the directory.

@@ -165,6 +165,7 @@ fn sizes_and_networks_go_into_the_definition_and_the_disk() {
     let t = locked_template(&mut s, "tpl");
     let before = qemu_img_info(&t.disk)["virtual-size"].as_u64().unwrap();
     let name = s.name("big");
+    let br = HostBridge::create();
     clone(&[
         &t.name,
         &name,
@@ -175,7 +176,7 @@ fn sizes_and_networks_go_into_the_definition_and_the_disk() {
         "--disk-size",
         "256M",
         "--bridge",
-        "tplbr-none",
+        &br.0,
     ])
     .ok(1);
     let x = dom_xml(&name);
@@ -186,7 +187,8 @@ fn sizes_and_networks_go_into_the_definition_and_the_disk() {
         "{text}"
     );
     assert!(
-        text.contains("<interface type=\"bridge\">") && text.contains("bridge=\"tplbr-none\""),
+        text.contains("<interface type=\"bridge\">")
+            && text.contains(&format!("bridge=\"{}\"", br.0)),
         "{text}"
     );
     let overlay = s.dir.join(format!("{name}.qcow2"));
@@ -221,6 +223,8 @@ fn bad_input_is_refused_before_anything_is_made() {
     fs::write(&a_list, "#cloud-config\n- htop\n").unwrap();
     let before = files_in(&s.dir);
     let name = s.name("c");
+    let br = HostBridge::create();
+    let br0 = br.0.as_str();
     let cases: Vec<(Vec<&str>, i32, Vec<&str>)> = vec![
         (
             vec!["--ssh-key", p(&private)],
@@ -264,21 +268,22 @@ fn bad_input_is_refused_before_anything_is_made() {
             2,
             vec!["tpl-no-such-net"],
         ),
-        (vec!["--ip", "10.0.0.5"], 2, vec!["network interface"]),
         (
-            vec!["--bridge", "br0", "--ip", "10.0.0.5"],
+            vec!["--bridge", "tplbr-no-such"],
             2,
-            vec!["prefix"],
+            vec!["tplbr-no-such", "no interface", "virsh iface-list"],
         ),
+        (vec!["--ip", "10.0.0.5"], 2, vec!["network interface"]),
+        (vec!["--bridge", br0, "--ip", "10.0.0.5"], 2, vec!["prefix"]),
         (
-            vec!["--bridge", "br0", "--ip", "10.0.0.0/24"],
+            vec!["--bridge", br0, "--ip", "10.0.0.0/24"],
             2,
             vec!["not a host's address"],
         ),
         (
             vec![
                 "--bridge",
-                "br0",
+                br0,
                 "--ip",
                 "10.0.0.5/24",
                 "--gateway",
@@ -302,7 +307,7 @@ fn bad_input_is_refused_before_anything_is_made() {
         &name,
         &s.name("d"),
         "--bridge",
-        "br0",
+        br0,
         "--ip",
         "10.0.0.2/30",
         "--ssh-key",

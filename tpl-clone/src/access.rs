@@ -128,6 +128,7 @@ impl Access {
         x: &DomainXml,
         dest: &Session,
         dir: Option<&Path>,
+        warn: impl Fn(String),
     ) -> Result<Access> {
         if let Some(u) = &args.user {
             seed::check_user_name(u)?;
@@ -155,7 +156,12 @@ impl Access {
                 dhcp::network(&dest.conn, &dest.uri, n)?;
                 Some(Link::Network(n.clone()))
             }
-            (None, Some(b)) => Some(Link::Bridge(b.clone())),
+            (None, Some(b)) => {
+                if let Some(why) = dhcp::bridge(&dest.conn, &dest.uri, b)? {
+                    warn(why);
+                }
+                Some(Link::Bridge(b.clone()))
+            }
             (None, None) => None,
         };
         let (ips, fixed) = Self::addresses(args, names, x, dest, link.as_ref())?;

@@ -281,7 +281,9 @@ fn run(args: &Args, ctx: &mut Ctx) -> Result<()> {
                 .and_then(|n| n.parent())
                 .map(PathBuf::from)
         });
-    let access = Access::new(args, &names, &plan.xml, &dest, seed_dir.as_deref())?;
+    let access = Access::new(args, &names, &plan.xml, &dest, seed_dir.as_deref(), |w| {
+        ctx.warn(w)
+    })?;
     if let Some(size) = access.disk_size {
         plan.set_disk_size(size)?;
     }

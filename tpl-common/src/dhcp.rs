@@ -1,4 +1,4 @@
-//! A libvirt network's DHCP as tpl uses it: the network's subnet, whether an address is free for a clone (inside the subnet, not the host's, not reserved, not leased), and a clone's fixed address reserved for its MAC (a host entry, live and in the configuration) and released again.
+//! Where a clone's interface goes (a libvirt network, or a host bridge the hypervisor has), and a libvirt network's DHCP as tpl uses it: the network's subnet, whether an address is free for a clone (inside the subnet, not the host's, not reserved, not leased), and a clone's fixed address reserved for its MAC (a host entry, live and in the configuration) and released again.
 //!
 //! A reservation works for any guest OS: the guest asks for an address by DHCP as usual,
 //! and dnsmasq hands it this one. It is a clone's own resource, like its files: journaled
@@ -44,6 +44,35 @@ pub fn network(conn: &Connect, uri: &str, name: &str) -> Result<Network> {
             "see 'virsh net-list --all'; or give the host bridge with --bridge",
         )
     })
+}
+
+/// Whether the hypervisor behind `conn` has the host interface `name` (libvirt's interface
+/// driver: `virsh iface-list --all`). A bridge that does not exist is a usage error, found
+/// before anything is made; libvirt itself would accept the definition and fail only at
+/// the clone's first start. `Ok(Some(why))`: the hypervisor cannot tell (no interface
+/// driver), and the caller says so and goes on.
+pub fn bridge(conn: &Connect, uri: &str, name: &str) -> Result<Option<String>> {
+    match conn.lookup_interface_by_name(name) {
+        Ok(_) => Ok(None),
+        Err(e) if crate::session::is_code(&e, virt::error::ErrorNumber::NoInterface) => {
+            Err(Error::usage(
+                format!(
+                    "there is no interface '{}' on {}, so no bridge of that name",
+                    shown(name),
+                    shown(uri)
+                ),
+                "see 'virsh iface-list --all' on the hypervisor; or give a libvirt network \
+                 with --network",
+            ))
+        }
+        Err(e) => Ok(Some(format!(
+            "cannot check that bridge '{}' exists on {}: {}; a wrong name fails only when \
+             the clone starts",
+            shown(name),
+            shown(uri),
+            e.message()
+        ))),
+    }
 }
 
 impl Subnet {
