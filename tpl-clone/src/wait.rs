@@ -74,10 +74,16 @@ fn find_address(dom: &Domain) -> Option<(Vec<Ipv4Addr>, &'static str)> {
     })
 }
 
-/// The host keys the SSH server at `addr` presents, or None while none answers.
-fn scan(addr: Ipv4Addr) -> Result<Option<Vec<HostKey>>> {
+/// The host keys the SSH servers at `addrs` present, by address; an address whose server
+/// does not answer yet is missing. One `ssh-keyscan` for all of them: it talks to its
+/// hosts in parallel, so a round costs one timeout however many clones still boot.
+fn scan(addrs: &[Ipv4Addr]) -> Result<BTreeMap<Ipv4Addr, Vec<HostKey>>> {
+    if addrs.is_empty() {
+        return Ok(BTreeMap::new());
+    }
     let out = Command::new("ssh-keyscan")
-        .args(["-T", "3", "-t", "ed25519,ecdsa,rsa", &addr.to_string()])
+        .args(["-T", "3", "-t", "ed25519,ecdsa,rsa"])
+        .args(addrs.iter().map(|a| a.to_string()))
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .output()
@@ -87,22 +93,35 @@ fn scan(addr: Ipv4Addr) -> Result<Option<Vec<HostKey>>> {
                 format!("{e}; install openssh-client, or wait for --ready=address"),
             )
         })?;
-    let mut keys = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
+    parse_keyscan(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// What `ssh-keyscan` printed, by address: each host's keys, sorted.
+fn parse_keyscan(out: &str) -> Result<BTreeMap<Ipv4Addr, Vec<HostKey>>> {
+    let mut found: BTreeMap<Ipv4Addr, Vec<HostKey>> = BTreeMap::new();
+    for line in out.lines() {
         // `ADDR TYPE BASE64`; comments (`# ADDR:22 SSH-2.0-…`) are the banner.
-        let mut f = line.split_whitespace();
-        let (Some(_), Some(kind), Some(b64)) = (f.next(), f.next(), f.next()) else {
-            continue;
-        };
         if line.starts_with('#') {
             continue;
         }
+        let mut f = line.split_whitespace();
+        let (Some(host), Some(kind), Some(b64)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let Ok(addr) = host.parse::<Ipv4Addr>() else {
+            continue;
+        };
         let key = format!("{kind} {b64}");
         let fingerprint = fingerprint_sha256(&key)?;
-        keys.push(HostKey { key, fingerprint });
+        found
+            .entry(addr)
+            .or_default()
+            .push(HostKey { key, fingerprint });
     }
-    keys.sort_by(|a, b| a.key.cmp(&b.key));
-    Ok((!keys.is_empty()).then_some(keys))
+    for keys in found.values_mut() {
+        keys.sort_by(|a, b| a.key.cmp(&b.key));
+    }
+    Ok(found)
 }
 
 /// Wait until every clone in `clones` is ready (`what`), or `timeout` passed, or a
@@ -130,13 +149,31 @@ pub fn wait_all(ctx: &Ctx, clones: &mut [Waited], what: Ready, timeout: Duration
                     });
                 }
             }
-            if what == Ready::Ssh {
-                if let Some(s) = c.seen.as_mut() {
-                    match scan(s.addresses[0]) {
-                        Ok(Some(keys)) => s.host_keys = keys,
-                        Ok(None) => {}
-                        Err(e) => c.error = Some(e),
+        }
+        if what == Ready::Ssh {
+            let pending = |c: &Waited| {
+                c.error.is_none() && c.seen.as_ref().is_some_and(|s| s.host_keys.is_empty())
+            };
+            let addrs: Vec<Ipv4Addr> = clones
+                .iter()
+                .filter(|c| pending(c))
+                .filter_map(|c| c.seen.as_ref().map(|s| s.addresses[0]))
+                .collect();
+            let found = scan(&addrs);
+            for c in clones.iter_mut().filter(|c| pending(c)) {
+                match (&found, c.seen.as_mut()) {
+                    (Ok(found), Some(s)) => {
+                        if let Some(keys) = found.get(&s.addresses[0]) {
+                            s.host_keys = keys.clone();
+                        }
                     }
+                    (Err(e), _) => {
+                        c.error = Some(Error::failed(
+                            format!("cannot read the host keys of clone '{}'", shown(&c.name)),
+                            e.to_string(),
+                        ))
+                    }
+                    (Ok(_), None) => {}
                 }
             }
         }
@@ -222,5 +259,34 @@ fn refuse_shared_keys(clones: &mut [Waited]) {
                 ),
             ));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keyscan_output_of_several_hosts_is_split_by_address() {
+        // Two hosts' lines interleaved as a parallel scan prints them, banners included.
+        let ed = "AAAAC3NzaC1lZDI1NTE5AAAAIAXQyxlcxMX1C0NYasOS5HqA816Q/7No1z+drxSYy0xu";
+        let ed2 = "AAAAC3NzaC1lZDI1NTE5AAAAIHzJkX0ot4CR4giEPZVl89o63nosGv8jNsyPt1mQVPUQ";
+        let out = format!(
+            "# 192.168.123.7:22 SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\n\
+             192.168.123.7 ssh-ed25519 {ed}\n\
+             # 192.168.123.9:22 SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\n\
+             192.168.123.9 ssh-ed25519 {ed2}\n\
+             not-an-address ssh-ed25519 {ed}\n"
+        );
+        let found = parse_keyscan(&out).unwrap();
+        assert_eq!(found.len(), 2, "{found:?}");
+        let a: Ipv4Addr = "192.168.123.7".parse().unwrap();
+        let b: Ipv4Addr = "192.168.123.9".parse().unwrap();
+        assert_eq!(found[&a].len(), 1);
+        assert_eq!(found[&a][0].key, format!("ssh-ed25519 {ed}"));
+        assert_eq!(found[&b][0].key, format!("ssh-ed25519 {ed2}"));
+        assert_ne!(found[&a][0].fingerprint, found[&b][0].fingerprint);
+        assert!(found[&a][0].fingerprint.starts_with("SHA256:"));
+        assert!(parse_keyscan("# only a banner\n").unwrap().is_empty());
     }
 }
