@@ -5,6 +5,8 @@
 # (and the refresh script) against the host's own packages and systemd's libvirtd.
 
 PREFIX ?= /usr/local
+# systemd finds units in /usr/local/lib/systemd/system too; a package uses /usr/lib/...
+UNITDIR ?= $(PREFIX)/lib/systemd/system
 CARGO  ?= cargo
 URI    ?= qemu:///system
 # This machine's KVM cannot run qemu's -cpu host (docs/ENVIRONMENT.md): libguestfs
@@ -31,6 +33,10 @@ CHECK += /usr/lib/x86_64-linux-gnu/librbd.so /usr/lib/x86_64-linux-gnu/librados.
 PKGS  += debootstrap fdisk xorriso openssh-client iptables iproute2 util-linux
 CHECK += /usr/sbin/debootstrap /sbin/sfdisk /usr/bin/xorriso /usr/bin/ssh /usr/sbin/iptables \
          /usr/bin/ip /usr/bin/nsenter
+
+# The refresh's systemd units (issue 21) are checked with systemd-analyze verify.
+PKGS  += systemd
+CHECK += /usr/bin/systemd-analyze
 
 # The cloud-init seed (issue 20): its tests read the built vfat image back with mtools and
 # fsck.fat, fingerprint keys with ssh-keygen, and run cloud-init's own NoCloud code on it
@@ -152,7 +158,8 @@ demo: export STORAGE = rbd
 demo: export CEPH_CONF = $(CEPH_TEST_CONF)
 endif
 
-# Binaries, man pages and bash/zsh/fish completions (generated from the clap definitions).
+# Binaries, man pages, bash/zsh/fish completions (generated from the clap definitions), the
+# refresh script and its systemd units (dist/systemd: a timer per template).
 install:
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) run -q --release -p xtask -- docs target/docs
@@ -167,6 +174,11 @@ install:
 	  install -m 644 target/docs/completions/fish/$$b.fish $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/$$b.fish; \
 	done
 	install -m 755 scripts/tpl-refresh $(DESTDIR)$(PREFIX)/bin/tpl-refresh
+	install -d $(DESTDIR)$(UNITDIR)
+	for u in service timer; do \
+	  sed 's|@BINDIR@|$(PREFIX)/bin|' dist/systemd/tpl-refresh@.$$u > $(DESTDIR)$(UNITDIR)/tpl-refresh@.$$u; \
+	  chmod 644 $(DESTDIR)$(UNITDIR)/tpl-refresh@.$$u; \
+	done
 	install -D -m 644 target/docs/tpl-record.schema.json $(DESTDIR)$(PREFIX)/share/tpl/tpl-record.schema.json
 
 # A fresh template from a maintained VM, e.g. from cron (README: "Template refresh").

@@ -242,3 +242,45 @@ fn a_template_with_a_long_metadata_is_still_known_for_a_template() {
     assert!(domain_exists(&v1), "its clones keep the first version");
     assert!(read_meta(&tpl).template.locked);
 }
+
+/// The refresh's systemd units (dist/systemd), made an instance for a template as
+/// `make install` writes them, pass `systemd-analyze verify`; the same check refuses them
+/// when the command they run is not there, so it looks at what it must.
+#[test]
+fn the_systemd_units_verify() {
+    let s = Scratch::new();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let verify = |label: &str, bindir: &Path| {
+        let dir = s.dir.join(label);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut units = Vec::new();
+        for kind in ["service", "timer"] {
+            let text =
+                std::fs::read_to_string(root.join(format!("dist/systemd/tpl-refresh@.{kind}")))
+                    .unwrap()
+                    .replace("@BINDIR@", p(bindir));
+            let unit = dir.join(format!("tpl-refresh@TplUnits.{kind}"));
+            std::fs::write(&unit, text).unwrap();
+            units.push(unit);
+        }
+        Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .args(&units)
+            .current_dir(&dir)
+            .output()
+            .expect("systemd-analyze (package systemd; make deps installs it)")
+    };
+    let good = verify("good", &root.join("scripts").canonicalize().unwrap());
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    let bad = verify("bad", &s.dir.join("no/such/bin"));
+    assert!(!bad.status.success(), "a missing command was not noticed");
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("tpl-refresh"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}
