@@ -58,7 +58,7 @@ CEPH_TEST_CONF = $(TPL_CEPH_DIR)/ceph.conf
 
 BINS = tpl-generalize tpl-lock tpl-rename tpl-clone tpl-list tpl-rm
 
-.PHONY: all deps libvirtd build test demo install refresh bench clean
+.PHONY: all deps libvirtd build test demo install deb refresh bench clean
 .PHONY: ceph hv2 hvnet hvnet-smoke debian-guest
 
 all: build
@@ -130,7 +130,7 @@ hvnet-smoke: deps
 # Ceph cluster. The cluster is stopped at the end, the tests passing or not (an interrupt
 # too), unless KEEP_CEPH=1; the exit status is the tests'. The output is kept in
 # target/test.log, and why each failed test failed is printed again at the end.
-test: deps libvirtd build ceph hv2 hvnet debian-guest
+test: deps libvirtd build deb ceph hv2 hvnet debian-guest
 	@status=0; \
 	trap 'echo "make test: interrupted; stopping the Ceph cluster, hv2 and hvnet" >&2; scripts/hv2-down.sh >&2; scripts/hvnet-down.sh >&2; scripts/ceph-down.sh >&2; exit 130' INT TERM HUP; \
 	rm -f target/test.status; \
@@ -180,6 +180,18 @@ install:
 	  chmod 644 $(DESTDIR)$(UNITDIR)/tpl-refresh@.$$u; \
 	done
 	install -D -m 644 target/docs/tpl-record.schema.json $(DESTDIR)$(PREFIX)/share/tpl/tpl-record.schema.json
+
+# A Debian package of everything make install installs (cargo-deb; LICENSE-MIT as its
+# copyright file): target/debian/tpl_VERSION_amd64.deb.
+deb:
+	@command -v cargo-deb >/dev/null || $(CARGO) install --locked cargo-deb
+	$(CARGO) build --release --workspace --bins
+	$(CARGO) run -q --release -p xtask -- docs target/docs
+	mkdir -p target/deb-units
+	for u in service timer; do \
+	  sed 's|@BINDIR@|/usr/bin|' dist/systemd/tpl-refresh@.$$u > target/deb-units/tpl-refresh@.$$u; \
+	done
+	$(CARGO) deb -p tpl-clone --no-build -o target/debian/
 
 # A fresh template from a maintained VM, e.g. from cron (README: "Template refresh").
 refresh: build
