@@ -198,6 +198,11 @@ conf virtlogd.conf "log_outputs = \"3:file:/var/log/libvirt/virtlogd.log\""
 
 # ------------------------------------------------------------- start
 rm -f "$S/run/libvirtd.pid" "$S/run/virtlogd.pid"
+# The leases of an earlier hvnet session are all stale: its guests died with its daemons.
+# dnsmasq would keep them up to an hour (libvirt reads them back when it starts the
+# network), and a fixed address a test asks for would be refused as "leased already"
+# to a MAC no domain has any more.
+rm -f "$S/lib/dnsmasq/"*.status
 touch "$NETNS"
 # /dev/kvm on this machine belongs to a group libvirt's qemu user is not in, yet
 # libvirt's qemu probe finds KVM: every capabilities lookup then finds its cache
