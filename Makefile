@@ -158,6 +158,12 @@ demo: export STORAGE = rbd
 demo: export CEPH_CONF = $(CEPH_TEST_CONF)
 endif
 
+# The refresh's systemd units (dist/systemd) into directory $(2), running tpl-refresh from
+# directory $(1): make install's and make deb's.
+units = install -d $(2) && for u in service timer; do \
+	  sed 's|@BINDIR@|$(1)|' dist/systemd/tpl-refresh@.$$u > $(2)/tpl-refresh@.$$u && \
+	  chmod 644 $(2)/tpl-refresh@.$$u || exit 1; done
+
 # Binaries, man pages, bash/zsh/fish completions (generated from the clap definitions), the
 # refresh script and its systemd units (dist/systemd: a timer per template).
 install:
@@ -174,11 +180,7 @@ install:
 	  install -m 644 target/docs/completions/fish/$$b.fish $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/$$b.fish; \
 	done
 	install -m 755 scripts/tpl-refresh $(DESTDIR)$(PREFIX)/bin/tpl-refresh
-	install -d $(DESTDIR)$(UNITDIR)
-	for u in service timer; do \
-	  sed 's|@BINDIR@|$(PREFIX)/bin|' dist/systemd/tpl-refresh@.$$u > $(DESTDIR)$(UNITDIR)/tpl-refresh@.$$u; \
-	  chmod 644 $(DESTDIR)$(UNITDIR)/tpl-refresh@.$$u; \
-	done
+	$(call units,$(PREFIX)/bin,$(DESTDIR)$(UNITDIR))
 	install -D -m 644 target/docs/tpl-record.schema.json $(DESTDIR)$(PREFIX)/share/tpl/tpl-record.schema.json
 
 # A Debian package of everything make install installs (cargo-deb; LICENSE-MIT as its
@@ -187,10 +189,7 @@ deb:
 	@command -v cargo-deb >/dev/null || $(CARGO) install --locked cargo-deb
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) run -q --release -p xtask -- docs target/docs
-	mkdir -p target/deb-units
-	for u in service timer; do \
-	  sed 's|@BINDIR@|/usr/bin|' dist/systemd/tpl-refresh@.$$u > target/deb-units/tpl-refresh@.$$u; \
-	done
+	$(call units,/usr/bin,target/deb-units)
 	$(CARGO) deb -p tpl-clone --no-build -o target/debian/
 
 # A fresh template from a maintained VM, e.g. from cron (README: "Template refresh").
